@@ -1,0 +1,138 @@
+"""Building a model from a config, and saving / loading run checkpoints atomically.
+
+A checkpoint directory holds model.safetensors (encoder + heads), model.json (encoder config and
+head options), tokenizer.json, config.yaml (the full run config) and meta.json (step, metrics).
+It is written to a temporary sibling and swapped in with renames, so a crash never leaves a
+half-written best model: at worst `best.old` survives and is loaded instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from .config import Config, load_config
+from .encoder import BertConfig, BertModel, CheckpointError, default_backbone_dir, load_hf_bert, load_state_checked
+from .model import MultitaskModel
+from .tasks import get_task
+from .tokenizer import BertTokenizer
+
+
+def resolve_backbone(name: str) -> Path:
+    return default_backbone_dir() if name in ("default", "", None) else Path(name)
+
+
+def load_encoder(backbone: str) -> tuple[BertModel, Path]:
+    """A Hugging Face BERT directory, or one of our checkpoints (its encoder weights are reused)."""
+    path = resolve_backbone(backbone)
+    if not path.exists():
+        raise CheckpointError(f"backbone not found: {path}")
+    ours = find_checkpoint(path, required=False)
+    if ours is not None:
+        model, _, _, _ = load_checkpoint(ours)
+        return model.encoder, ours
+    return load_hf_bert(path), path
+
+
+def build_model(cfg: Config) -> tuple[MultitaskModel, BertTokenizer]:
+    tasks = [get_task(t) for t in cfg.data.tasks]
+    backbone_dir = resolve_backbone(cfg.model.backbone)
+    if cfg.model.tiny is not None:  # random init (tests, benchmarks); tokenizer from the backbone dir
+        encoder = BertModel(BertConfig.from_dict(cfg.model.tiny))
+        tok_dir = backbone_dir
+    else:
+        encoder, tok_dir = load_encoder(cfg.model.backbone)
+    tokenizer = BertTokenizer.from_dir(tok_dir, max_length=cfg.model.max_length)
+    if cfg.model.max_length > encoder.config.max_position_embeddings:
+        raise ValueError(f"model.max_length {cfg.model.max_length} exceeds the encoder's "
+                         f"{encoder.config.max_position_embeddings} positions")
+    model = MultitaskModel(encoder, tasks, cfg.model.pair_encoding, cfg.model.bi_head,
+                           cfg.model.pooling, cfg.model.dropout)
+    return model, tokenizer
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=float))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(directory: str | Path, model: MultitaskModel, tokenizer: BertTokenizer, cfg: Config,
+                    meta: dict, extra_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a complete checkpoint into `directory`, replacing any previous one atomically."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        _write_json(tmp / "model.json", {"encoder": model.encoder.config.to_dict(),
+                                         "tasks": list(model.tasks), "pair_encoding": model.pair_encoding,
+                                         "bi_head": cfg.model.bi_head, "pooling": model.pooling,
+                                         "dropout": cfg.model.dropout})
+        tokenizer.save(tmp)
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        _write_json(tmp / "meta.json", meta)
+        if extra_state:
+            torch.save(extra_state, tmp / "train_state.pt")
+        old = directory.with_name(directory.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def find_checkpoint(path: str | Path, required: bool = True) -> Path | None:
+    """A checkpoint dir itself, or a run dir's best/ (falling back to best.old after a crash)."""
+    path = Path(path)
+    for cand in (path, path / "best", path / "best.old"):
+        if (cand / "model.json").exists() and (cand / "model.safetensors").exists():
+            return cand
+    if required:
+        raise CheckpointError(f"no mtbert checkpoint in {path} (expected model.json + model.safetensors, "
+                              f"or a run directory with best/)")
+    return None
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu"):
+    """-> (model, tokenizer, config, meta) with heads and options restored."""
+    ckpt = find_checkpoint(path)
+    try:
+        spec = json.loads((ckpt / "model.json").read_text())
+        cfg = load_config(None, base=yaml.safe_load((ckpt / "config.yaml").read_text()))
+        meta = json.loads((ckpt / "meta.json").read_text()) if (ckpt / "meta.json").exists() else {}
+        state = load_file(str(ckpt / "model.safetensors"), device=device)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"corrupt checkpoint {ckpt}: {e}") from e
+    encoder = BertModel(BertConfig.from_dict(spec["encoder"]))
+    model = MultitaskModel(encoder, [get_task(t) for t in spec["tasks"]], spec["pair_encoding"],
+                           spec["bi_head"], spec["pooling"], spec["dropout"])
+    load_state_checked(model, state, str(ckpt))
+    tokenizer = BertTokenizer.from_dir(ckpt, max_length=cfg.model.max_length)
+    return model.to(device).eval(), tokenizer, cfg, meta

@@ -1,0 +1,158 @@
+"""`mtbert` command line: train, evaluate, predict, data check, techniques."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+def _data_dir(args, cfg_value=None) -> Path:
+    from .config import resolve_data_dir
+    return resolve_data_dir(getattr(args, "data_dir", None) or cfg_value)
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .evaluate import format_table
+    from .train import train
+    overrides = list(args.set or [])
+    if args.data_dir:
+        overrides.append(f"data.data_dir={args.data_dir}")
+    cfg = load_config(args.config, overrides)
+    summary = train(cfg, args.out)
+    print(format_table(summary["best_dev"], f"best dev metrics ({args.out}/best)"))
+    print(f"train_seconds={summary['train_seconds']} steps={summary['steps']}")
+    return 0
+
+
+def _load_for_inference(args):
+    from .checkpoint import load_checkpoint
+    from .runtime import resolve_precision, select_device
+    device = select_device(args.device)
+    model, tok, cfg, meta = load_checkpoint(args.run_dir, device=str(device))
+    return model, tok, cfg, meta, device, resolve_precision(args.precision, device)
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import encode_split, format_table, metrics_for
+    model, tok, cfg, meta, device, amp = _load_for_inference(args)
+    if args.split == "test":
+        raise SystemExit("the test-student files have no labels; use `mtbert predict` for them")
+    sets = encode_split(model, tok, _data_dir(args, cfg.data.data_dir), args.split)
+    metrics, _ = metrics_for(model, sets, batch_size=args.batch_size, device=device, amp_dtype=amp, pad_id=tok.pad_id)
+    print(format_table(metrics, f"{args.split} metrics for {args.run_dir}"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .evaluate import write_predictions
+    model, tok, cfg, meta, device, amp = _load_for_inference(args)
+    paths = write_predictions(model, tok, _data_dir(args, cfg.data.data_dir), args.out, device, amp, args.batch_size)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from .data import check_data_dir
+    from .tasks import TASKS
+    data_dir = _data_dir(args)
+    results = check_data_dir(data_dir, TASKS.values())
+    bad = False
+    print(f"data directory: {data_dir}")
+    print(f"{'file':<30} {'checksum':<10} {'rows':>7} {'malformed':>9}")
+    for r in results:
+        if not r["exists"]:
+            print(f"{r['file']:<30} {'MISSING':<10}")
+            bad = True
+            continue
+        if "error" in r:
+            print(f"{r['file']:<30} {r['checksum']:<10} error: {r['error']}")
+            bad = True
+            continue
+        print(f"{r['file']:<30} {r['checksum']:<10} {r['rows']:>7} {r['malformed']:>9}"
+              + (f"  {r['reasons']}" if r["malformed"] else ""))
+        bad |= r["checksum"] != "ok"
+    print("data check: " + ("PROBLEMS FOUND" if bad else "all files present and checksums match"))
+    return 1 if bad else 0
+
+
+def cmd_techniques(args) -> int:
+    from .techniques import TECHNIQUES
+    from . import techniques as _  # noqa: F401  (registry import)
+    if not TECHNIQUES:
+        print("no techniques registered")
+    for name, cls in sorted(TECHNIQUES.items()):
+        print(f"{name:<16} {cls.summary}  [{cls.paper}]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtbert", description="Multitask BERT fine-tuning toolkit")
+    p.add_argument("--version", action="version", version=f"mtbert {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add_data_dir(sp):
+        sp.add_argument("--data-dir", help="directory of the CS224N CSVs (default: $MTBERT_DATA or ../shared/data)")
+
+    def add_runtime(sp):
+        sp.add_argument("--device", default="auto")
+        sp.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16")
+        sp.add_argument("--batch-size", type=int, default=128)
+
+    t = sub.add_parser("train", help="train a model")
+    t.add_argument("--config", default="configs/default.yaml")
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=1")
+    add_data_dir(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="metrics of a run's best checkpoint")
+    e.add_argument("run_dir")
+    e.add_argument("--split", default="dev", choices=["train", "dev", "test"])
+    e.add_argument("--json", help="also write the metrics to this JSON file")
+    add_data_dir(e)
+    add_runtime(e)
+    e.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="CS224N-format prediction files for dev and test-student")
+    pr.add_argument("run_dir")
+    pr.add_argument("--out", required=True)
+    add_data_dir(pr)
+    add_runtime(pr)
+    pr.set_defaults(func=cmd_predict)
+
+    d = sub.add_parser("data", help="data utilities")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dc = dsub.add_parser("check", help="verify checksums and count rows / malformed rows")
+    add_data_dir(dc)
+    dc.set_defaults(func=cmd_data_check)
+
+    tq = sub.add_parser("techniques", help="list the available training techniques")
+    tq.set_defaults(func=cmd_techniques)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, OSError, ValueError, KeyError) as e:
+        print(f"mtbert {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Training techniques from the papers, each a small plug-in chosen by name under `techniques:`.
+
+A technique overrides only the hooks it needs; the training loop calls every enabled technique at
+each hook. See docs/techniques.md for what each one does, its paper and its options.
+"""
+from __future__ import annotations
+
+TECHNIQUES: dict[str, type] = {}
+
+
+def register(cls):
+    TECHNIQUES[cls.name] = cls
+    return cls
+
+
+class Technique:
+    name: str = ""
+    summary: str = ""
+    paper: str = ""
+
+    def __init__(self, **options):
+        if options:
+            raise ValueError(f"technique {self.name!r} got unknown options {sorted(options)}")
+
+    def param_groups(self, trainer, groups: list[dict]) -> list[dict]:
+        """Adjust optimizer parameter groups before the optimizer is built."""
+        return groups
+
+    def setup(self, trainer) -> None:
+        """Called once the model, optimizer and data exist."""
+
+    def task_loss(self, trainer, task: str, batch: dict, logits, loss):
+        """Return the task loss with this technique's regulariser added."""
+        return loss
+
+    def backward(self, trainer, losses: dict, total) -> bool:
+        """Back-propagate in a special way; return True if done (default backward is skipped)."""
+        return False
+
+    def after_step(self, trainer) -> None:
+        """After each optimizer step."""
+
+    def on_eval(self, trainer, metrics: dict) -> None:
+        """After each dev evaluation."""
+
+
+def build_techniques(spec: dict) -> list[Technique]:
+    out = []
+    for name, options in (spec or {}).items():
+        if options is False or (isinstance(options, dict) and options.get("enabled") is False):
+            continue
+        if name not in TECHNIQUES:
+            raise ValueError(f"unknown technique {name!r}; see `mtbert techniques` for {sorted(TECHNIQUES)}")
+        opts = {k: v for k, v in (options if isinstance(options, dict) else {}).items() if k != "enabled"}
+        out.append(TECHNIQUES[name](**opts))
+    return out
