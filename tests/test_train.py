@@ -1,0 +1,58 @@
+import json
+
+import pytest
+import torch
+
+from mtbert.train import Trainer
+
+
+def _trainer(tmp_path, tiny_cfg, *overrides):
+    return Trainer(tiny_cfg(*overrides), tmp_path / "run")
+
+
+def test_frozen_mode_trains_heads_only(tmp_path, tiny_cfg):
+    tr = _trainer(tmp_path, tiny_cfg, "model.finetune=frozen", "train.max_steps=3")
+    enc0 = {k: v.clone() for k, v in tr.model.encoder.state_dict().items()}
+    head0 = tr.model.heads["sst"].proj.weight.clone()
+    tr.run()
+    assert all(torch.equal(enc0[k], v) for k, v in tr.model.encoder.state_dict().items())
+    assert not torch.equal(head0, tr.model.heads["sst"].proj.weight)
+
+
+def test_single_task_run_selects_on_its_metric(tmp_path, tiny_cfg):
+    tr = _trainer(tmp_path, tiny_cfg, "data.tasks=[cfimdb]", "train.max_steps=2", "model.max_length=32")
+    summary = tr.run()
+    assert set(summary["best_dev"]) == {"cfimdb"}
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "round_robin", "interleaved", "annealed"])
+def test_schedules_drive_the_loop(tmp_path, tiny_cfg, schedule):
+    tr = _trainer(tmp_path, tiny_cfg, f"train.schedule={schedule}", "train.epochs=2", "data.limit=16")
+    tr.run()
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert rows[-1]["step"] == tr.total_steps == sum(len(p) for p in tr.plans)
+
+
+@pytest.mark.parametrize("weighting", ["learnable", "uncertainty", "awl"])
+def test_weighting_parameters_are_trained_with_their_own_lr(tmp_path, tiny_cfg, weighting):
+    tr = _trainer(tmp_path, tiny_cfg, f"train.weighting={weighting}", "train.max_steps=2",
+                  "train.weighting_args={lr: 0.05}")
+    before = [p.clone() for p in tr.weighting.parameters()]
+    group = [g for g in tr.optimizer.param_groups if g.get("names") == ["weighting"]][0]
+    assert group["lr"] == pytest.approx(0.05 * tr.scheduler.lr_lambdas[0](0))
+    tr.run()
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.weighting.parameters()))
+
+
+def test_same_seed_same_metrics(tmp_path, tiny_cfg):
+    a = Trainer(tiny_cfg("train.max_steps=3"), tmp_path / "a").run()
+    b = Trainer(tiny_cfg("train.max_steps=3"), tmp_path / "b").run()
+    assert a["best_dev"] == b["best_dev"]
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path, tiny_cfg):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="not writable"):
+        Trainer(tiny_cfg(), blocker / "run")
