@@ -84,13 +84,25 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_techniques(args) -> int:
+    from .sampling import SCHEDULES
     from .techniques import TECHNIQUES
-    from . import techniques as _  # noqa: F401  (registry import)
-    if not TECHNIQUES:
-        print("no techniques registered")
+    from .weighting import WEIGHTINGS
+    print("techniques (config: techniques: {NAME: {options}}; presets in configs/techniques/):")
     for name, cls in sorted(TECHNIQUES.items()):
-        print(f"{name:<16} {cls.summary}  [{cls.paper}]")
+        print(f"  {name:<14} {cls.summary}  [paper {cls.paper}]")
+    print("task schedules (config: train.schedule):")
+    for name, cls in SCHEDULES.items():
+        print(f"  {name:<14} {_first_line(cls.__doc__)}")
+    print("loss weightings (config: train.weighting):")
+    for name, cls in WEIGHTINGS.items():
+        print(f"  {name:<14} {_first_line(cls.__doc__)}")
     return 0
+
+
+def _first_line(doc: str | None) -> str:
+    """First sentence of a docstring, on one line."""
+    text = " ".join((doc or "").split())
+    return text.split(". ")[0].rstrip(".") if text else ""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -119,8 +119,11 @@ class Trainer:
         return {"inputs": [{k: v.to(self.device) for k, v in x.items()} for x in batch["inputs"]],
                 "labels": batch["labels"].to(self.device), "indices": batch["indices"]}
 
+    def autocast(self):
+        return autocast(self.device, self.amp_dtype)
+
     def task_loss(self, task: str, batch: dict) -> torch.Tensor:
-        with autocast(self.device, self.amp_dtype):
+        with self.autocast():
             logits = self.model(task, batch["inputs"])
         loss = get_task(task).kind.loss(logits, batch["labels"])
         for tech in self.techniques:

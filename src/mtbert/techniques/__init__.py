@@ -5,6 +5,8 @@ each hook. See docs/techniques.md for what each one does, its paper and its opti
 """
 from __future__ import annotations
 
+import inspect
+
 TECHNIQUES: dict[str, type] = {}
 
 
@@ -52,5 +54,13 @@ def build_techniques(spec: dict) -> list[Technique]:
         if name not in TECHNIQUES:
             raise ValueError(f"unknown technique {name!r}; see `mtbert techniques` for {sorted(TECHNIQUES)}")
         opts = {k: v for k, v in (options if isinstance(options, dict) else {}).items() if k != "enabled"}
+        known = [p for p in inspect.signature(TECHNIQUES[name].__init__).parameters if p not in ("self", "options")]
+        unknown = sorted(set(opts) - set(known))
+        if unknown:
+            raise ValueError(f"technique {name!r} got unknown options {unknown}; it takes {known}")
         out.append(TECHNIQUES[name](**opts))
     return out
+
+
+# Register the built-in techniques (imported for their @register side effect).
+from . import bregman, lr_schedules, pcgrad, smart  # noqa: E402,F401

@@ -1,0 +1,203 @@
+import random
+
+import pytest
+import torch
+
+from mtbert.tasks import BINARY, CLASSIFICATION, REGRESSION
+from mtbert.techniques import TECHNIQUES, build_techniques
+from mtbert.techniques.bregman import ema_update
+from mtbert.techniques.divergence import output_divergence, symmetric_kl
+from mtbert.techniques.lr_schedules import layer_depth
+from mtbert.techniques.pcgrad import project_conflicting
+from mtbert.techniques.smart import Smart, project_to_ball
+from mtbert.train import Trainer
+
+
+# ---------------------------------------------------------------- PCGrad
+
+def test_pcgrad_matches_hand_computation():
+    g1, g2 = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])   # g1·g2 = -1 < 0
+    p1, p2 = project_conflicting([g1, g2], random.Random(0))
+    # g1 - (g1·g2/|g2|²) g2 = [1,0] + 0.5[-1,1] = [0.5, 0.5];  g2 - (g2·g1/|g1|²) g1 = [0, 1]
+    assert torch.allclose(p1, torch.tensor([0.5, 0.5]))
+    assert torch.allclose(p2, torch.tensor([0.0, 1.0]))
+
+
+def test_pcgrad_two_tasks_become_orthogonal_or_stay_untouched():
+    torch.manual_seed(0)
+    for trial in range(20):
+        g = [torch.randn(50), torch.randn(50)]
+        p = project_conflicting(g, random.Random(trial))
+        if torch.dot(g[0], g[1]) < 0:
+            assert abs(torch.dot(p[0], g[1])) < 1e-4 and abs(torch.dot(p[1], g[0])) < 1e-4
+            assert torch.dot(p[0], p[1]) >= -1e-4
+        else:
+            assert torch.equal(p[0], g[0]) and torch.equal(p[1], g[1])
+
+
+def test_pcgrad_projected_pairs_of_conflicting_tasks_stop_conflicting():
+    grads = [torch.tensor([1.0, 0.0, 0.0]), torch.tensor([-1.0, 1.0, 0.0]), torch.tensor([0.0, -1.0, 1.0])]
+    projected = project_conflicting(grads, random.Random(3))
+    for i in range(3):
+        for j in range(3):
+            if i != j and torch.dot(grads[i], grads[j]) < 0:
+                assert torch.dot(projected[i], grads[j]) >= -1e-6
+
+
+# ---------------------------------------------------------------- SMART
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_smart_perturbation_stays_in_epsilon_ball(norm):
+    torch.manual_seed(0)
+    smart = Smart(epsilon=1e-2, step_size=0.5, steps=3, noise_std=1.0, norm=norm)
+    lin = torch.nn.Linear(8, 5)
+    embeds = [torch.randn(4, 6, 8)]
+    clean = lin(embeds[0]).mean(1)
+    deltas = smart.perturbation(lambda e: lin(e[0]).mean(1), embeds, clean, CLASSIFICATION)
+    d = deltas[0]
+    if norm == "inf":
+        assert d.abs().max() <= 1e-2 + 1e-7
+    else:
+        assert (d.reshape(4, -1).norm(dim=1) <= 1e-2 + 1e-6).all()
+    assert d.abs().max() > 0
+
+
+def test_projection_to_ball():
+    d = torch.tensor([[3.0, 4.0]])
+    assert torch.allclose(project_to_ball(d, 1.0, "2"), torch.tensor([[0.6, 0.8]]))
+    assert torch.allclose(project_to_ball(d, 1.0, "inf"), torch.tensor([[1.0, 1.0]]))
+
+
+def test_symmetric_kl_matches_formula():
+    p_logits, q_logits = torch.tensor([[1.0, 2.0, 0.5]]), torch.tensor([[0.0, 1.0, 1.0]])
+    p, q = p_logits.softmax(-1), q_logits.softmax(-1)
+    expected = (p * (p / q).log()).sum() + (q * (q / p).log()).sum()
+    assert symmetric_kl(p_logits, q_logits, CLASSIFICATION).item() == pytest.approx(expected.item(), rel=1e-5)
+    a, b = torch.tensor([0.3]), torch.tensor([-1.0])
+    pa, pb = torch.sigmoid(a), torch.sigmoid(b)
+    bern = (pa * (pa / pb).log() + (1 - pa) * ((1 - pa) / (1 - pb)).log()
+            + pb * (pb / pa).log() + (1 - pb) * ((1 - pb) / (1 - pa)).log())
+    assert symmetric_kl(a, b, BINARY).item() == pytest.approx(bern.item(), rel=1e-5)
+    assert output_divergence(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 2.0]), REGRESSION).item() == 0.5
+    assert symmetric_kl(p_logits, p_logits, CLASSIFICATION).item() == pytest.approx(0.0, abs=1e-7)
+
+
+# ---------------------------------------------------------------- Bregman
+
+def test_ema_update_formula():
+    student, teacher = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    s0, t0 = student.weight.detach().clone(), teacher.weight.detach().clone()
+    ema_update(teacher, student, beta=0.75)
+    assert torch.allclose(teacher.weight, 0.25 * s0 + 0.75 * t0)
+
+
+def test_bregman_penalty_is_mu_times_divergence_to_teacher(tmp_path, tiny_cfg):
+    tr = Trainer(tiny_cfg("techniques={bregman: {mu: 2.0, beta: 0.5}}"), tmp_path / "r")
+    breg = tr.techniques[0]
+    batch = tr.to_device(next(tr.streams["sst"]))
+    tr.model.eval()
+    logits = tr.model("sst", batch["inputs"]) + 0.3  # differ from the (identical) teacher
+    loss = breg.task_loss(tr, "sst", batch, logits, torch.tensor(1.0))
+    target = breg.teacher("sst", batch["inputs"])
+    assert loss.item() == pytest.approx(1.0 + 2.0 * symmetric_kl(logits, target, CLASSIFICATION).item(), rel=1e-5)
+    assert breg.beta(5, 10) == 0.5
+
+
+# ---------------------------------------------------------------- learning rates
+
+def test_layerwise_decay_lrs(tmp_path, tiny_cfg):
+    tr = Trainer(tiny_cfg("techniques={llrd: {decay: 0.5}}", "train.lr=1.0", "train.warmup_ratio=0"), tmp_path / "r")
+    lr_of = {}
+    for g in tr.optimizer.param_groups:
+        for n in g["names"]:
+            lr_of[n] = g["lr"]
+    # 2 layers: pooler depth 3 -> 1.0, layer 1 -> 0.5, layer 0 -> 0.25, embeddings -> 0.125
+    assert lr_of["pooler.weight"] == pytest.approx(1.0)
+    assert lr_of["layers.1.ffn.up.weight"] == pytest.approx(0.5)
+    assert lr_of["layers.0.attention.qkv.bias"] == pytest.approx(0.25)
+    assert lr_of["embeddings.word.weight"] == pytest.approx(0.125)
+    assert lr_of["sst.proj.weight"] == pytest.approx(1.0)  # heads keep the full rate
+    assert layer_depth("layers.11.ffn.up.weight", 12) == 12
+
+
+def test_plateau_halves_lr(tmp_path, tiny_cfg):
+    tr = Trainer(tiny_cfg("techniques={plateau: {patience: 2}}"), tmp_path / "r")
+    plateau = tr.techniques[0]
+    base = list(tr.scheduler.base_lrs)
+    for score in (0.5, 0.4, 0.45):
+        plateau.on_eval(tr, {"sst": score})
+    assert tr.scheduler.base_lrs == [b * 0.5 for b in base]
+
+
+# ---------------------------------------------------------------- registry and smoke runs
+
+def test_unknown_technique_and_option():
+    with pytest.raises(ValueError, match="unknown technique"):
+        build_techniques({"dropconnect": {}})
+    with pytest.raises(ValueError, match="unknown options"):
+        build_techniques({"smart": {"lambda": 1}})
+    assert build_techniques({"smart": {"enabled": False}}) == []
+
+
+@pytest.mark.parametrize("spec", [
+    "{pcgrad: {}}",
+    "{smart: {weight: 1.0, steps: 1}}",
+    "{bregman: {mu: 1.0, beta: 0.75}}",
+    "{llrd: {decay: 0.9}, plateau: {}}",
+    "{smart: {weight: 1.0}, pcgrad: {}, bregman: {}}",
+])
+def test_technique_smoke_runs(tmp_path, tiny_cfg, spec):
+    summary = Trainer(tiny_cfg(f"techniques={spec}", "train.max_steps=3"), tmp_path / "r").run()
+    assert summary["steps"] == 3 and "overall" in summary["best_dev"]
+
+
+def test_pcgrad_single_task_step_equals_plain_training(tmp_path, tiny_cfg):
+    a = Trainer(tiny_cfg("train.max_steps=1", "data.tasks=[sst]", "techniques={pcgrad: {}}"), tmp_path / "a")
+    a.run()
+    b = Trainer(tiny_cfg("train.max_steps=1", "data.tasks=[sst]"), tmp_path / "b")
+    b.run()
+    for (n, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6), n
+
+
+def test_pcgrad_backward_sets_projected_sum_on_shared_parameters(tmp_path, tiny_cfg):
+    tr = Trainer(tiny_cfg("techniques={pcgrad: {seed: 5}}", "model.dropout=0",
+                          "model.tiny={hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, "
+                          "intermediate_size: 64, hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}"),
+                 tmp_path / "r")
+    batches = {t: tr.to_device(next(tr.streams[t])) for t in ("sst", "sts")}
+    shared = [p for p in tr.model.encoder.parameters()]
+    flat = []
+    for t, b in batches.items():
+        tr.model.zero_grad()
+        tr.task_loss(t, b).backward()
+        flat.append(torch.cat([p.grad.reshape(-1) for p in shared]))
+    expected = sum(project_conflicting(flat, random.Random(5)))
+    tr.model.zero_grad()
+    losses = {t: tr.task_loss(t, b) for t, b in batches.items()}
+    assert tr.techniques[0].backward(tr, losses, tr.weighting(losses))
+    got = torch.cat([p.grad.reshape(-1) for p in shared])
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert tr.model.heads["sst"].proj.weight.grad is not None
+
+
+def test_all_issue_techniques_registered():
+    assert {"pcgrad", "smart", "bregman", "llrd", "plateau"} <= set(TECHNIQUES)
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in __import__("pathlib").Path("configs/techniques").glob("*.yaml")))
+def test_every_preset_runs_on_a_tiny_model(tmp_path, preset):
+    from mtbert.config import load_config
+    from tests.conftest import TINY
+    cfg = load_config(f"configs/techniques/{preset}.yaml",
+                      [f"model.tiny={TINY}", "data.limit=24", "train.max_steps=2", "train.progress=false",
+                       "train.eval_every=null", "data.batch_size=8"])
+    assert Trainer(cfg, tmp_path / "r").run()["steps"] == 2
+
+
+def test_techniques_command_lists_everything(capsys):
+    from mtbert.cli import main
+    assert main(["techniques"]) == 0
+    out = capsys.readouterr().out
+    for name in ["pcgrad", "smart", "bregman", "llrd", "plateau", "biased", "annealed", "uncertainty", "awl"]:
+        assert name in out
