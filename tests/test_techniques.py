@@ -127,6 +127,11 @@ def test_plateau_halves_lr(tmp_path, tiny_cfg):
     for score in (0.5, 0.4, 0.45):
         plateau.on_eval(tr, {"sst": score})
     assert tr.scheduler.base_lrs == [b * 0.5 for b in base]
+    by_loss = build_techniques({"plateau": {"monitor": "train_loss", "patience": 1}})[0]
+    for loss in (1.0, 0.8, 0.9):
+        tr.last_train_loss = loss
+        by_loss.on_eval(tr, {})
+    assert tr.scheduler.base_lrs == [b * 0.25 for b in base]
 
 
 # ---------------------------------------------------------------- registry and smoke runs

@@ -87,7 +87,7 @@ def save_checkpoint(directory: str | Path, model: MultitaskModel, tokenizer: Ber
         _write_json(tmp / "model.json", {"encoder": model.encoder.config.to_dict(),
                                          "tasks": list(model.tasks), "pair_encoding": model.pair_encoding,
                                          "bi_head": cfg.model.bi_head, "pooling": model.pooling,
-                                         "dropout": cfg.model.dropout})
+                                         "dropout": cfg.model.dropout, "extensions": model.extensions})
         tokenizer.save(tmp)
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         _write_json(tmp / "meta.json", meta)
@@ -133,6 +133,12 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
     encoder = BertModel(BertConfig.from_dict(spec["encoder"]))
     model = MultitaskModel(encoder, [get_task(t) for t in spec["tasks"]], spec["pair_encoding"],
                            spec["bi_head"], spec["pooling"], spec["dropout"])
+    from .techniques import TECHNIQUES
+    for name, ext in spec.get("extensions", {}).items():
+        if name not in TECHNIQUES:
+            raise CheckpointError(f"{ckpt} was trained with technique {name!r}, unknown to this mtbert")
+        TECHNIQUES[name].restore(model, ext)
+        model.extensions[name] = ext
     load_state_checked(model, state, str(ckpt))
     tokenizer = BertTokenizer.from_dir(ckpt, max_length=cfg.model.max_length)
     return model.to(device).eval(), tokenizer, cfg, meta

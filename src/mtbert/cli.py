@@ -90,6 +90,11 @@ def cmd_techniques(args) -> int:
     print("techniques (config: techniques: {NAME: {options}}; presets in configs/techniques/):")
     for name, cls in sorted(TECHNIQUES.items()):
         print(f"  {name:<14} {cls.summary}  [paper {cls.paper}]")
+    from .techniques import STAGES
+    if STAGES:
+        print("stages and commands:")
+        for name, (summary, paper, usage) in sorted(STAGES.items()):
+            print(f"  {name:<14} {summary}  [paper {paper}]  usage: {usage}")
     print("task schedules (config: train.schedule):")
     for name, cls in SCHEDULES.items():
         print(f"  {name:<14} {_first_line(cls.__doc__)}")

@@ -96,6 +96,7 @@ class MultitaskModel(nn.Module):
                 if t.kind is REGRESSION and t.label_range:  # start at the middle of the score range
                     nn.init.constant_(heads[t.name].proj.bias, sum(t.label_range) / 2)
         self.heads = nn.ModuleDict(heads)
+        self.extensions: dict[str, dict] = {}  # structural techniques applied (see Technique.restore)
 
     def embed(self, inputs: dict, inputs_embeds=None) -> torch.Tensor:
         out = self.encoder(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"],

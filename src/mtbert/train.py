@@ -63,6 +63,9 @@ class Trainer:
         self.amp_dtype = resolve_precision(tc.precision, self.device)
         self.data_dir = resolve_data_dir(cfg.data.data_dir)
         self.model, self.tokenizer = build_model(cfg)
+        self.techniques = build_techniques(cfg.techniques)
+        for tech in self.techniques:
+            tech.prepare_model(self)
         self.model.to(self.device)
         self.tasks = [get_task(t) for t in cfg.data.tasks]
         self.train_sets, self.dev_sets = self._load("train"), self._load("dev")
@@ -70,7 +73,6 @@ class Trainer:
                         for t, ds in self.train_sets.items()}
         self.schedule = build_schedule(tc.schedule, **tc.schedule_args)
         self.weighting = build_weighting(tc.weighting, self.tasks, **tc.weighting_args).to(self.device)
-        self.techniques = build_techniques(cfg.techniques)
         self.plans = [self.schedule.plan({t: s.batches_per_pass for t, s in self.streams.items()},
                                          e, tc.epochs, self.rng) for e in range(tc.epochs)]
         self.total_steps = sum(len(p) for p in self.plans)
@@ -90,6 +92,11 @@ class Trainer:
         self.step, self.best_score, self.best_metrics = 0, -math.inf, {}
         for tech in self.techniques:
             tech.setup(self)
+
+    def parameter_counts(self) -> dict[str, int]:
+        params = list(self.model.parameters()) + list(self.weighting.parameters())
+        return {"trainable_params": sum(p.numel() for p in params if p.requires_grad),
+                "total_params": sum(p.numel() for p in params)}
 
     def _load(self, split):
         sets = {}
@@ -155,10 +162,12 @@ class Trainer:
 
     def _record(self, epoch: int, sums: dict, counts: dict, t0: float) -> dict:
         metrics = self.evaluate()
+        train_loss = {t: sums[t] / counts[t] for t in sums if counts[t]}
+        self.last_train_loss = sum(train_loss.values())
         for tech in self.techniques:
             tech.on_eval(self, metrics)
         row = {"epoch": epoch, "step": self.step, "elapsed_s": round(time.time() - t0, 1),
-               "train_loss": {t: sums[t] / counts[t] for t in sums if counts[t]},
+               "train_loss": train_loss,
                "lr": self.scheduler.get_last_lr()[0], "task_weights": self.weighting.weights(), "dev": metrics}
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -189,7 +198,8 @@ class Trainer:
             self._record(epoch, sums, counts, t0)
             if self.step >= self.total_steps:
                 break
-        summary = {"best_dev": self.best_metrics, "steps": self.step, "train_seconds": round(time.time() - t0, 1)}
+        summary = {"best_dev": self.best_metrics, "steps": self.step, "train_seconds": round(time.time() - t0, 1),
+                   **self.parameter_counts()}
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
         return summary
 

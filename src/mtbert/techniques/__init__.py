@@ -8,6 +8,13 @@ from __future__ import annotations
 import inspect
 
 TECHNIQUES: dict[str, type] = {}
+# Techniques that are a stage or a command rather than a training-loop plug-in (pre-training,
+# ensembles): name -> (one-line summary, paper, how to run it). Listed by `mtbert techniques`.
+STAGES: dict[str, tuple[str, str, str]] = {}
+
+
+def register_stage(name: str, summary: str, paper: str, usage: str) -> None:
+    STAGES[name] = (summary, paper, usage)
 
 
 def register(cls):
@@ -23,6 +30,15 @@ class Technique:
     def __init__(self, **options):
         if options:
             raise ValueError(f"technique {self.name!r} got unknown options {sorted(options)}")
+
+    def prepare_model(self, trainer) -> None:
+        """Change the model's structure (e.g. insert adapters) before the optimizer is built. A
+        technique that does so records its spec in `model.extensions[name]`, so that checkpoints
+        can rebuild the structure through `restore`."""
+
+    @classmethod
+    def restore(cls, model, spec: dict) -> None:
+        """Re-apply a structural change recorded in a checkpoint, before its weights are loaded."""
 
     def param_groups(self, trainer, groups: list[dict]) -> list[dict]:
         """Adjust optimizer parameter groups before the optimizer is built."""

@@ -47,23 +47,28 @@ class LayerwiseLRDecay(Technique):
 
 @register
 class PlateauHalving(Technique):
+    """Multiply the learning rate by `factor` after `patience` evaluations without improvement of
+    the monitored value: `dev` (dev selection score, higher is better) or `train_loss` (the summed
+    mean task losses since the last evaluation, lower is better; paper 004 uses it, patience 3)."""
     name = "plateau"
-    summary = "halve the learning rate when the dev score stops improving"
+    summary = "halve the learning rate when the dev score (or training loss) stops improving"
     paper = "004"
 
-    def __init__(self, factor: float = 0.5, patience: int = 1, min_delta: float = 0.0):
+    def __init__(self, factor: float = 0.5, patience: int = 1, min_delta: float = 0.0, monitor: str = "dev"):
         super().__init__()
-        self.factor, self.patience, self.min_delta = factor, patience, min_delta
+        if monitor not in ("dev", "train_loss"):
+            raise ValueError("plateau.monitor must be 'dev' or 'train_loss'")
+        self.factor, self.patience, self.min_delta, self.monitor = factor, patience, min_delta, monitor
         self.best, self.bad = float("-inf"), 0
 
     def on_eval(self, trainer, metrics):
         from ..train import selection_score
-        score = selection_score(metrics)
+        score = selection_score(metrics) if self.monitor == "dev" else -trainer.last_train_loss
         if score > self.best + self.min_delta:
             self.best, self.bad = score, 0
             return
         self.bad += 1
         if self.bad >= self.patience:
-            # LambdaLR multiplies base_lrs by the warm-up/decay factor, so scaling them halves the lr.
+            # LambdaLR multiplies base_lrs by the warm-up/decay factor, so scaling them scales the lr.
             trainer.scheduler.base_lrs = [lr * self.factor for lr in trainer.scheduler.base_lrs]
             self.bad = 0
