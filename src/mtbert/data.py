@@ -159,12 +159,16 @@ def encode_dataset(task: TaskSpec, examples: list[Example], tokenizer, pair_mode
         enc = [(x,) for x in tokenizer.encode([e.texts[0] for e in examples])]
     elif pair_mode == "cross":
         enc = [(x,) for x in tokenizer.encode_pairs([e.texts[0] for e in examples], [e.texts[1] for e in examples])]
-    elif pair_mode == "bi":
+    elif pair_mode in ("bi", "cross+cos"):
         a = tokenizer.encode([e.texts[0] for e in examples])
         b = tokenizer.encode([e.texts[1] for e in examples])
-        enc = list(zip(a, b))
+        if pair_mode == "bi":
+            enc = list(zip(a, b))
+        else:  # the pair as one sequence, then each side alone
+            pair = tokenizer.encode_pairs([e.texts[0] for e in examples], [e.texts[1] for e in examples])
+            enc = list(zip(pair, a, b))
     else:
-        raise ValueError(f"pair encoding must be 'cross' or 'bi', got {pair_mode!r}")
+        raise ValueError(f"pair encoding must be 'cross', 'bi' or 'cross+cos', got {pair_mode!r}")
     return EncodedDataset(task, examples, enc)
 
 

@@ -219,7 +219,12 @@ def convert_hf_state_dict(sd: dict[str, torch.Tensor], cfg: BertConfig) -> dict[
 def load_state_checked(model: nn.Module, sd: dict[str, torch.Tensor], source: str, allow_missing=()) -> None:
     """load_state_dict with an error message that names every missing or mis-shaped key."""
     own = model.state_dict()
-    missing = [k for k in own if k not in sd and k not in allow_missing]
+    # Tied parameters (one module used by several heads) appear under several names; one suffices.
+    aliases: dict[int, list[str]] = {}
+    for k, v in own.items():
+        aliases.setdefault(v.data_ptr(), []).append(k)
+    missing = [k for k in own if k not in sd and k not in allow_missing
+               and not any(a in sd for a in aliases[own[k].data_ptr()])]
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
               for k, v in own.items() if k in sd and sd[k].shape != v.shape]
     if missing or shapes:

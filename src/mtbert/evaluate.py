@@ -1,4 +1,10 @@
-"""Inference, dev metrics and CS224N-format prediction files."""
+"""Inference, dev metrics and CS224N-format prediction files.
+
+Everything that turns examples into predictions goes through a predictor. `Predictor` wraps one
+model with its tokenizer and encodes examples its own way (tokenizer, cross or bi pairs);
+`EnsemblePredictor` averages several predictors' probabilities or scores task by task (see
+mtbert.ensemble). `load_predictor` opens either kind of run directory.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import EncodedDataset, collate, encode_dataset, load_split
+from .data import EncodedDataset, Example, collate, encode_dataset, load_split
 from .runtime import autocast
-from .tasks import get_task, overall_score
+from .tasks import TaskSpec, get_task, leaderboard_metrics, overall_score
 
 
 @torch.inference_mode()
@@ -33,46 +39,202 @@ def predict_dataset(model, ds: EncodedDataset, batch_size: int = 128, device=tor
     return {"pred": np.array(preds), "prob": np.array(probs), "logits": np.array(logits_all)}
 
 
-def metrics_for(model, datasets: dict[str, EncodedDataset], **kw) -> tuple[dict[str, float], dict]:
-    """Metric per task (+ overall when sst, qqp and sts are all present) and the raw outputs."""
-    metrics, outputs = {}, {}
-    for name, ds in datasets.items():
-        out = predict_dataset(model, ds, **kw)
-        gold = np.array([e.label for e in ds.examples])
-        metrics[name] = ds.task.metric(out["pred"], gold)
-        outputs[name] = out
-    if {"sst", "qqp", "sts"} <= set(metrics):
+# ---------------------------------------------------------------- predictors
+
+class BasePredictor:
+    """The predictor interface: `tasks` and `predict(task, examples)`.
+
+    `predict` returns numpy arrays in example order: "pred" (label or score), "prob" (class
+    probabilities, P(positive) for binary, the score for regression) and "logits" (raw outputs; for
+    an ensemble the log of the averaged probabilities), plus "score" (= pred) for score tasks.
+    `data_dir` is the run's configured data directory (None: the default), `meta` its meta.json."""
+
+    name: str = ""
+    data_dir: str | None = None
+    meta: dict = {}
+
+    @property
+    def tasks(self) -> list[str]:
+        raise NotImplementedError
+
+    def predict(self, task_name: str, examples: list[Example]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _check_task(self, task_name: str) -> None:
+        if task_name not in self.tasks:
+            raise KeyError(f"{self.name or 'this model'} has no task {task_name!r}; it has {self.tasks}")
+
+
+def _with_score(task: TaskSpec, out: dict) -> dict:
+    if task.kind.name not in ("classification", "binary"):
+        out["score"] = out["pred"]
+    return out
+
+
+class Predictor(BasePredictor):
+    """One model and its tokenizer (None if only pre-encoded datasets are passed)."""
+
+    def __init__(self, model, tokenizer=None, device=torch.device("cpu"), amp_dtype=None, batch_size: int = 128,
+                 pad_id: int | None = None, name: str = "", data_dir: str | None = None, meta: dict | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.device, self.amp_dtype, self.batch_size = torch.device(device), amp_dtype, batch_size
+        self.pad_id = pad_id if pad_id is not None else (tokenizer.pad_id if tokenizer is not None else 0)
+        self.name, self.data_dir, self.meta = name, data_dir, meta or {}
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.model.tasks)
+
+    def encode(self, task_name: str, examples: list[Example]) -> EncodedDataset:
+        self._check_task(task_name)
+        if self.tokenizer is None:
+            raise ValueError("this predictor has no tokenizer: pass it encoded datasets (predict_encoded)")
+        return encode_dataset(self.model.tasks[task_name], examples, self.tokenizer,
+                              self.model.pair_encoding.get(task_name, "cross"))
+
+    def predict_encoded(self, ds: EncodedDataset) -> dict[str, np.ndarray]:
+        out = predict_dataset(self.model, ds, self.batch_size, self.device, self.amp_dtype, self.pad_id)
+        return _with_score(ds.task, out)
+
+    def predict(self, task_name: str, examples: list[Example]) -> dict[str, np.ndarray]:
+        return self.predict_encoded(self.encode(task_name, examples))
+
+
+def average_outputs(task: TaskSpec, outs: list[dict]) -> dict[str, np.ndarray]:
+    """Combine member outputs for one task: classification = mean softmax probabilities, argmax;
+    binary = mean sigmoid probability, > 0.5; binned = mean bin probabilities, expected score;
+    regression = mean score. A single member's outputs are returned unchanged."""
+    if not outs:
+        raise ValueError(f"task {task.name}: no member outputs to average")
+    if len(outs) == 1:
+        return dict(outs[0])
+    kind = task.kind.name
+    prob = np.mean([np.asarray(o["prob"], dtype=np.float64) for o in outs], axis=0)
+    if kind == "regression":
+        score = prob.astype(np.float32)
+        return {"pred": score, "prob": score, "score": score, "logits": score[:, None]}
+    p = np.clip(prob, 1e-12, 1.0)
+    if kind == "classification":
+        return {"pred": prob.argmax(-1), "prob": prob.astype(np.float32), "logits": np.log(p).astype(np.float32)}
+    if kind == "binary":
+        logit = np.log(p) - np.log(np.clip(1.0 - prob, 1e-12, 1.0))
+        return {"pred": (prob > 0.5).astype(np.int64), "prob": prob.astype(np.float32),
+                "logits": logit.astype(np.float32)[:, None]}
+    if kind == "binned":
+        score = (prob @ task.kind.bin_values().double().numpy()).astype(np.float32)
+        return {"pred": score, "prob": prob.astype(np.float32), "score": score, "logits": np.log(p).astype(np.float32)}
+    raise ValueError(f"task {task.name}: cannot average outputs of kind {kind!r}")
+
+
+class EnsemblePredictor(BasePredictor):
+    """Several predictors; task t averages the outputs of the members listed in task_members[t].
+    Each member encodes the examples itself, so members may differ in tokenizer, pair encoding and
+    heads."""
+
+    def __init__(self, members: dict[str, BasePredictor], task_members: dict[str, list[str]], name: str = "",
+                 data_dir: str | None = None, meta: dict | None = None):
+        for task, names in task_members.items():
+            if not names:
+                raise ValueError(f"ensemble task {task}: no members")
+            for m in names:
+                if m not in members:
+                    raise ValueError(f"ensemble task {task}: unknown member {m!r}")
+                members[m]._check_task(task)
+        self.members, self.task_members = members, {t: list(v) for t, v in task_members.items()}
+        self.name, self.data_dir, self.meta = name, data_dir, meta or {}
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.task_members)
+
+    def member_outputs(self, task_name: str, examples: list[Example]) -> dict[str, dict]:
+        self._check_task(task_name)
+        return {m: self.members[m].predict(task_name, examples) for m in self.task_members[task_name]}
+
+    def predict(self, task_name: str, examples: list[Example]) -> dict[str, np.ndarray]:
+        outs = self.member_outputs(task_name, examples)
+        return average_outputs(get_task(task_name), list(outs.values()))
+
+
+def load_predictor(path: str | Path, device="auto", precision: str = "auto", batch_size: int = 128) -> BasePredictor:
+    """A Predictor for a run directory or checkpoint, an EnsemblePredictor for an ensemble directory."""
+    from .checkpoint import find_checkpoint, load_checkpoint
+    from .ensemble import is_ensemble_dir, load_ensemble
+    from .runtime import resolve_precision, select_device
+    device = select_device(device) if isinstance(device, str) else torch.device(device)
+    amp = resolve_precision(precision, device)
+    if is_ensemble_dir(path):
+        return load_ensemble(path, device, amp, batch_size)
+    model, tok, cfg, meta = load_checkpoint(path, device=str(device))
+    return Predictor(model, tok, device, amp, batch_size, name=str(find_checkpoint(path)),
+                     data_dir=cfg.data.data_dir, meta=meta)
+
+
+# ---------------------------------------------------------------- metrics
+
+def score_outputs(outputs: dict[str, dict], examples: dict[str, list[Example]]) -> dict[str, float]:
+    """Metric per task (+ overall when sst, qqp and sts are all present) from predictor outputs."""
+    metrics = {}
+    for name, out in outputs.items():
+        gold = np.array([e.label for e in examples[name]])
+        metrics[name] = get_task(name).metric(out["pred"], gold)
+    if {"sst", "qqp", "sts"} <= set(leaderboard_metrics(metrics)):
         metrics["overall"] = overall_score(metrics)
-    return metrics, outputs
+    return metrics
+
+
+def evaluate_examples(predictor: BasePredictor, examples: dict[str, list[Example]]) -> tuple[dict[str, float], dict]:
+    """Metrics and raw outputs of any predictor on labelled examples per task."""
+    outputs = {name: predictor.predict(name, ex) for name, ex in examples.items()}
+    return score_outputs(outputs, examples), outputs
+
+
+def metrics_for(model, datasets: dict[str, EncodedDataset], **kw) -> tuple[dict[str, float], dict]:
+    """Metric per task (+ overall when sst, qqp and sts are all present) and the raw outputs.
+    `model` is a MultitaskModel with `datasets` encoded for it (**kw: predict_dataset's batch_size,
+    device, amp_dtype, pad_id), or a predictor, which encodes the datasets' examples itself."""
+    if isinstance(model, BasePredictor):
+        return evaluate_examples(model, {n: d.examples if isinstance(d, EncodedDataset) else d
+                                         for n, d in datasets.items()})
+    predictor = Predictor(model, **kw)
+    outputs = {name: predictor.predict_encoded(ds) for name, ds in datasets.items()}
+    return score_outputs(outputs, {name: ds.examples for name, ds in datasets.items()}), outputs
+
+
+def load_examples(tasks, data_dir, split: str, limit=None) -> dict[str, list[Example]]:
+    return {name: load_split(get_task(name), data_dir, split, limit)[0] for name in tasks}
 
 
 def encode_split(model, tokenizer, data_dir, split: str, limit=None) -> dict[str, EncodedDataset]:
-    sets = {}
-    for name in model.tasks:
-        task = get_task(name)
-        examples, _ = load_split(task, data_dir, split, limit)
-        sets[name] = encode_dataset(task, examples, tokenizer, model.pair_encoding.get(name, "cross"))
-    return sets
+    predictor = Predictor(model, tokenizer)
+    return {name: predictor.encode(name, ex) for name, ex in load_examples(model.tasks, data_dir, split, limit).items()}
 
 
-def write_predictions(model, tokenizer, data_dir, out_dir, device, amp_dtype=None, batch_size=128,
-                      splits=("dev", "test")) -> list[Path]:
+# ---------------------------------------------------------------- prediction files
+
+def write_prediction_files(predictor: BasePredictor, data_dir, out_dir, splits=("dev", "test")) -> list[Path]:
     """{prefix}-{dev|test}-output.csv with the leaderboard's header and `id , value` rows."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for split in splits:
-        for name, ds in encode_split(model, tokenizer, data_dir, split).items():
-            task = ds.task
-            out = predict_dataset(model, ds, batch_size, device, amp_dtype, tokenizer.pad_id)
+        for name, examples in load_examples(predictor.tasks, data_dir, split).items():
+            task = get_task(name)
+            out = predictor.predict(name, examples)
             path = out_dir / f"{task.pred_prefix}-{split}-output.csv"
             with open(path, "w") as f:
                 f.write(f"id \t {task.pred_header} \n")
-                for ex, p in zip(ds.examples, out["pred"]):
+                for ex, p in zip(examples, out["pred"]):
                     value = f"{float(p):.4f}" if task.metric_name == "pearson" else int(p)
                     f.write(f"{ex.id} , {value} \n")
             written.append(path)
     return written
+
+
+def write_predictions(model, tokenizer, data_dir, out_dir, device, amp_dtype=None, batch_size=128,
+                      splits=("dev", "test")) -> list[Path]:
+    """write_prediction_files for one model and its tokenizer."""
+    return write_prediction_files(Predictor(model, tokenizer, device, amp_dtype, batch_size), data_dir, out_dir, splits)
 
 
 def format_table(rows: dict[str, float], title: str = "") -> str:

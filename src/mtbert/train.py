@@ -62,7 +62,11 @@ class Trainer:
         self.device = select_device(tc.device)
         self.amp_dtype = resolve_precision(tc.precision, self.device)
         self.data_dir = resolve_data_dir(cfg.data.data_dir)
-        self.model, self.tokenizer = build_model(cfg)
+        if cfg.pretrain.enabled:  # contrastive stage first (mtbert.pretrain); fine-tune from its checkpoint
+            from .pretrain import pretrained_start
+            self.model, self.tokenizer = build_model(pretrained_start(cfg, self.out / "pretrain"))
+        else:
+            self.model, self.tokenizer = build_model(cfg)
         self.techniques = build_techniques(cfg.techniques)
         for tech in self.techniques:
             tech.prepare_model(self)

@@ -79,4 +79,4 @@ def build_techniques(spec: dict) -> list[Technique]:
 
 
 # Register the built-in techniques (imported for their @register side effect).
-from . import bregman, lr_schedules, pcgrad, smart  # noqa: E402,F401
+from . import bregman, lora, lr_schedules, pcgrad, smart, uda  # noqa: E402,F401

@@ -22,7 +22,7 @@ def symmetric_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, kind: OutputKin
 
 
 def output_divergence(a: torch.Tensor, b: torch.Tensor, kind: OutputKind) -> torch.Tensor:
-    """Symmetric KL for classification and binary outputs, squared error for regression."""
-    if kind in (CLASSIFICATION, BINARY):
+    """Symmetric KL for classification, binary and binned outputs, squared error for regression."""
+    if kind in (CLASSIFICATION, BINARY) or kind.name == "binned":
         return symmetric_kl(a, b, kind)
     return F.mse_loss(a.float().view(-1), b.float().view(-1))
