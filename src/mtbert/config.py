@@ -70,7 +70,7 @@ class PretrainConfig:
     batch_size: int = 32               # sentences (simcse_unsup) or pairs (simcse_sup); mnrl: one pair per class
     tau: float = 0.05                  # InfoNCE temperature; mnrl's scale C = 1 / tau
     sts_threshold: float = 4.0         # STS pairs scoring >= this are positives for simcse_sup
-    pooling: str = "mean"              # sentence vector for the stage: mean | cls
+    pooling: str = "mean"              # sentence vector for the stage (choices as model.pooling)
 
 
 @dataclass

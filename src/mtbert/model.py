@@ -237,6 +237,8 @@ class MultitaskModel(nn.Module):
             out_dim, mode = t.kind.out_dim(t.num_labels), self.pair_encoding[t.name]
             regression = t.kind is REGRESSION
             if mode == "bi":
+                if bi_head == "cosine" and out_dim != 1:
+                    raise ValueError(f"the cosine head gives one score; task {t.name} needs {out_dim} outputs")
                 extra = {"regression": regression} if bi_head == "cosine" else {"shared": self.shared_pair}
                 width = hidden if bi_head == "attention" else dim
                 heads[t.name] = PAIR_HEADS[bi_head](width, out_dim, dropout, **extra)

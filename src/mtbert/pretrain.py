@@ -152,6 +152,8 @@ class SentenceStream:
         self.seqs, self.labels, self.plan, self.rng, self.pad_id = seqs, labels, plan, rng, pad_id
         self.queue = plan(rng)
         self.batches_per_pass = len(self.queue)
+        if not self.queue:
+            raise ValueError("a pretraining objective has too little data for one batch")
 
     def __next__(self) -> dict:
         if not self.queue:
@@ -200,8 +202,8 @@ register_stage("mnrl", "multiple-negatives ranking pre-training on same-sentimen
 
 # ---------------------------------------------------------------- the stage
 
-def _param_groups(encoder: nn.Module, weight_decay: float) -> list[dict]:
-    named = list(encoder.named_parameters())
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    named = list(model.named_parameters())  # the encoder, and the pooler if it has weights (cnn, lstm)
     return [{"params": [p for n, p in named if not n.endswith(NO_DECAY)], "weight_decay": weight_decay},
             {"params": [p for n, p in named if n.endswith(NO_DECAY)], "weight_decay": 0.0}]
 
@@ -226,7 +228,7 @@ def run_pretrain(cfg: Config, out_dir: str | Path) -> dict:
                   for name in pc.objectives}
     total = pc.epochs * max(stream.batches_per_pass for _, stream in objectives.values())
     total = min(total, pc.max_steps) if pc.max_steps else total
-    optimizer = torch.optim.AdamW(_param_groups(model.encoder, tc.weight_decay), lr=pc.lr)
+    optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=pc.lr)
     warm = int(pc.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / max(warm, 1) if s < warm else max(0.0, (total - s) / max(total - warm, 1)))
