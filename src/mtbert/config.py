@@ -19,7 +19,6 @@ class ModelConfig:
     tiny: dict | None = None           # random-init BertConfig kwargs instead of a checkpoint (tests)
     max_length: int = 128
     pooling: str = "cls"               # sentence vector: cls | mean | cnn | bilstm, or joined by '+'
-
     pair_encoding: dict = field(default_factory=lambda: {"qqp": "cross", "sts": "cross"})  # cross | bi | cross+cos
     bi_head: str = "concat"            # bi-encoder head: concat | diffprod | attention | cosine
     shared_pair_layer: int = 0         # >0: width of a first head layer shared by bi-encoded pair tasks
