@@ -58,7 +58,7 @@ def test_cross_plus_cosine_formula():
     head = CrossPlusCosineHead(8, 1, dropout=0.0, regression=True).eval()
     pair, u, v = torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 8)
     out = head(Rep(pair, None, None), Rep(u, None, None), Rep(v, None, None))
-    expected = head.cross.proj(pair) + 2.5 * F.cosine_similarity(u, v, dim=-1).unsqueeze(-1)
+    expected = head.cross.proj(pair) + 5.0 * F.cosine_similarity(u, v, dim=-1).unsqueeze(-1)
     assert torch.allclose(out, expected)
 
 

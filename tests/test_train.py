@@ -56,3 +56,10 @@ def test_unwritable_output_is_a_clear_error(tmp_path, tiny_cfg):
     blocker.write_text("x")
     with pytest.raises(OSError, match="not writable"):
         Trainer(tiny_cfg(), blocker / "run")
+
+
+def test_time_budget_stops_training_early(tmp_path, tiny_cfg):
+    tr = _trainer(tmp_path, tiny_cfg, "train.time_budget_min=0.0", "train.epochs=3")
+    summary = tr.run()
+    assert summary["steps"] == 1 < tr.total_steps  # stops after the first step, still evaluates
+    assert (tmp_path / "run" / "best").exists()

@@ -54,6 +54,7 @@ class TrainConfig:
     device: str = "auto"               # auto | cpu | cuda
     threads: int | None = None         # torch intra-op threads; None = all cores
     eval_every: int | None = None      # evaluate every N steps as well as each epoch end
+    time_budget_min: float | None = None  # stop (after a final evaluation) once training has run this long
     progress: bool = True
 
 

@@ -183,6 +183,10 @@ class Trainer:
         log.info("epoch %d step %d dev %s", epoch, self.step, {k: round(v, 4) for k, v in metrics.items()})
         return row
 
+    def _over_budget(self, t0: float) -> bool:
+        budget = self.cfg.train.time_budget_min
+        return budget is not None and time.time() - t0 > 60 * budget
+
     def run(self) -> dict:
         atomic_write_text(self.out / "config.yaml", _yaml(self.cfg))
         (self.out / "metrics.jsonl").unlink(missing_ok=True)
@@ -199,8 +203,10 @@ class Trainer:
                 bar.set_postfix({t: f"{sums[t] / counts[t]:.3f}" for t in sums if counts[t]})
                 if eval_every and self.step % eval_every == 0 and self.step < self.total_steps:
                     self._record(epoch, sums, counts, t0)
+                if self._over_budget(t0):
+                    break
             self._record(epoch, sums, counts, t0)
-            if self.step >= self.total_steps:
+            if self.step >= self.total_steps or self._over_budget(t0):
                 break
         summary = {"best_dev": self.best_metrics, "steps": self.step, "train_seconds": round(time.time() - t0, 1),
                    **self.parameter_counts()}
