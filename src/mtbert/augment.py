@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 from typing import Callable
 
-from .data import MAX_FIELD_CHARS, DataError, ReadReport, log
+from .data import MAX_FIELD_CHARS, DataError, ReadReport, complete_rows, log
 
 MASK = "[MASK]"  # BERT's mask token; the tokenizer keeps it as one special token
 
@@ -111,8 +111,7 @@ def read_augment_file(path: str | Path) -> tuple[dict[str, list[tuple[str, ...]]
         raise DataError(f"augmentation file not found: {path}")
     report, out = ReadReport(str(path)), {}
 
-    def add(row) -> None:
-        report.rows += 1
+    def add(row) -> None:  # the caller counts the row in report.rows
         if not isinstance(row, dict) or row.get("id") is None or not str(row["id"]).strip():
             return report.skip("missing id")
         texts = _texts_of({k: v for k, v in row.items() if v is not None})
@@ -132,10 +131,10 @@ def read_augment_file(path: str | Path) -> tuple[dict[str, list[tuple[str, ...]]
             for line in fp:
                 if not line.strip():
                     continue
+                report.rows += 1
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
-                    report.rows += 1
                     report.skip("unparseable row")
                     continue
                 add(row)
@@ -147,19 +146,7 @@ def read_augment_file(path: str | Path) -> tuple[dict[str, list[tuple[str, ...]]
                 raise DataError(f"{path} is empty") from None
             if "id" not in header or _texts_of(dict.fromkeys(header, "")) is None:
                 raise DataError(f"{path}: header needs id and text (or sentence1, sentence2); found {header}")
-            while True:
-                try:
-                    row = next(reader)
-                except StopIteration:
-                    break
-                except csv.Error:
-                    report.rows += 1
-                    report.skip("unparseable row")
-                    continue
-                if len(row) < len(header):
-                    report.rows += 1
-                    report.skip("missing fields")
-                    continue
+            for row in complete_rows(reader, report, len(header)):
                 add(dict(zip(header, row)))
     if report.skipped:
         log.warning("%s", report)

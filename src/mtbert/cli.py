@@ -150,18 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16")
         sp.add_argument("--batch-size", type=int, default=128)
 
+    def add_config(sp, out_help, example):
+        sp.add_argument("--config", default="configs/default.yaml")
+        sp.add_argument("--out", required=True, help=out_help)
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help=f"override a config key, e.g. {example}")
+        add_data_dir(sp)
+
     t = sub.add_parser("train", help="train a model")
-    t.add_argument("--config", default="configs/default.yaml")
-    t.add_argument("--out", required=True, help="run directory")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=1")
-    add_data_dir(t)
+    add_config(t, "run directory", "train.epochs=1")
     t.set_defaults(func=cmd_train)
 
     pt = sub.add_parser("pretrain", help="contrastive pre-training stage (SimCSE, MNRL) -> OUT/best")
-    pt.add_argument("--config", default="configs/default.yaml")
-    pt.add_argument("--out", required=True, help="stage directory; train from it with model.backbone=OUT")
-    pt.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. pretrain.lr=1e-5")
-    add_data_dir(pt)
+    add_config(pt, "stage directory; train from it with model.backbone=OUT", "pretrain.lr=1e-5")
     pt.set_defaults(func=cmd_pretrain)
 
     e = sub.add_parser("evaluate", help="metrics of a run's best checkpoint")

@@ -45,6 +45,25 @@ class DataError(RuntimeError):
     pass
 
 
+def complete_rows(reader, report: ReadReport, n_fields: int):
+    """Rows of a csv.reader that have at least `n_fields` fields; unparseable and short rows are
+    counted in `report` as skipped. Every row read is counted in `report.rows`."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error:
+            report.rows += 1
+            report.skip("unparseable row")
+            continue
+        report.rows += 1
+        if len(row) < n_fields:
+            report.skip("missing fields")
+            continue
+        yield row
+
+
 def read_task_file(task: TaskSpec, path: str | Path, labeled: bool = True) -> tuple[list[Example], ReadReport]:
     """Read one CS224N tab-separated file; malformed rows are skipped and counted, never fatal."""
     path = Path(path)
@@ -65,19 +84,7 @@ def read_task_file(task: TaskSpec, path: str | Path, labeled: bool = True) -> tu
         absent = [c for c in needed if c not in col]
         if absent:
             raise DataError(f"{path}: header lacks column(s) {absent}; found {header}")
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except csv.Error:
-                report.rows += 1
-                report.skip("unparseable row")
-                continue
-            report.rows += 1
-            if len(row) < len(header):
-                report.skip("missing fields")
-                continue
+        for row in complete_rows(reader, report, len(header)):
             values = {c: row[col[c]].strip() for c in needed}
             if any(v == "" for v in values.values()):
                 report.skip("empty field")
