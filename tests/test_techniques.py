@@ -204,5 +204,6 @@ def test_techniques_command_lists_everything(capsys):
     from mtbert.cli import main
     assert main(["techniques"]) == 0
     out = capsys.readouterr().out
-    for name in ["pcgrad", "smart", "bregman", "llrd", "plateau", "biased", "annealed", "uncertainty", "awl"]:
+    for name in ["pcgrad", "smart", "bregman", "llrd", "plateau", "biased", "annealed", "uncertainty", "awl",
+                 "cross+cos", "bi_head=attention", "bilstm", "shared_pair_layer"]:
         assert name in out

@@ -121,6 +121,13 @@ def cmd_techniques(args) -> int:
         print("stages and commands:")
         for name, (summary, paper, usage) in sorted(STAGES.items()):
             print(f"  {name:<14} {summary}  [paper {paper}]  usage: {usage}")
+    from .model import PAIR_ENCODINGS, PAIR_HEADS, POOLERS
+    print("model options (config: model.pooling, model.pair_encoding, model.bi_head, model.shared_pair_layer):")
+    print(f"  pooling        {' | '.join(POOLERS)}, or several joined by '+' (e.g. mean+cnn+bilstm)  [paper 002]")
+    print(f"  pair_encoding  {' | '.join(PAIR_ENCODINGS)}  [papers 000, 001, 002]")
+    for name, cls in PAIR_HEADS.items():
+        print(f"  bi_head={name:<7}{_first_line(cls.__doc__)}")
+    print("  shared_pair_layer  width of a first head layer shared by bi-encoded pair tasks  [paper 003]")
     print("task schedules (config: train.schedule):")
     for name, cls in SCHEDULES.items():
         print(f"  {name:<14} {_first_line(cls.__doc__)}")
