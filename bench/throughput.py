@@ -114,7 +114,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = load_config("configs/default.yaml", ["model.pooling=cls"])
+    cfg = load_config("configs/default.yaml", ["model.pooling=cls", "model.pair_encoding={qqp: cross, sts: cross}"])
     data_dir = resolve_data_dir(None)
     ours, tok = build_model(cfg)
     theirs, _ = build_model(cfg)

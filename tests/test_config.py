@@ -26,3 +26,13 @@ def test_bad_overrides_are_clear_errors(override, message):
 def test_missing_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config("configs/nope.yaml")
+
+
+def test_strategy_args_follow_their_strategy():
+    # default.yaml: schedule annealed with {decay: 0.8}; choosing another schedule drops those args
+    assert load_config("configs/default.yaml").train.schedule_args == {"decay": 0.8}
+    assert load_config("configs/default.yaml", ["train.schedule=interleaved"]).train.schedule_args == {}
+    assert load_config("configs/techniques/biased.yaml").train.schedule_args == {
+        "weights": {"sst": 1.0, "qqp": 1.7, "sts": 1.0}}
+    kept = load_config("configs/default.yaml", ["train.schedule=annealed"]).train.schedule_args
+    assert kept == {"decay": 0.8}  # same strategy: its args stay

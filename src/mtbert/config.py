@@ -138,6 +138,7 @@ def _set_path(d: dict, dotted: str, value: Any) -> None:
         d = d.setdefault(k, {})
         if not isinstance(d, dict):
             raise ConfigError(f"--set {dotted}: {k} is not a section")
+    _reset_args_if_renamed(d, keys[-1], value, given={})
     d[keys[-1]] = value
 
 
@@ -170,10 +171,21 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _merge(a: dict, b: dict) -> dict:
+    """Deep-merge b over a. `X_args` mappings belong to the strategy named by `X`: they replace
+    rather than merge, and choosing another `X` without giving `X_args` resets them."""
     out = dict(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and not k.endswith("_args"):
+            out[k] = _merge(out[k], v)
+        else:
+            _reset_args_if_renamed(out, k, v, given=b)
+            out[k] = v
     return out
+
+
+def _reset_args_if_renamed(d: dict, key: str, value, given: dict) -> None:
+    if f"{key}_args" in d and f"{key}_args" not in given and d.get(key) != value:
+        d[f"{key}_args"] = {}
 
 
 def resolve_data_dir(configured: str | None) -> Path:
