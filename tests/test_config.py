@@ -36,3 +36,9 @@ def test_strategy_args_follow_their_strategy():
         "weights": {"sst": 1.0, "qqp": 1.7, "sts": 1.0}}
     kept = load_config("configs/default.yaml", ["train.schedule=annealed"]).train.schedule_args
     assert kept == {"decay": 0.8}  # same strategy: its args stay
+
+
+@pytest.mark.parametrize("override", ["data.batch_size=0", "model.max_length=2", "train.max_steps=0"])
+def test_sizes_must_be_positive(override):
+    with pytest.raises(ConfigError, match="at least"):
+        load_config("configs/quick.yaml", [override])

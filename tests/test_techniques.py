@@ -116,7 +116,7 @@ def test_layerwise_decay_lrs(tmp_path, tiny_cfg):
     assert lr_of["layers.1.ffn.up.weight"] == pytest.approx(0.5)
     assert lr_of["layers.0.attention.qkv.bias"] == pytest.approx(0.25)
     assert lr_of["embeddings.word.weight"] == pytest.approx(0.125)
-    assert lr_of["sst.proj.weight"] == pytest.approx(1.0)  # heads keep the full rate
+    assert lr_of["heads.sst.proj.weight"] == pytest.approx(1.0)  # heads keep the full rate
     assert layer_depth("layers.11.ffn.up.weight", 12) == 12
 
 

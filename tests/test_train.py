@@ -63,3 +63,31 @@ def test_time_budget_stops_training_early(tmp_path, tiny_cfg):
     summary = tr.run()
     assert summary["steps"] == 1 < tr.total_steps  # stops after the first step, still evaluates
     assert (tmp_path / "run" / "best").exists()
+
+
+def test_pooler_and_head_parameters_are_all_optimised(tmp_path, tiny_cfg):
+    tr = _trainer(tmp_path, tiny_cfg, "model.pooling=mean+cnn+bilstm", "model.pair_encoding={qqp: bi, sts: bi}",
+                  "model.shared_pair_layer=8")
+    in_optimizer = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
+    missing = [n for n, p in tr.model.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
+    assert missing == []
+
+
+def test_eval_every_on_an_epoch_boundary_evaluates_once(tmp_path, tiny_cfg):
+    tr = _trainer(tmp_path, tiny_cfg, "data.limit=16", "train.schedule=interleaved", "train.epochs=2")
+    per_epoch = len(tr.plans[0])
+    tr.cfg.train.eval_every = per_epoch
+    tr.run()
+    steps = [json.loads(r)["step"] for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [per_epoch, 2 * per_epoch]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.schedule_args={decay: 0.5}", "unknown options"),
+    ("train.weighting_args={lr: 0.1}", "unknown options"),
+    ("train.weighting_args={weights: {stss: 2}}", "unknown tasks"),
+    ("data.tasks=[sts, sts_bins]", "variant"),
+])
+def test_bad_strategy_options_are_clear_errors(tmp_path, tiny_cfg, override, message):
+    with pytest.raises(ValueError, match=message):
+        _trainer(tmp_path, tiny_cfg, override)

@@ -157,7 +157,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     for item in overrides:
         k, v = parse_override(item)
         _set_path(raw, k, v)
-    return _fill(Config, raw, "")
+    return _validate(_fill(Config, raw, ""))
+
+
+def _validate(cfg: "Config") -> "Config":
+    for key, value, least in (("data.batch_size", cfg.data.batch_size, 1),
+                              ("data.eval_batch_size", cfg.data.eval_batch_size, 1),
+                              ("train.epochs", cfg.train.epochs, 1), ("model.max_length", cfg.model.max_length, 3)):
+        if value < least:
+            raise ConfigError(f"{key} must be at least {least}, got {value}")
+    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
+        raise ConfigError("train.max_steps must be at least 1 (or null)")
+    return cfg
 
 
 def _read_yaml(path: Path) -> dict:

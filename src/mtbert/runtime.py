@@ -13,7 +13,7 @@ def select_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available")
+        raise ValueError("train.device=cuda but no CUDA device is available")
     return torch.device(name)
 
 

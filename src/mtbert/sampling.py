@@ -22,7 +22,16 @@ def register(name: str):
 def build_schedule(name: str, **kwargs):
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose from {sorted(SCHEDULES)}")
+    _check_args(SCHEDULES[name], name, kwargs)
     return SCHEDULES[name](**kwargs)
+
+
+def _check_args(cls, name: str, kwargs: dict) -> None:
+    import inspect
+    known = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "tasks")]
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        raise ValueError(f"{name!r} got unknown options {unknown}; it takes {known or 'none'}")
 
 
 @register("sequential")
@@ -96,6 +105,9 @@ class Biased(_Proportional):
             raise ValueError("biased sampling weights must be non-negative")
 
     def probs(self, batches, epoch, num_epochs):
+        unknown = sorted(set(self.weights) - set(batches))
+        if unknown:
+            raise ValueError(f"biased sampling: weights for unknown tasks {unknown}; tasks are {list(batches)}")
         w = {t: float(self.weights.get(t, 1.0)) for t in batches}
         s = sum(w.values())
         if s <= 0:

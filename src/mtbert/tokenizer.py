@@ -10,6 +10,8 @@ from tokenizers.implementations import BertWordPieceTokenizer
 
 class BertTokenizer:
     def __init__(self, tok: Tokenizer, max_length: int = 128):
+        if max_length < 3:
+            raise ValueError(f"max_length must be at least 3 ([CLS] a [SEP] b [SEP] needs room), got {max_length}")
         self.tok = tok
         self.tok.no_padding()
         self.tok.no_truncation()

@@ -72,6 +72,9 @@ class Trainer:
             tech.prepare_model(self)
         self.model.to(self.device)
         self.tasks = [get_task(t) for t in cfg.data.tasks]
+        variants = [t.name for t in self.tasks if getattr(t, "variant_of", None) in cfg.data.tasks]
+        if variants or len(set(cfg.data.tasks)) != len(cfg.data.tasks):
+            raise ValueError(f"data.tasks lists a task twice (or with its variant {variants}): {cfg.data.tasks}")
         self.train_sets, self.dev_sets = self._load("train"), self._load("dev")
         self.streams = {t: TaskStream(ds, cfg.data.batch_size, cfg.data.bucket, self.rng, self.tokenizer.pad_id)
                         for t, ds in self.train_sets.items()}
@@ -93,7 +96,7 @@ class Trainer:
             self.optimizer, lambda s: (s + 1) / max(warm, 1) if s < warm
             else max(0.0, (self.total_steps - s) / max(self.total_steps - warm, 1)))
         self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype is torch.float16)
-        self.step, self.best_score, self.best_metrics = 0, -math.inf, {}
+        self.step, self.best_score, self.best_metrics, self.last_recorded_step = 0, -math.inf, {}, None
         for tech in self.techniques:
             tech.setup(self)
 
@@ -113,8 +116,10 @@ class Trainer:
 
     def _param_groups(self) -> list[dict]:
         tc, groups = self.cfg.train, []
-        for part, lr in ((self.model.encoder, tc.lr), (self.model.heads, tc.head_lr or tc.lr)):
-            named = [(n, p) for n, p in part.named_parameters() if p.requires_grad]
+        everything = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        encoder = [(n[len("encoder."):], p) for n, p in everything if n.startswith("encoder.")]
+        rest = [(n, p) for n, p in everything if not n.startswith("encoder.")]  # heads, poolers
+        for named, lr in ((encoder, tc.lr), (rest, tc.head_lr or tc.lr)):
             groups.append({"params": [p for n, p in named if not n.endswith(NO_DECAY)], "lr": lr,
                            "names": [n for n, p in named if not n.endswith(NO_DECAY)]})
             groups.append({"params": [p for n, p in named if n.endswith(NO_DECAY)], "lr": lr,
@@ -150,9 +155,11 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         if self.cfg.train.clip_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_norm)
+        scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        if self.scaler.get_scale() >= scale:  # a lowered scale means fp16 overflow: step skipped
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         for tech in self.techniques:
@@ -165,6 +172,7 @@ class Trainer:
         return metrics
 
     def _record(self, epoch: int, sums: dict, counts: dict, t0: float) -> dict:
+        self.last_recorded_step = self.step
         metrics = self.evaluate()
         train_loss = {t: sums[t] / counts[t] for t in sums if counts[t]}
         self.last_train_loss = sum(train_loss.values())
@@ -203,9 +211,11 @@ class Trainer:
                 bar.set_postfix({t: f"{sums[t] / counts[t]:.3f}" for t in sums if counts[t]})
                 if eval_every and self.step % eval_every == 0 and self.step < self.total_steps:
                     self._record(epoch, sums, counts, t0)
+                    sums, counts = dict.fromkeys(sums, 0.0), dict.fromkeys(sums, 0)
                 if self._over_budget(t0):
                     break
-            self._record(epoch, sums, counts, t0)
+            if self.last_recorded_step != self.step:
+                self._record(epoch, sums, counts, t0)
             if self.step >= self.total_steps or self._over_budget(t0):
                 break
         summary = {"best_dev": self.best_metrics, "steps": self.step, "train_seconds": round(time.time() - t0, 1),

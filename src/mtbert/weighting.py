@@ -24,6 +24,8 @@ def register(name: str):
 def build_weighting(name: str, tasks: list[TaskSpec], **kwargs) -> nn.Module:
     if name not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {name!r}; choose from {sorted(WEIGHTINGS)}")
+    from .sampling import _check_args
+    _check_args(WEIGHTINGS[name], name, kwargs)
     return WEIGHTINGS[name](tasks, **kwargs)
 
 
@@ -45,6 +47,9 @@ class Sum(Weighting):
 
     def __init__(self, tasks, weights: dict | None = None):
         super().__init__(tasks)
+        unknown = sorted(set(weights or {}) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"sum weighting: weights for unknown tasks {unknown}; tasks are {self.tasks}")
         self.fixed = {t: float((weights or {}).get(t, 1.0)) for t in self.tasks}
 
     def forward(self, losses):

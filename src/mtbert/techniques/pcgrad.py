@@ -43,7 +43,9 @@ class PCGrad(Technique):
         self.reduction, self.rng = reduction, random.Random(seed)
 
     def setup(self, trainer):
-        self.shared = [p for p in trainer.model.encoder.parameters() if p.requires_grad]
+        model = trainer.model
+        shared_modules = [model.encoder, model.pooler] + ([model.shared_pair] if model.shared_pair is not None else [])
+        self.shared = [p for m in shared_modules for p in m.parameters() if p.requires_grad]
         ids = {id(p) for p in self.shared}
         self.private = [p for g in trainer.optimizer.param_groups for p in g["params"] if id(p) not in ids]
         if not self.shared:

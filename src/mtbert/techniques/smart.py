@@ -59,13 +59,16 @@ class Smart(Technique):
         self.weight, self.epsilon, self.step_size, self.steps = weight, epsilon, step_size, steps
         self.noise_std, self.norm, self.dropout_off, self.tasks = noise_std, str(norm), dropout_off, tasks
 
-    def perturbation(self, forward, embeds: list[torch.Tensor], clean: torch.Tensor, kind) -> list[torch.Tensor]:
-        """Adversarial δ for each embedded input sequence, inside the ε-ball."""
+    def perturbation(self, forward, embeds: list[torch.Tensor], clean: torch.Tensor, kind,
+                     loss_scale: float = 1.0) -> list[torch.Tensor]:
+        """Adversarial δ for each embedded input sequence, inside the ε-ball. Only the gradient's
+        direction is used, so under fp16 the divergence is scaled (like the loss) to keep the tiny
+        gradients of a 1e-5 perturbation from underflowing."""
         deltas = [project_to_ball(torch.randn_like(e) * self.noise_std, self.epsilon, self.norm) for e in embeds]
         for _ in range(self.steps):
             deltas = [d.detach().requires_grad_(True) for d in deltas]
             div = output_divergence(forward([e + d for e, d in zip(embeds, deltas)]), clean.detach(), kind)
-            grads = torch.autograd.grad(div, deltas)
+            grads = torch.autograd.grad(div * loss_scale, deltas)
             deltas = [project_to_ball(d + self.step_size * ascent_direction(g, self.norm), self.epsilon, self.norm)
                       for d, g in zip(deltas, grads)]
         return [d.detach() for d in deltas]
@@ -80,6 +83,7 @@ class Smart(Technique):
             with trainer.autocast():
                 return model(task, batch["inputs"], inputs_embeds=e)
         with dropout_disabled(model, self.dropout_off):
-            deltas = self.perturbation(forward, [e.detach() for e in embeds], logits, kind)
+            scale = trainer.scaler.get_scale() if trainer.scaler.is_enabled() else 1.0
+            deltas = self.perturbation(forward, [e.detach() for e in embeds], logits, kind, scale)
             adv = forward([e + d for e, d in zip(embeds, deltas)])
         return loss + self.weight * output_divergence(adv, logits, kind)
