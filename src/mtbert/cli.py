@@ -39,14 +39,6 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
-def _load_for_inference(args):
-    from .checkpoint import load_checkpoint
-    from .runtime import resolve_precision, select_device
-    device = select_device(args.device)
-    model, tok, cfg, meta = load_checkpoint(args.run_dir, device=str(device))
-    return model, tok, cfg, meta, device, resolve_precision(args.precision, device)
-
-
 def _load_predictor(args):
     """A Predictor for a run or checkpoint, an EnsemblePredictor for an ensemble directory."""
     from .evaluate import load_predictor

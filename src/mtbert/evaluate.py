@@ -231,12 +231,6 @@ def write_prediction_files(predictor: BasePredictor, data_dir, out_dir, splits=(
     return written
 
 
-def write_predictions(model, tokenizer, data_dir, out_dir, device, amp_dtype=None, batch_size=128,
-                      splits=("dev", "test")) -> list[Path]:
-    """write_prediction_files for one model and its tokenizer."""
-    return write_prediction_files(Predictor(model, tokenizer, device, amp_dtype, batch_size), data_dir, out_dir, splits)
-
-
 def format_table(rows: dict[str, float], title: str = "") -> str:
     width = max(len(k) for k in rows) if rows else 4
     lines = ([title] if title else []) + [f"{'task':<{width}}  metric", "-" * (width + 9)]
