@@ -135,6 +135,14 @@ def _first_line(doc: str | None) -> str:
     return text.split(". ")[0].rstrip(".") if text else ""
 
 
+def cmd_ablate(args) -> int:
+    from .ablate import run_ablation
+    extra = [f"data.data_dir={args.data_dir}"] if args.data_dir else []
+    table = run_ablation(args.file, args.runs_dir, args.results_dir, extra + list(args.set or []))
+    print(Path(table).read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtbert", description="Multitask BERT fine-tuning toolkit")
     p.add_argument("--version", action="version", version=f"mtbert {__version__}")
@@ -193,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     dc = dsub.add_parser("check", help="verify checksums and count rows / malformed rows")
     add_data_dir(dc)
     dc.set_defaults(func=cmd_data_check)
+
+    ab = sub.add_parser("ablate", help="train the variants of an ablation file and tabulate them")
+    ab.add_argument("file", help="configs/ablations/NAME.yaml")
+    ab.add_argument("--runs-dir", default="runs/ablations")
+    ab.add_argument("--results-dir", default="results/ablations")
+    ab.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every variant")
+    add_data_dir(ab)
+    ab.set_defaults(func=cmd_ablate)
 
     tq = sub.add_parser("techniques", help="list the available training techniques")
     tq.set_defaults(func=cmd_techniques)

@@ -97,6 +97,7 @@ class Trainer:
             else max(0.0, (self.total_steps - s) / max(self.total_steps - warm, 1)))
         self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype is torch.float16)
         self.step, self.best_score, self.best_metrics, self.last_recorded_step = 0, -math.inf, {}, None
+        self.examples_seen = 0
         for tech in self.techniques:
             tech.setup(self)
 
@@ -148,7 +149,9 @@ class Trainer:
 
     def train_step(self, tasks: list[str]) -> dict[str, float]:
         self.model.train()
-        losses = {t: self.task_loss(t, self.to_device(next(self.streams[t]))) for t in tasks}
+        batches = {t: self.to_device(next(self.streams[t])) for t in tasks}
+        self.examples_seen += sum(len(b["labels"]) for b in batches.values())
+        losses = {t: self.task_loss(t, b) for t, b in batches.items()}
         total = self.weighting(losses)
         if not any(tech.backward(self, losses, total) for tech in self.techniques):
             self.scaler.scale(total).backward()
@@ -219,6 +222,7 @@ class Trainer:
             if self.step >= self.total_steps or self._over_budget(t0):
                 break
         summary = {"best_dev": self.best_metrics, "steps": self.step, "train_seconds": round(time.time() - t0, 1),
+                   "examples_seen": self.examples_seen,
                    **self.parameter_counts()}
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
         return summary

@@ -1,0 +1,41 @@
+import pytest
+import yaml
+
+from mtbert.ablate import run_ablation
+from mtbert.config import ConfigError, load_config
+from tests.conftest import TINY_YAML
+
+
+def _write(tmp_path, variants):
+    path = tmp_path / "mini.yaml"
+    path.write_text(yaml.safe_dump({"config": str(TINY_YAML), "budget": "2 steps",
+                                    "common": ["train.max_steps=2", "data.limit=16"], "variants": variants}))
+    return path
+
+
+def test_runs_variants_tabulates_and_skips_finished_ones(tmp_path, data_dir):
+    path = _write(tmp_path, {"interleaved": [], "sequential": ["train.schedule=sequential"]})
+    table = run_ablation(path, tmp_path / "runs", tmp_path / "results", [f"data.data_dir={data_dir}"])
+    text = table.read_text()
+    assert "| interleaved |" in text and "| sequential |" in text and "budget: 2 steps" in text
+    done = tmp_path / "runs" / "mini" / "interleaved" / "summary.json"
+    stamp = done.stat().st_mtime_ns
+    # an interrupted variant (no summary.json) is run again; a finished one is not
+    (tmp_path / "runs" / "mini" / "sequential" / "summary.json").unlink()
+    run_ablation(path, tmp_path / "runs", tmp_path / "results", [f"data.data_dir={data_dir}"])
+    assert done.stat().st_mtime_ns == stamp
+    assert (tmp_path / "runs" / "mini" / "sequential" / "summary.json").exists()
+
+
+def test_bad_ablation_files(tmp_path):
+    with pytest.raises(ConfigError, match="variants"):
+        run_ablation(_write(tmp_path, {}), tmp_path / "r", tmp_path / "t")
+    with pytest.raises(ConfigError, match="unknown config key"):
+        run_ablation(_write(tmp_path, {"x": ["train.nope=1"]}), tmp_path / "r", tmp_path / "t")
+
+
+@pytest.mark.parametrize("name", ["pair_encoding", "schedules", "weightings", "techniques", "single_vs_multi"])
+def test_shipped_ablation_variants_are_valid_configs(name):
+    spec = yaml.safe_load(open(f"configs/ablations/{name}.yaml"))
+    for overrides in spec["variants"].values():
+        load_config(f"configs/ablations/{spec['config']}", [*spec["common"], *overrides])
