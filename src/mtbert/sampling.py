@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import random
 
+from .options import check_options
+
 SCHEDULES: dict[str, type] = {}
 
 
@@ -22,16 +24,8 @@ def register(name: str):
 def build_schedule(name: str, **kwargs):
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose from {sorted(SCHEDULES)}")
-    _check_args(SCHEDULES[name], name, kwargs)
+    check_options(SCHEDULES[name], f"schedule {name!r}", kwargs)
     return SCHEDULES[name](**kwargs)
-
-
-def _check_args(cls, name: str, kwargs: dict) -> None:
-    import inspect
-    known = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "tasks")]
-    unknown = sorted(set(kwargs) - set(known))
-    if unknown:
-        raise ValueError(f"{name!r} got unknown options {unknown}; it takes {known or 'none'}")
 
 
 @register("sequential")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .options import check_options
 from .tasks import REGRESSION, TaskSpec
 
 WEIGHTINGS: dict[str, type] = {}
@@ -24,8 +25,7 @@ def register(name: str):
 def build_weighting(name: str, tasks: list[TaskSpec], **kwargs) -> nn.Module:
     if name not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {name!r}; choose from {sorted(WEIGHTINGS)}")
-    from .sampling import _check_args
-    _check_args(WEIGHTINGS[name], name, kwargs)
+    check_options(WEIGHTINGS[name], f"weighting {name!r}", kwargs, not_options=("self", "tasks"))
     return WEIGHTINGS[name](tasks, **kwargs)
 
 

@@ -5,7 +5,7 @@ each hook. See docs/techniques.md for what each one does, its paper and its opti
 """
 from __future__ import annotations
 
-import inspect
+from ..options import check_options
 
 TECHNIQUES: dict[str, type] = {}
 # Techniques that are a stage or a command rather than a training-loop plug-in (pre-training,
@@ -70,10 +70,7 @@ def build_techniques(spec: dict) -> list[Technique]:
         if name not in TECHNIQUES:
             raise ValueError(f"unknown technique {name!r}; see `mtbert techniques` for {sorted(TECHNIQUES)}")
         opts = {k: v for k, v in (options if isinstance(options, dict) else {}).items() if k != "enabled"}
-        known = [p for p in inspect.signature(TECHNIQUES[name].__init__).parameters if p not in ("self", "options")]
-        unknown = sorted(set(opts) - set(known))
-        if unknown:
-            raise ValueError(f"technique {name!r} got unknown options {unknown}; it takes {known}")
+        check_options(TECHNIQUES[name], f"technique {name!r}", opts, not_options=("self", "options"))
         out.append(TECHNIQUES[name](**opts))
     return out
 
