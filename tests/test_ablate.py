@@ -39,3 +39,14 @@ def test_shipped_ablation_variants_are_valid_configs(name):
     spec = yaml.safe_load(open(f"configs/ablations/{name}.yaml"))
     for overrides in spec["variants"].values():
         load_config(f"configs/ablations/{spec['config']}", [*spec["common"], *overrides])
+
+
+def test_train_fraction_subsets_training_sets_only(tiny_cfg, data_dir, tmp_path):
+    from mtbert.train import Trainer
+    full = Trainer(tiny_cfg(f"data.data_dir={data_dir}"), tmp_path / "full")
+    part = Trainer(tiny_cfg(f"data.data_dir={data_dir}", "data.train_fraction=0.25"), tmp_path / "part")
+    for task in ("sst", "qqp", "sts"):
+        assert len(part.train_sets[task]) == round(len(full.train_sets[task]) * 0.25)
+        assert len(part.dev_sets[task]) == len(full.dev_sets[task])
+    with pytest.raises(ConfigError, match="train_fraction"):
+        tiny_cfg("data.train_fraction=0")

@@ -34,6 +34,7 @@ class DataConfig:
     eval_batch_size: int = 128
     bucket: bool = True                # length bucketing: batch similar lengths to cut padding
     limit: int | None = None           # cap examples per task and split (smoke runs)
+    train_fraction: float = 1.0        # random share of each training set (small-budget ablations)
 
 
 @dataclass
@@ -166,6 +167,8 @@ def _validate(cfg: "Config") -> "Config":
                               ("train.epochs", cfg.train.epochs, 1), ("model.max_length", cfg.model.max_length, 3)):
         if value < least:
             raise ConfigError(f"{key} must be at least {least}, got {value}")
+    if not 0.0 < cfg.data.train_fraction <= 1.0:
+        raise ConfigError("data.train_fraction must be in (0, 1]")
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
         raise ConfigError("train.max_steps must be at least 1 (or null)")
     return cfg

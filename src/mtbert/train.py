@@ -110,6 +110,10 @@ class Trainer:
         sets = {}
         for task in self.tasks:
             examples, _ = load_split(task, self.data_dir, split, self.cfg.data.limit)
+            if split == "train" and self.cfg.data.train_fraction < 1.0:
+                # a seeded subset keeps the tasks' relative sizes, so schedules behave as at full size
+                keep = max(1, round(len(examples) * self.cfg.data.train_fraction))
+                examples = random.Random(self.cfg.train.seed).sample(examples, keep)
             if not examples:
                 raise ValueError(f"task {task.name}: no usable {split} examples")
             sets[task.name] = encode_dataset(task, examples, self.tokenizer, self.model.pair_encoding[task.name])
