@@ -1,0 +1,218 @@
+"""`mtbert serve`: the JSON API (TestClient), its refusals, the web page in a real browser, the CLI."""
+import re
+import shutil
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from mtbert.cli import main
+from mtbert.data import Example
+from mtbert.evaluate import BasePredictor, load_predictor
+from mtbert.serve import create_app
+from mtbert.tasks import get_task
+from tests.conftest import TINY_YAML
+
+TEXTS = ["A gripping, funny and moving film.", "Dull.", "The plot never quite comes together, sadly."]
+PAIRS = [["How do I learn Python?", "What is the best way to learn Python?"],
+         ["A man is playing a guitar.", "A woman is slicing an onion."]]
+LONG = "an endlessly long and winding sentence " * 40  # far past the tiny model's 64 tokens
+MAX_ITEMS = 8
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_dir):
+    run = tmp_path_factory.mktemp("serve") / "run"
+    assert main(["train", "--config", str(TINY_YAML), "--out", str(run), "--data-dir", str(data_dir),
+                 "--set", "train.max_steps=4"]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def client(run_dir):
+    with TestClient(create_app(run_dir, max_items=MAX_ITEMS, device="cpu")) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(run_dir):
+    """The same run loaded directly: the API must give its predictions."""
+    return load_predictor(run_dir, device="cpu")
+
+
+def examples(items):
+    return [Example(str(i), tuple(texts), None) for i, texts in enumerate(items)]
+
+
+def test_routes_return_the_predictors_values(client, reference):
+    r = client.post("/v1/sentiment", json={"texts": TEXTS})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    direct = reference.predict("sst", examples([(t,) for t in TEXTS]))
+    names = get_task("sst").label_names
+    assert body["task"] == "sst" and len(body["results"]) == len(TEXTS)
+    for res, label, probs in zip(body["results"], direct["pred"], direct["prob"]):
+        assert res["label"] == int(label) and res["label_name"] == names[res["label"]]
+        assert len(res["probabilities"]) == 5 and sum(res["probabilities"]) == pytest.approx(1.0, abs=1e-5)
+        np.testing.assert_allclose(res["probabilities"], probs, atol=1e-6)
+        assert res["probability"] == pytest.approx(max(res["probabilities"]))
+        assert res["truncated"] is False
+
+    r = client.post("/v1/paraphrase", json={"pairs": PAIRS})
+    assert r.status_code == 200, r.text
+    direct = reference.predict("qqp", examples(PAIRS))
+    for res, label, prob in zip(r.json()["results"], direct["pred"], direct["prob"]):
+        assert 0.0 <= res["probability"] <= 1.0
+        assert res["probability"] == pytest.approx(float(prob), abs=1e-6)
+        assert res["is_paraphrase"] is bool(label) and res["is_paraphrase"] is (res["probability"] > 0.5)
+
+    r = client.post("/v1/similarity", json={"pairs": PAIRS})
+    assert r.status_code == 200, r.text
+    direct = reference.predict("sts", examples(PAIRS))
+    scores = [res["score"] for res in r.json()["results"]]
+    assert all(0.0 <= s <= 5.0 for s in scores)
+    np.testing.assert_allclose(scores, np.clip(direct["score"], 0, 5), atol=1e-5)
+
+
+def test_info_health_page_and_openapi(client, run_dir):
+    assert client.get("/health").json() == {"status": "ok"}
+    info = client.get("/v1/info").json()
+    assert info["tasks"] == ["sst", "qqp", "sts"] and info["backbone"] == "default"
+    assert set(info["dev_metrics"]) == {"sst", "qqp", "sts", "overall"}
+    assert info["routes"]["sentiment"]["labels"] == list(get_task("sst").label_names)
+    assert info["limits"]["max_items"] == MAX_ITEMS and info["limits"]["max_tokens"] == 64
+    assert info["mtbert_version"]
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/health", "/v1/info", "/v1/sentiment", "/v1/paraphrase", "/v1/similarity"} <= set(paths)
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    for element in ("sentence-a", "sentence-b", "submit", "sentiment-result", "paraphrase-result",
+                    "similarity-result", "error"):
+        assert f'id="{element}"' in page.text
+
+
+@pytest.mark.parametrize("route, body, status, message", [
+    ("sentiment", b'{"texts": ["unclosed', 422, "not valid JSON"),
+    ("sentiment", b"{}", 422, "texts: Field required"),
+    ("sentiment", b'{"texts": "one string"}', 422, "texts: Input should be a valid list"),
+    ("sentiment", b'{"texts": ["fine", 7]}', 422, "texts[1]: Input should be a valid string"),
+    ("sentiment", b'{"texts": []}', 422, "at least 1 item"),
+    ("sentiment", b'{"texts": ["fine", "   "]}', 422, "texts[1] is empty"),
+    ("paraphrase", b'{"pairs": [["only one"]]}', 422, "pairs[0][1]: Field required"),
+    ("similarity", b'{"pairs": [["a", ""]]}', 422, "pairs[0][1] is empty"),
+    ("sentiment", b'{"texts": ["x"], "extra": 1}', 422, "extra: Extra inputs are not permitted"),
+    ("sentiment", ('{"texts": [%s]}' % ",".join(['"x"'] * (MAX_ITEMS + 1))).encode(), 413, "the limit is 8"),
+    ("sentiment", b'{"texts": ["%s"]}' % (b"y" * 20_001), 413, "texts[0] has 20001 characters"),
+    ("sentiment", b'{"texts": ["%s"]}' % (b"z" * 3_000_000), 413, "request body over"),
+])
+def test_bad_requests_get_a_4xx_with_a_message(client, route, body, status, message):
+    r = client.post(f"/v1/{route}", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert message in r.json()["detail"]
+    assert client.get("/health").status_code == 200
+
+
+def test_long_texts_are_truncated_and_flagged(client):
+    r = client.post("/v1/sentiment", json={"texts": [LONG, "short"]})
+    assert [res["truncated"] for res in r.json()["results"]] == [True, False]
+    for route in ("paraphrase", "similarity"):
+        r = client.post(f"/v1/{route}", json={"pairs": [["short", LONG], PAIRS[0]]})
+        assert r.status_code == 200 and [res["truncated"] for res in r.json()["results"]] == [True, False]
+
+
+def test_serves_an_ensemble_directory(run_dir, tmp_path, data_dir):
+    twin = tmp_path / "twin"
+    shutil.copytree(run_dir, twin)
+    ens = tmp_path / "ens"
+    assert main(["ensemble", str(run_dir), str(twin), "--out", str(ens), "--limit", "16",
+                 "--data-dir", str(data_dir), "--device", "cpu"]) == 0
+    with TestClient(create_app(ens, device="cpu")) as c:
+        info = c.get("/v1/info").json()
+        assert info["ensemble"] is True and info["backbone"] == "default" and info["tasks"] == ["sst", "qqp", "sts"]
+        r = c.post("/v1/similarity", json={"pairs": PAIRS})
+    direct = load_predictor(ens, device="cpu").predict("sts", examples(PAIRS))
+    np.testing.assert_allclose([res["score"] for res in r.json()["results"]], np.clip(direct["score"], 0, 5),
+                               atol=1e-5)
+
+
+class PairsOnly(BasePredictor):
+    """A model without sentiment whose predictions fail: for the 404 and 500 paths."""
+    name = "pairs-only"
+
+    @property
+    def tasks(self):
+        return ["qqp", "sts"]
+
+    def predict(self, task_name, examples):
+        raise RuntimeError("boom")
+
+
+def test_missing_task_is_404_and_a_failing_model_is_500():
+    with TestClient(create_app(PairsOnly())) as c:
+        r = c.post("/v1/sentiment", json={"texts": ["fine"]})
+        assert r.status_code == 404 and "not trained for sentiment" in r.json()["detail"]
+        assert "sentiment" not in c.get("/v1/info").json()["routes"]
+        r = c.post("/v1/similarity", json={"pairs": PAIRS})
+        assert r.status_code == 500 and "prediction failed: RuntimeError: boom" in r.json()["detail"]
+        assert c.get("/health").status_code == 200
+
+
+def test_serve_refuses_a_directory_without_a_model(tmp_path, capsys):
+    assert main(["serve", str(tmp_path)]) == 2
+    assert "no mtbert checkpoint" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--max-items", "0"]) == 2
+    assert "must be positive" in capsys.readouterr().err
+
+
+@pytest.fixture
+def live_server(run_dir):
+    """uvicorn on a free loopback port in a background thread."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(run_dir, device="cpu"), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+def test_web_page_in_a_real_browser(live_server, client):
+    executable = shutil.which("chromium")
+    if executable is None:
+        pytest.fail("chromium not found: install Debian's chromium (apt-get install chromium) for the browser test")
+    from playwright.sync_api import sync_playwright
+    sentence_a, sentence_b = PAIRS[0]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        try:
+            page = browser.new_page()
+            page.goto(live_server + "/")
+            page.fill("#sentence-a", sentence_a)
+            page.fill("#sentence-b", sentence_b)
+            page.click("#submit")
+            page.wait_for_selector('#results[data-state="done"]', timeout=30_000)
+            label = page.text_content("#sentiment-result .label")
+            decision = page.text_content("#paraphrase-result .decision")
+            shown_score = page.text_content("#similarity-result .score")
+            assert page.is_hidden("#error")
+        finally:
+            browser.close()
+    assert label in get_task("sst").label_names
+    sentiment = client.post("/v1/sentiment", json={"texts": [sentence_a]}).json()["results"][0]
+    assert label == sentiment["label_name"]
+    paraphrase = client.post("/v1/paraphrase", json={"pairs": [[sentence_a, sentence_b]]}).json()["results"][0]
+    assert decision == ("paraphrase" if paraphrase["is_paraphrase"] else "not a paraphrase")
+    score = client.post("/v1/similarity", json={"pairs": [[sentence_a, sentence_b]]}).json()["results"][0]["score"]
+    assert re.fullmatch(r"\d\.\d\d", shown_score) and shown_score == f"{score:.2f}"
