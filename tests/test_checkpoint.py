@@ -1,3 +1,4 @@
+import errno
 import os
 
 import numpy as np
@@ -43,6 +44,22 @@ def test_crash_during_save_keeps_previous_best(tmp_path, tiny_cfg, monkeypatch):
     _, _, _, meta = load_checkpoint(tmp_path)
     assert meta == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["best"]  # temp dir cleaned up
+
+
+def test_full_disk_mid_save_is_a_clear_error(tmp_path, tiny_cfg, monkeypatch):
+    cfg, model, tok = _model(tiny_cfg)
+    save_checkpoint(tmp_path / "best", model, tok, cfg, {"step": 1})
+    import mtbert.checkpoint as ck
+
+    def full(path, obj):  # the weights are written; the disk fills up on the next file
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ck, "_write_json", full)
+    with pytest.raises(OSError, match="could not save checkpoint .*best.*No space left.*previous best/ is kept") as e:
+        save_checkpoint(tmp_path / "best", model, tok, cfg, {"step": 2})
+    assert e.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path)[3] == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]
 
 
 def test_interrupted_swap_falls_back_to_old(tmp_path, tiny_cfg):

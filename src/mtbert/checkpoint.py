@@ -1,9 +1,11 @@
 """Building a model from a config, and saving / loading run checkpoints atomically.
 
 A checkpoint directory holds model.safetensors (encoder + heads), model.json (encoder config and
-head options), tokenizer.json, config.yaml (the full run config) and meta.json (step, metrics).
-It is written to a temporary sibling and swapped in with renames, so a crash never leaves a
-half-written best model: at worst `best.old` survives and is loaded instead.
+head options), tokenizer.json, config.yaml (the full run config) and meta.json (step, metrics);
+a run's resumable state (RUN_DIR/last) adds train_state.pt (optimizer, generators, ...). It is
+written to a temporary sibling and swapped in with renames, so a crash never leaves a half-written
+checkpoint: at worst `best.old` (`last.old`) survives and is loaded instead. A failed write (full
+disk) removes the temporary copy and leaves the previous checkpoint as it was.
 """
 from __future__ import annotations
 
@@ -104,14 +106,18 @@ def save_checkpoint(directory: str | Path, model: MultitaskModel, tokenizer: Ber
         if extra_state:
             torch.save(extra_state, tmp / "train_state.pt")
         old = directory.with_name(directory.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
         if directory.exists():
+            shutil.rmtree(old, ignore_errors=True)  # stale: `directory` is newer
             os.replace(directory, old)
+        # (without `directory`, an existing .old is the only copy: it goes only once the new one is in place)
         os.replace(tmp, directory)
         shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # full disk, lost permissions: say which checkpoint, and that none is lost
+            err = OSError(f"could not save checkpoint {directory} ({e}); the previous {directory.name}/ is kept")
+            err.errno = e.errno
+            raise err from e
         raise
     return directory
 

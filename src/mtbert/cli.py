@@ -16,16 +16,27 @@ def _data_dir(args, cfg_value=None) -> Path:
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
+    import os
+
+    from .config import ConfigError, load_config
     from .evaluate import format_table
-    from .train import train
-    overrides = list(args.set or [])
-    if args.data_dir:
-        overrides.append(f"data.data_dir={args.data_dir}")
-    cfg = load_config(args.config, overrides)
-    summary = train(cfg, args.out)
-    print(format_table(summary["best_dev"], f"best dev metrics ({args.out}/best)"))
-    print(f"train_seconds={summary['train_seconds']} steps={summary['steps']}")
+    from .train import resume_config, train
+    if args.resume:  # the run's own config: changing it halfway would not be the same run
+        if args.config or args.set or (args.out and Path(args.out).resolve() != Path(args.resume).resolve()):
+            raise ConfigError("--resume RUN_DIR continues with RUN_DIR/config.yaml: "
+                              "it takes no --config, --set or other --out")
+        out, cfg = args.resume, resume_config(args.resume, args.data_dir)
+    else:
+        if not args.out:
+            raise ConfigError("--out RUN_DIR is required (or --resume RUN_DIR)")
+        overrides = list(args.set or [])
+        if args.data_dir:
+            overrides.append(f"data.data_dir={args.data_dir}")
+        out, cfg = args.out, load_config(args.config or "configs/default.yaml", overrides)
+    summary = train(cfg, out, resume=bool(args.resume))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one table
+        print(format_table(summary["best_dev"], f"best dev metrics ({out}/best)"))
+        print(f"train_seconds={summary['train_seconds']} steps={summary['steps']}")
     return 0
 
 
@@ -50,7 +61,7 @@ def cmd_evaluate(args) -> int:
     predictor = _load_predictor(args)
     if args.split == "test":
         raise SystemExit("the test-student files have no labels; use `mtbert predict` for them")
-    examples = load_examples(predictor.tasks, _data_dir(args, predictor.data_dir), args.split)
+    examples = load_examples(predictor.tasks, _data_dir(args, predictor.data_dir), args.split, args.limit)
     metrics, _ = evaluate_examples(predictor, examples)
     print(format_table(metrics, f"{args.split} metrics for {args.run_dir}"))
     if args.json:
@@ -135,11 +146,26 @@ def _first_line(doc: str | None) -> str:
     return text.split(". ")[0].rstrip(".") if text else ""
 
 
+def cmd_report(args) -> int:
+    from .report import write_report
+    index = write_report(args.run_dirs, args.out, args.data_dir, args.limit, args.device, args.precision,
+                         args.batch_size, args.tsne_points, args.top)
+    print(index)
+    return 0
+
+
 def cmd_ablate(args) -> int:
     from .ablate import run_ablation
     extra = [f"data.data_dir={args.data_dir}"] if args.data_dir else []
     table = run_ablation(args.file, args.runs_dir, args.results_dir, extra + list(args.set or []))
     print(Path(table).read_text())
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import serve
+    serve(args.run_dir, args.host, args.port, max_items=args.max_items, max_chars=args.max_chars,
+          device=args.device, precision=args.precision, batch_size=args.batch_size)
     return 0
 
 
@@ -157,15 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16")
         sp.add_argument("--batch-size", type=int, default=128)
 
-    def add_config(sp, out_help, example):
+    def add_config(sp, out_help, example, out_required=True):
         sp.add_argument("--config", default="configs/default.yaml")
-        sp.add_argument("--out", required=True, help=out_help)
+        sp.add_argument("--out", required=out_required, help=out_help)
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help=f"override a config key, e.g. {example}")
         add_data_dir(sp)
 
-    t = sub.add_parser("train", help="train a model")
-    add_config(t, "run directory", "train.epochs=1")
-    t.set_defaults(func=cmd_train)
+    t = sub.add_parser("train", help="train a model (under torchrun: data-parallel, one process per device)")
+    add_config(t, "run directory", "train.epochs=1", out_required=False)
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last saved state (RUN_DIR/last)")
+    t.set_defaults(func=cmd_train, config=None)  # None: --resume can tell that no --config was given
 
     pt = sub.add_parser("pretrain", help="contrastive pre-training stage (SimCSE, MNRL) -> OUT/best")
     add_config(pt, "stage directory; train from it with model.backbone=OUT", "pretrain.lr=1e-5")
@@ -175,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--split", default="dev", choices=["train", "dev", "test"])
     e.add_argument("--json", help="also write the metrics to this JSON file")
+    e.add_argument("--limit", type=int, help="first N examples per task (default: all)")
     add_data_dir(e)
     add_runtime(e)
     e.set_defaults(func=cmd_evaluate)
@@ -209,6 +237,25 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every variant")
     add_data_dir(ab)
     ab.set_defaults(func=cmd_ablate)
+
+    rp = sub.add_parser("report", help="HTML analysis report: curves, confusion matrices, t-SNE, attention, errors")
+    rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="runs (or checkpoints) to analyse and compare")
+    rp.add_argument("--out", required=True, help="report directory: index.html, metrics.json and PNG figures")
+    rp.add_argument("--limit", type=int, help="first N dev examples per task (default: all)")
+    rp.add_argument("--tsne-points", type=int, default=500, help="SST sentences in the t-SNE plot (default 500)")
+    rp.add_argument("--top", type=int, default=10, help="largest errors listed per task (default 10)")
+    add_data_dir(rp)
+    add_runtime(rp)
+    rp.set_defaults(func=cmd_report)
+
+    sv = sub.add_parser("serve", help="HTTP JSON API and web page for a run (or ensemble) directory")
+    sv.add_argument("run_dir")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-items", type=int, default=64, help="texts or pairs per request (more: 413)")
+    sv.add_argument("--max-chars", type=int, default=20_000, help="characters per text (more: 413)")
+    add_runtime(sv)
+    sv.set_defaults(func=cmd_serve)
 
     tq = sub.add_parser("techniques", help="list the available training techniques")
     tq.set_defaults(func=cmd_techniques)

@@ -55,6 +55,7 @@ class TrainConfig:
     device: str = "auto"               # auto | cpu | cuda
     threads: int | None = None         # torch intra-op threads; None = all cores
     eval_every: int | None = None      # evaluate every N steps as well as each epoch end
+    save_every: int | None = None      # also save the resumable state (RUN_DIR/last) every N steps; always at each evaluation
     time_budget_min: float | None = None  # stop (after a final evaluation) once training has run this long
     progress: bool = True
 
@@ -171,6 +172,8 @@ def _validate(cfg: "Config") -> "Config":
         raise ConfigError("data.train_fraction must be in (0, 1]")
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
         raise ConfigError("train.max_steps must be at least 1 (or null)")
+    if cfg.train.save_every is not None and cfg.train.save_every < 1:
+        raise ConfigError("train.save_every must be at least 1 (or null)")
     return cfg
 
 

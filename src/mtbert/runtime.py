@@ -1,4 +1,4 @@
-"""Device, precision, threads and seeding."""
+"""Device, precision, threads, seeding and random-generator state."""
 from __future__ import annotations
 
 import contextlib
@@ -47,3 +47,23 @@ def set_seed(seed: int) -> None:
 def set_threads(n: int | None) -> None:
     if n:
         torch.set_num_threads(n)
+
+
+def rng_state() -> dict:
+    """Every global random generator's state (Python, NumPy, torch CPU and CUDA), in types that
+    torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

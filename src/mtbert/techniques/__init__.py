@@ -61,6 +61,14 @@ class Technique:
     def on_eval(self, trainer, metrics: dict) -> None:
         """After each dev evaluation."""
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue exactly (saved in RUN_DIR/last): tensors, numbers,
+        strings and containers of them. Stateless techniques keep the empty default."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`; called after `setup` when resuming."""
+
 
 def build_techniques(spec: dict) -> list[Technique]:
     out = []

@@ -51,3 +51,9 @@ class Bregman(Technique):
 
     def after_step(self, trainer):
         ema_update(self.teacher, trainer.model, self.beta(trainer.step, trainer.total_steps))
+
+    def state_dict(self):
+        return {"teacher": self.teacher.state_dict()}
+
+    def load_state_dict(self, state):
+        self.teacher.load_state_dict(state["teacher"])

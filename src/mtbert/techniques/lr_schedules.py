@@ -72,3 +72,9 @@ class PlateauHalving(Technique):
             # LambdaLR multiplies base_lrs by the warm-up/decay factor, so scaling them scales the lr.
             trainer.scheduler.base_lrs = [lr * self.factor for lr in trainer.scheduler.base_lrs]
             self.bad = 0
+
+    def state_dict(self):  # the lowered learning rates themselves live in the scheduler's state
+        return {"best": self.best, "bad": self.bad}
+
+    def load_state_dict(self, state):
+        self.best, self.bad = state["best"], state["bad"]

@@ -51,6 +51,12 @@ class PCGrad(Technique):
         if not self.shared:
             raise ValueError("pcgrad needs a trainable shared encoder (model.finetune=full)")
 
+    def state_dict(self):
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state):
+        self.rng.setstate(state["rng"])
+
     def backward(self, trainer, losses, total):
         if len(losses) < 2:
             return False  # nothing to project against: ordinary backward
@@ -63,6 +69,12 @@ class PCGrad(Technique):
             flat.append(torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1)
                                    for x, p in zip(g, self.shared)]))
             del g
+        if trainer.dist.world > 1:
+            # Project the global per-task gradients (mean over ranks), so every rank does the same
+            # surgery; the shared gradients set below are then already global: only the private
+            # ones are left for the trainer to average.
+            flat = list(trainer.dist.average_(torch.stack(flat)))
+            trainer.grads_to_average = self.private
         projected = project_conflicting(flat, self.rng)
         combined = torch.stack(projected).sum(0)
         if self.reduction == "mean":

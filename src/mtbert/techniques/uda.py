@@ -99,6 +99,12 @@ class Uda(Technique):
         cache = {p: read_augment_file(p)[0] for p in set((files or {}).values())}
         self.files = {t: cache[p] for t, p in (files or {}).items()}
 
+    def state_dict(self):
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state):
+        self.rng.setstate(state["rng"])
+
     def augmented(self, task: str, ex: Example) -> tuple[str, ...] | None:
         """A provided augmentation of the example if the file has one, else a built-in one, else None."""
         given = [a for a in self.files.get(task, {}).get(ex.id, ()) if len(a) == len(ex.texts)]
