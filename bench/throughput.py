@@ -6,13 +6,14 @@ gets plain batches padded to their longest member, as a typical user feeds it; o
 its own way (length bucketing) and may use bf16 autocast. Each variant in between is also timed, so
 the table shows what every change bought.
 
-    python bench/throughput.py [--examples 480] [--batch-size 32] [--threads N]
+    python bench/throughput.py [--examples 480] [--batch-size 32] [--threads N] [--compile]
 
 The last line reads `train_ratio=X infer_ratio=Y` (ours over transformers, best configuration of ours).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import contextlib
 import random
 import time
@@ -110,6 +111,8 @@ def main():
     ap.add_argument("--infer-examples", type=int, default=1600)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--compile", action="store_true",
+                    help="also time ours under torch.compile (inductor, dynamic shapes; compile time excluded)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -157,6 +160,12 @@ def main():
                                        ("ours, bucketed, bf16 autocast", ours, bucketed, True)]:
         reset()
         rows.append((label, time_train(model, batches, amp)))
+    if args.compile:  # a compiled copy; its first pass (compilation) is not timed
+        compiled = copy.deepcopy(ours)
+        compiled.encoder.compile(dynamic=True)
+        time_train(compiled, bucketed, True)
+        compiled.load_state_dict(base_state)
+        rows.append(("ours, bucketed, bf16 + compile", time_train(compiled, bucketed, True)))
     print("\ntraining (forward + backward + AdamW step, examples/s):")
     for label, v in rows:
         print(f"  {label:<32} {v:8.1f}   x{v / rows[0][1]:.2f}")
@@ -174,6 +183,9 @@ def main():
                                            ("ours, sorted, fp32", ours, sorted_b, False),
                                            ("ours, sorted, bf16 autocast", ours, sorted_b, True)]:
             infer_rows.append((task, unit, label, time_infer(model, task, batches, amp)))
+        if args.compile:
+            time_infer(compiled, task, sorted_b, True)
+            infer_rows.append((task, unit, "ours, sorted, bf16 + compile", time_infer(compiled, task, sorted_b, True)))
     print("\ninference (torch.inference_mode):")
     for task, unit, label, v in infer_rows:
         base = next(r[3] for r in infer_rows if r[0] == task)

@@ -54,6 +54,7 @@ class TrainConfig:
     precision: str = "auto"            # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     device: str = "auto"               # auto | cpu | cuda
     threads: int | None = None         # torch intra-op threads; None = all cores
+    compile: str | None = None         # torch.compile backend for the encoder (inductor); None = eager
     eval_every: int | None = None      # evaluate every N steps as well as each epoch end
     save_every: int | None = None      # also save the resumable state (RUN_DIR/last) every N steps; always at each evaluation
     time_budget_min: float | None = None  # stop (after a final evaluation) once training has run this long

@@ -108,6 +108,12 @@ class Trainer:
         for tech in self.techniques:
             tech.prepare_model(self)
         self.model.to(self.device)
+        if tc.compile:  # in place, so parameter names (checkpoints, optimizer state) stay the same
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            if tc.compile not in backends:
+                raise ValueError(f"train.compile must be a torch.compile backend ({', '.join(backends)}), "
+                                 f"got {tc.compile!r}")
+            self.model.encoder.compile(backend=tc.compile, dynamic=True)
         self.tasks = [get_task(t) for t in cfg.data.tasks]
         variants = [t.name for t in self.tasks if getattr(t, "variant_of", None) in cfg.data.tasks]
         if variants or len(set(cfg.data.tasks)) != len(cfg.data.tasks):
