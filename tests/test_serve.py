@@ -162,6 +162,64 @@ def test_missing_task_is_404_and_a_failing_model_is_500():
         assert c.get("/health").status_code == 200
 
 
+class GatedLengths(BasePredictor):
+    """Similarity = number of words (so every answer shows which text it came from); its first call
+    blocks until released, so the test can pile requests up behind it."""
+    name = "gated"
+
+    def __init__(self):
+        self.release, self.entered, self.calls = threading.Event(), threading.Event(), []
+
+    @property
+    def tasks(self):
+        return ["sst", "sts"]
+
+    def predict(self, task_name, examples):
+        self.calls.append((task_name, len(examples)))
+        self.entered.set()
+        assert self.release.wait(30)
+        words = np.array([float(len(ex.texts[0].split())) for ex in examples])
+        if task_name == "sst":
+            probs = np.eye(5)[np.minimum(words.astype(int), 4)]
+            return {"pred": probs.argmax(1), "prob": probs}
+        return {"pred": words, "score": words, "prob": words}
+
+
+def test_concurrent_requests_are_batched_per_task_and_answered_in_their_own_order():
+    import asyncio
+
+    import httpx
+
+    model = GatedLengths()
+    app = create_app(model, max_items=4, max_batch_items=5)
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            def sim(*ns):  # pairs whose first text has n words
+                return c.post("/v1/similarity", json={"pairs": [[" ".join(["w"] * n), "x"] for n in ns]})
+            first = asyncio.create_task(sim(1))
+            while not model.entered.is_set():  # the model is now busy with the first request
+                await asyncio.sleep(0.01)
+            rest = [asyncio.create_task(sim(2, 3)), asyncio.create_task(c.post("/v1/sentiment", json={"texts": ["a b"]})),
+                    asyncio.create_task(sim(4)), asyncio.create_task(sim(5, 1, 2))]
+            while len(app.state.service.waiting) < 4:
+                await asyncio.sleep(0.01)
+            model.release.set()
+            return [r.json() for r in await asyncio.gather(first, *rest)]
+
+    first, a, sentiment, b, c = asyncio.run(scenario())
+    assert [r["score"] for r in first["results"]] == [1.0]
+    assert [r["score"] for r in a["results"]] == [2.0, 3.0]
+    assert [r["score"] for r in b["results"]] == [4.0]
+    assert [r["score"] for r in c["results"]] == [5.0, 1.0, 2.0]
+    assert sentiment["results"][0]["label"] == 2
+    # the first alone; then the waiting similarity requests together up to 5 items (2 + 1), the
+    # sentiment request in its own call, and the similarity request that did not fit
+    assert model.calls == [("sts", 1), ("sts", 3), ("sst", 1), ("sts", 3)]
+    assert app.state.service.batch_sizes == [1, 2, 1, 1]
+
+
 def test_serve_refuses_a_directory_without_a_model(tmp_path, capsys):
     assert main(["serve", str(tmp_path)]) == 2
     assert "no mtbert checkpoint" in capsys.readouterr().err

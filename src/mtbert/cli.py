@@ -165,7 +165,7 @@ def cmd_ablate(args) -> int:
 def cmd_serve(args) -> int:
     from .serve import serve
     serve(args.run_dir, args.host, args.port, max_items=args.max_items, max_chars=args.max_chars,
-          device=args.device, precision=args.precision, batch_size=args.batch_size)
+          max_batch_items=args.max_batch_items, device=args.device, precision=args.precision, batch_size=args.batch_size)
     return 0
 
 
@@ -254,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--max-items", type=int, default=64, help="texts or pairs per request (more: 413)")
     sv.add_argument("--max-chars", type=int, default=20_000, help="characters per text (more: 413)")
+    sv.add_argument("--max-batch-items", type=int, default=256,
+                    help="items of concurrent requests run together in one predictor call")
     add_runtime(sv)
     sv.set_defaults(func=cmd_serve)
 

@@ -3,11 +3,14 @@
 Routes: GET / (web page), GET /health, GET /v1/info, POST /v1/sentiment, /v1/paraphrase,
 /v1/similarity (OpenAPI schema at /openapi.json, interactive docs at /docs).
 
-Batching and concurrency: the model is loaded once. The items of one request go through the
-predictor together (one forward pass per `batch_size` items, sorted by length). Every predictor
-call runs on a single dedicated worker thread, so concurrent requests queue for the model instead
-of racing on it, while the event loop stays free to answer /health and reject bad requests.
-The predictor runs under torch.inference_mode (evaluate.predict_dataset).
+Batching and concurrency: the model is loaded once and runs on a single dedicated worker thread,
+so requests queue for it instead of racing on it, while the event loop stays free to answer
+/health and reject bad requests. Requests are batched across clients: while the model works,
+arriving requests wait; when it is free, all waiting requests for the same task (up to
+`max_batch_items` items) go through the predictor as one call (forward passes of `batch_size`
+items sorted by length), and each gets its own slice of the result back. Nothing waits for a batch
+to fill, so a lone request is answered at once. The predictor runs under torch.inference_mode
+(evaluate.predict_dataset).
 
 Limits: at most `max_items` texts or pairs per request (413), at most `max_chars` characters per
 text (413), request bodies of at most `max_body_bytes` (413); empty texts are refused (422).
@@ -142,12 +145,16 @@ def describe(predictor: BasePredictor, run_dir: Path | None) -> dict:
 class ModelService:
     """The predictor, the request limits and the single worker thread the predictor runs on."""
 
-    def __init__(self, predictor: BasePredictor, max_items: int, max_chars: int):
+    def __init__(self, predictor: BasePredictor, max_items: int, max_chars: int, max_batch_items: int = 256):
         self.predictor, self.max_items, self.max_chars = predictor, max_items, max_chars
+        self.max_batch_items = max(max_batch_items, max_items)
         # route -> the task answering it, for the routes this model can answer
         self.routes = {route: next(t for t in tasks if t in predictor.tasks)
                        for route, tasks in ROUTE_TASKS.items() if any(t in predictor.tasks for t in tasks)}
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtbert-predict")
+        self.waiting: list[tuple[str, list[Example], asyncio.Future]] = []  # (task, examples, its answer)
+        self.draining, self.drainer = False, None
+        self.batch_sizes: list[int] = []  # requests per predictor call (tests, diagnostics)
 
     def task_for(self, route: str) -> str:
         if route in self.routes:
@@ -173,13 +180,47 @@ class ModelService:
         task = self.task_for(route)
         self.check_items(field, items)
         examples = [Example(str(i), tuple(texts), None) for i, texts in enumerate(items)]
+        answer = asyncio.get_running_loop().create_future()
+        self.waiting.append((task, examples, answer))
+        if not self.draining:
+            self.draining = True
+            self.drainer = asyncio.create_task(self._drain())  # (a reference, so it is not collected)
         try:
-            loop = asyncio.get_running_loop()
-            out, truncated = await loop.run_in_executor(self.worker, self._predict, task, examples)
+            out, truncated = await answer
         except Exception as e:  # a failed prediction is this request's 500, never the server's end
-            log.exception("prediction failed for %s", route)
+            log.error("prediction failed for %s: %s: %s", route, type(e).__name__, e)
             raise HTTPException(500, f"prediction failed: {type(e).__name__}: {e}") from e
         return task, out, truncated
+
+    async def _drain(self) -> None:
+        """Run the waiting requests, those of one task together, until none is left."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self.waiting:
+                task, group, items = self.waiting[0][0], [], 0
+                for req in [r for r in self.waiting if r[0] == task]:
+                    if group and items + len(req[1]) > self.max_batch_items:
+                        break
+                    group.append(req)
+                    items += len(req[1])
+                self.waiting = [r for r in self.waiting if not any(r is g for g in group)]
+                examples = [ex for _, exs, _ in group for ex in exs]
+                self.batch_sizes.append(len(group))
+                try:
+                    out, truncated = await loop.run_in_executor(self.worker, self._predict, task, examples)
+                except Exception as e:
+                    for *_, answer in group:
+                        if not answer.done():
+                            answer.set_exception(e)
+                    continue
+                start = 0
+                for _, exs, answer in group:  # each request its own slice of the arrays
+                    end = start + len(exs)
+                    if not answer.done():  # (a client that went away cancels its future)
+                        answer.set_result(({k: v[start:end] for k, v in out.items()}, truncated[start:end]))
+                    start = end
+        finally:
+            self.draining = False
 
 
 # ---------------------------------------------------------------- the app
@@ -232,7 +273,7 @@ def _route_info(route: str, task: str) -> dict:
 
 def create_app(predictor_or_run_dir: BasePredictor | str | Path, *, max_items: int = 64, max_chars: int = 20_000,
                max_body_bytes: int = 2 * 1024 * 1024, device: str = "auto", precision: str = "auto",
-               batch_size: int = 128) -> FastAPI:
+               batch_size: int = 128, max_batch_items: int = 256) -> FastAPI:
     """The FastAPI app serving a predictor, or the run / checkpoint / ensemble directory it loads from."""
     if min(max_items, max_chars, max_body_bytes) < 1:
         raise ValueError("max_items, max_chars and max_body_bytes must be positive")
@@ -241,11 +282,12 @@ def create_app(predictor_or_run_dir: BasePredictor | str | Path, *, max_items: i
     else:
         run_dir = Path(predictor_or_run_dir)
         predictor = load_predictor(run_dir, device, precision, batch_size)
-    service = ModelService(predictor, max_items, max_chars)
+    service = ModelService(predictor, max_items, max_chars, max_batch_items)
     info = {"mtbert_version": __version__, "run": str(run_dir or predictor.name), "tasks": predictor.tasks,
             **describe(predictor, run_dir)}
     info["routes"] = {route: _route_info(route, task) for route, task in service.routes.items()}
-    info["limits"] = {"max_items": max_items, "max_chars": max_chars, "max_body_bytes": max_body_bytes,
+    info["limits"] = {"max_items": max_items, "max_batch_items": service.max_batch_items, "max_chars": max_chars,
+                      "max_body_bytes": max_body_bytes,
                       "max_tokens": info.pop("max_tokens")}
 
     app = FastAPI(title="mtbert", version=__version__,
