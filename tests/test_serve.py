@@ -217,7 +217,7 @@ def test_concurrent_requests_are_batched_per_task_and_answered_in_their_own_orde
     # the first alone; then the waiting similarity requests together up to 5 items (2 + 1), the
     # sentiment request in its own call, and the similarity request that did not fit
     assert model.calls == [("sts", 1), ("sts", 3), ("sst", 1), ("sts", 3)]
-    assert app.state.service.batch_sizes == [1, 2, 1, 1]
+    assert list(app.state.service.batch_sizes) == [1, 2, 1, 1]
 
 
 def test_serve_refuses_a_directory_without_a_model(tmp_path, capsys):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
@@ -153,8 +154,8 @@ class ModelService:
                        for route, tasks in ROUTE_TASKS.items() if any(t in predictor.tasks for t in tasks)}
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtbert-predict")
         self.waiting: list[tuple[str, list[Example], asyncio.Future]] = []  # (task, examples, its answer)
-        self.draining, self.drainer = False, None
-        self.batch_sizes: list[int] = []  # requests per predictor call (tests, diagnostics)
+        self.drainer: asyncio.Task | None = None  # runs the waiting requests while there are any
+        self.batch_sizes: deque[int] = deque(maxlen=1024)  # requests per recent predictor call (tests, diagnostics)
 
     def task_for(self, route: str) -> str:
         if route in self.routes:
@@ -182,9 +183,8 @@ class ModelService:
         examples = [Example(str(i), tuple(texts), None) for i, texts in enumerate(items)]
         answer = asyncio.get_running_loop().create_future()
         self.waiting.append((task, examples, answer))
-        if not self.draining:
-            self.draining = True
-            self.drainer = asyncio.create_task(self._drain())  # (a reference, so it is not collected)
+        if self.drainer is None or self.drainer.done():  # (kept referenced, so it is not collected)
+            self.drainer = asyncio.create_task(self._drain())
         try:
             out, truncated = await answer
         except Exception as e:  # a failed prediction is this request's 500, never the server's end
@@ -195,32 +195,30 @@ class ModelService:
     async def _drain(self) -> None:
         """Run the waiting requests, those of one task together, until none is left."""
         loop = asyncio.get_running_loop()
-        try:
-            while self.waiting:
-                task, group, items = self.waiting[0][0], [], 0
-                for req in [r for r in self.waiting if r[0] == task]:
-                    if group and items + len(req[1]) > self.max_batch_items:
-                        break
-                    group.append(req)
-                    items += len(req[1])
-                self.waiting = [r for r in self.waiting if not any(r is g for g in group)]
-                examples = [ex for _, exs, _ in group for ex in exs]
-                self.batch_sizes.append(len(group))
-                try:
-                    out, truncated = await loop.run_in_executor(self.worker, self._predict, task, examples)
-                except Exception as e:
-                    for *_, answer in group:
-                        if not answer.done():
-                            answer.set_exception(e)
-                    continue
-                start = 0
-                for _, exs, answer in group:  # each request its own slice of the arrays
-                    end = start + len(exs)
-                    if not answer.done():  # (a client that went away cancels its future)
-                        answer.set_result(({k: v[start:end] for k, v in out.items()}, truncated[start:end]))
-                    start = end
-        finally:
-            self.draining = False
+        while self.waiting:
+            task, group, items = self.waiting[0][0], [], 0
+            for req in [r for r in self.waiting if r[0] == task]:
+                if group and items + len(req[1]) > self.max_batch_items:
+                    break
+                group.append(req)
+                items += len(req[1])
+            taken = {id(r) for r in group}
+            self.waiting = [r for r in self.waiting if id(r) not in taken]
+            examples = [ex for _, exs, _ in group for ex in exs]
+            self.batch_sizes.append(len(group))
+            try:
+                out, truncated = await loop.run_in_executor(self.worker, self._predict, task, examples)
+            except Exception as e:
+                for *_, answer in group:
+                    if not answer.done():
+                        answer.set_exception(e)
+                continue
+            start = 0
+            for _, exs, answer in group:  # each request its own slice of the arrays
+                end = start + len(exs)
+                if not answer.done():  # (a client that went away cancels its future)
+                    answer.set_result(({k: v[start:end] for k, v in out.items()}, truncated[start:end]))
+                start = end
 
 
 # ---------------------------------------------------------------- the app
