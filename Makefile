@@ -6,12 +6,18 @@ RUN ?= runs/default
 	bash scripts/install.sh
 	touch $@
 
+.venv/.installed-test: pyproject.toml scripts/install.sh
+	bash scripts/install.sh --test
+	touch $@ .venv/.installed
+
 install: .venv/.installed
+
+install-test: .venv/.installed-test
 
 train: install
 	.venv/bin/mtbert train --config configs/default.yaml --out $(RUN)
 
-test: install
+test: install-test
 	$(PY) -m pytest
 
-.PHONY: install train test
+.PHONY: install install-test train test

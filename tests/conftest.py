@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtbert.config import load_config, resolve_data_dir
-from mtbert.encoder import BertConfig, BertModel
+from mtbert.core.config import load_config, resolve_data_dir
+from mtbert.modeling.encoder import BertConfig, BertModel
 
 TINY_YAML = Path(__file__).parent / "tiny.yaml"
 TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)

@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from mtbert.ablate import run_ablation
-from mtbert.config import ConfigError, load_config
+from mtbert.apps.ablate import run_ablation
+from mtbert.core.config import ConfigError, load_config
 from tests.conftest import TINY_YAML
 
 
@@ -42,7 +42,7 @@ def test_shipped_ablation_variants_are_valid_configs(name):
 
 
 def test_train_fraction_subsets_training_sets_only(tiny_cfg, data_dir, tmp_path):
-    from mtbert.train import Trainer
+    from mtbert.training.trainer import Trainer
     full = Trainer(tiny_cfg(f"data.data_dir={data_dir}"), tmp_path / "full")
     part = Trainer(tiny_cfg(f"data.data_dir={data_dir}", "data.train_fraction=0.25"), tmp_path / "part")
     for task in ("sst", "qqp", "sts"):

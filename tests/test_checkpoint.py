@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from mtbert.checkpoint import build_model, find_checkpoint, load_checkpoint, save_checkpoint
-from mtbert.encoder import CheckpointError
-from mtbert.evaluate import encode_split, predict_dataset
+from mtbert.modeling.checkpoint import build_model, find_checkpoint, load_checkpoint, save_checkpoint
+from mtbert.modeling.encoder import CheckpointError
+from mtbert.inference.predictor import encode_split, predict_dataset
 
 
 def _model(tiny_cfg, *overrides):
@@ -34,7 +34,7 @@ def test_round_trip_reproduces_predictions_exactly(tmp_path, tiny_cfg, data_dir,
 def test_crash_during_save_keeps_previous_best(tmp_path, tiny_cfg, monkeypatch):
     cfg, model, tok = _model(tiny_cfg)
     save_checkpoint(tmp_path / "best", model, tok, cfg, {"step": 1})
-    import mtbert.checkpoint as ck
+    import mtbert.modeling.checkpoint as ck
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -49,7 +49,7 @@ def test_crash_during_save_keeps_previous_best(tmp_path, tiny_cfg, monkeypatch):
 def test_full_disk_mid_save_is_a_clear_error(tmp_path, tiny_cfg, monkeypatch):
     cfg, model, tok = _model(tiny_cfg)
     save_checkpoint(tmp_path / "best", model, tok, cfg, {"step": 1})
-    import mtbert.checkpoint as ck
+    import mtbert.modeling.checkpoint as ck
 
     def full(path, obj):  # the weights are written; the disk fills up on the next file
         raise OSError(errno.ENOSPC, "No space left on device")

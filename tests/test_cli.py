@@ -2,7 +2,7 @@ import json
 import subprocess
 import sys
 
-from mtbert.cli import main
+from mtbert.apps.cli import main
 from tests.conftest import TINY_YAML
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from mtbert.config import ConfigError, load_config
+from mtbert.core.config import ConfigError, load_config
 
 
 def test_defaults_file_and_overrides(tmp_path):

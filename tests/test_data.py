@@ -3,11 +3,10 @@ import random
 import pytest
 import torch
 
-from mtbert.data import (DataError, check_data_dir, collate, encode_dataset, load_split, make_batches, pad,
-                         read_task_file)
-from mtbert.encoder import default_backbone_dir
-from mtbert.tasks import get_task
-from mtbert.tokenizer import BertTokenizer
+from mtbert.data.readers import DataError, check_data_dir, collate, encode_dataset, load_split, make_batches, pad, read_task_file
+from mtbert.modeling.encoder import default_backbone_dir
+from mtbert.core.tasks import get_task
+from mtbert.data.tokenizer import BertTokenizer
 
 QQP_ROWS = (
     "\tid\tsentence1\tsentence2\tis_duplicate\n"

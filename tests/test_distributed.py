@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mtbert.checkpoint import resolve_backbone
-from mtbert.data import encode_dataset, load_split
-from mtbert.tasks import get_task
-from mtbert.tokenizer import BertTokenizer
-from mtbert.train import TaskStream, Trainer
+from mtbert.modeling.checkpoint import resolve_backbone
+from mtbert.data.readers import encode_dataset, load_split
+from mtbert.core.tasks import get_task
+from mtbert.data.tokenizer import BertTokenizer
+from mtbert.training.trainer import TaskStream, Trainer
 from tests.conftest import TINY_YAML
 
 # No dropout: the ranks draw other masks than one process would. Batches of 7 split 4 + 3 over

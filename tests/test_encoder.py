@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mtbert.encoder import BertConfig, BertModel, CheckpointError, default_backbone_dir, load_hf_bert
+from mtbert.modeling.encoder import BertConfig, BertModel, CheckpointError, default_backbone_dir, load_hf_bert
 from tests.conftest import TINY
 
 

@@ -4,11 +4,11 @@ import shutil
 import numpy as np
 import pytest
 
-from mtbert.cli import main
-from mtbert.ensemble import build_ensemble, parse_thresholds
-from mtbert.evaluate import (EnsemblePredictor, Predictor, average_outputs, evaluate_examples, load_examples,
-                             load_predictor)
-from mtbert.tasks import TASKS, get_task
+from mtbert.apps.cli import main
+from mtbert.inference.ensemble import build_ensemble, parse_thresholds
+from mtbert.inference.predictor import EnsemblePredictor, Predictor, average_outputs, evaluate_examples, load_examples
+from mtbert.inference.loading import load_predictor
+from mtbert.core.tasks import TASKS, get_task
 from tests.conftest import TINY_YAML
 
 TASK_FILES = ("ids-sst", "quora", "sts")

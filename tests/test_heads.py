@@ -2,10 +2,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtbert.checkpoint import build_model, load_checkpoint, save_checkpoint
-from mtbert.evaluate import encode_split, predict_dataset
-from mtbert.model import AttentionPairHead, BiLSTMPool, CNNPool, CrossPlusCosineHead, Rep, build_pooler
-from mtbert.train import Trainer
+from mtbert.modeling.checkpoint import build_model, load_checkpoint, save_checkpoint
+from mtbert.inference.predictor import encode_split, predict_dataset
+from mtbert.modeling.heads import AttentionPairHead
+from mtbert.modeling.poolers import BiLSTMPool, CNNPool
+from mtbert.modeling.model import CrossPlusCosineHead, Rep, build_pooler
+from mtbert.training.trainer import Trainer
 
 
 def _states(B=3, T=7, H=16, seed=0):

@@ -1,16 +1,15 @@
 import copy
 import json
-import types
 
 import numpy as np
 import pytest
 import torch
 
-from mtbert.checkpoint import build_model, load_checkpoint, save_checkpoint
-from mtbert.evaluate import encode_split, predict_dataset
-from mtbert.techniques import TECHNIQUES, build_techniques
-from mtbert.techniques.lora import SHARED, LoRALinear, lora_layers, merge_lora
-from mtbert.train import Trainer
+from mtbert.modeling.checkpoint import build_model, load_checkpoint, save_checkpoint
+from mtbert.inference.predictor import encode_split, predict_dataset
+from mtbert.training.techniques import TECHNIQUES, build_techniques
+from mtbert.modeling.adapters import SHARED, LoRALinear, lora_layers, merge_lora
+from mtbert.training.trainer import Trainer
 
 NO_DROPOUT = ("model.dropout=0", "model.tiny={hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, "
               "intermediate_size: 64, hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}")
@@ -22,7 +21,7 @@ def _lora_model(tiny_cfg, spec: str, *overrides):
     torch.manual_seed(0)
     model, tok = build_model(cfg)
     for tech in build_techniques(cfg.techniques):
-        tech.prepare_model(types.SimpleNamespace(model=model, cfg=cfg))
+        tech.prepare_model(model, cfg.model.finetune)
     return cfg, model.eval(), tok
 
 
@@ -222,8 +221,8 @@ def test_lora_experts_training_run_with_bregman_and_pcgrad(tmp_path, tiny_cfg):
 
 
 def test_lora_checkpoint_as_backbone_starts_from_merged_weights(tmp_path, tiny_cfg):
-    from mtbert.checkpoint import build_model, load_checkpoint
-    from mtbert.train import Trainer
+    from mtbert.modeling.checkpoint import build_model, load_checkpoint
+    from mtbert.training.trainer import Trainer
     Trainer(tiny_cfg("techniques={lora: {rank: 4}}", "train.max_steps=3", "train.lr=0.01"), tmp_path / "r").run()
     lora_model, _, _, _ = load_checkpoint(tmp_path / "r")
     model, _ = build_model(tiny_cfg("model.tiny=null", f"model.backbone={tmp_path / 'r'}"))

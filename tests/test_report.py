@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from mtbert import report as R
-from mtbert.checkpoint import load_checkpoint
-from mtbert.cli import main
-from mtbert.data import pad
-from mtbert.tasks import get_task
+from mtbert.apps import report as R
+from mtbert.modeling.checkpoint import load_checkpoint
+from mtbert.apps.cli import main
+from mtbert.data.readers import pad
+from mtbert.core.tasks import get_task
 from tests.conftest import TINY_YAML
 
 LIMIT = 40
@@ -168,7 +168,7 @@ def test_fit_line_equals_polyfit():
 
 
 def test_largest_errors_and_escaping():
-    from mtbert.data import Example
+    from mtbert.data.readers import Example
     sst = get_task("sst")
     ex = [Example(str(i), (f"s{i} <b>x</b> & y",), g) for i, g in enumerate([0, 1, 2, 3])]
     prob = np.array([[0.9, .1, 0, 0, 0], [0.8, .2, 0, 0, 0], [0, 0, 1.0, 0, 0], [0, 0, 0.4, 0.6, 0]])

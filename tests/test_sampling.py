@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from mtbert.sampling import SCHEDULES, Annealed, build_schedule
+from mtbert.training.schedules import SCHEDULES, Annealed, build_schedule
 
 BATCHES = {"sst": 6, "qqp": 10, "sts": 3}
 

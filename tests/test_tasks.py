@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtbert.tasks import TASKS, accuracy, get_task, overall_score, pearson
+from mtbert.core.tasks import TASKS, accuracy, get_task, overall_score, pearson
 
 
 def test_accuracy_and_pearson():

@@ -3,14 +3,13 @@ import random
 import pytest
 import torch
 
-from mtbert.tasks import BINARY, CLASSIFICATION, REGRESSION
-from mtbert.techniques import TECHNIQUES, build_techniques
-from mtbert.techniques.bregman import ema_update
-from mtbert.techniques.divergence import output_divergence, symmetric_kl
-from mtbert.techniques.lr_schedules import layer_depth
-from mtbert.techniques.pcgrad import project_conflicting
-from mtbert.techniques.smart import Smart, project_to_ball
-from mtbert.train import Trainer
+from mtbert.core.tasks import BINARY, CLASSIFICATION, REGRESSION
+from mtbert.training.techniques import TECHNIQUES, build_techniques
+from mtbert.training.techniques.bregman import ema_update
+from mtbert.training.techniques.llrd import layer_depth
+from mtbert.training.techniques.pcgrad import project_conflicting
+from mtbert.training.techniques.smart import Smart, project_to_ball
+from mtbert.training.trainer import Trainer
 
 
 # ---------------------------------------------------------------- PCGrad
@@ -53,7 +52,7 @@ def test_smart_perturbation_stays_in_epsilon_ball(norm):
     lin = torch.nn.Linear(8, 5)
     embeds = [torch.randn(4, 6, 8)]
     clean = lin(embeds[0]).mean(1)
-    deltas = smart.perturbation(lambda e: lin(e[0]).mean(1), embeds, clean, CLASSIFICATION)
+    deltas = smart.perturbation(lambda e: lin(e[0]).mean(1), embeds, clean, CLASSIFICATION.divergence)
     d = deltas[0]
     if norm == "inf":
         assert d.abs().max() <= 1e-2 + 1e-7
@@ -72,14 +71,14 @@ def test_symmetric_kl_matches_formula():
     p_logits, q_logits = torch.tensor([[1.0, 2.0, 0.5]]), torch.tensor([[0.0, 1.0, 1.0]])
     p, q = p_logits.softmax(-1), q_logits.softmax(-1)
     expected = (p * (p / q).log()).sum() + (q * (q / p).log()).sum()
-    assert symmetric_kl(p_logits, q_logits, CLASSIFICATION).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert CLASSIFICATION.divergence(p_logits, q_logits).item() == pytest.approx(expected.item(), rel=1e-5)
     a, b = torch.tensor([0.3]), torch.tensor([-1.0])
     pa, pb = torch.sigmoid(a), torch.sigmoid(b)
     bern = (pa * (pa / pb).log() + (1 - pa) * ((1 - pa) / (1 - pb)).log()
             + pb * (pb / pa).log() + (1 - pb) * ((1 - pb) / (1 - pa)).log())
-    assert symmetric_kl(a, b, BINARY).item() == pytest.approx(bern.item(), rel=1e-5)
-    assert output_divergence(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 2.0]), REGRESSION).item() == 0.5
-    assert symmetric_kl(p_logits, p_logits, CLASSIFICATION).item() == pytest.approx(0.0, abs=1e-7)
+    assert BINARY.divergence(a, b).item() == pytest.approx(bern.item(), rel=1e-5)
+    assert REGRESSION.divergence(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 2.0])).item() == 0.5
+    assert CLASSIFICATION.divergence(p_logits, p_logits).item() == pytest.approx(0.0, abs=1e-7)
 
 
 # ---------------------------------------------------------------- Bregman
@@ -97,9 +96,9 @@ def test_bregman_penalty_is_mu_times_divergence_to_teacher(tmp_path, tiny_cfg):
     batch = tr.to_device(next(tr.streams["sst"]))
     tr.model.eval()
     logits = tr.model("sst", batch["inputs"]) + 0.3  # differ from the (identical) teacher
-    loss = breg.task_loss(tr, "sst", batch, logits, torch.tensor(1.0))
+    loss = breg.task_loss(tr.ctx, "sst", batch, logits, torch.tensor(1.0))
     target = breg.teacher("sst", batch["inputs"])
-    assert loss.item() == pytest.approx(1.0 + 2.0 * symmetric_kl(logits, target, CLASSIFICATION).item(), rel=1e-5)
+    assert loss.item() == pytest.approx(1.0 + 2.0 * CLASSIFICATION.divergence(logits, target).item(), rel=1e-5)
     assert breg.beta(5, 10) == 0.5
 
 
@@ -108,7 +107,7 @@ def test_bregman_penalty_is_mu_times_divergence_to_teacher(tmp_path, tiny_cfg):
 def test_layerwise_decay_lrs(tmp_path, tiny_cfg):
     tr = Trainer(tiny_cfg("techniques={llrd: {decay: 0.5}}", "train.lr=1.0", "train.warmup_ratio=0"), tmp_path / "r")
     lr_of = {}
-    for g in tr.optimizer.param_groups:
+    for g in tr.updater.optimizer.param_groups:
         for n in g["names"]:
             lr_of[n] = g["lr"]
     # 2 layers: pooler depth 3 -> 1.0, layer 1 -> 0.5, layer 0 -> 0.25, embeddings -> 0.125
@@ -123,15 +122,14 @@ def test_layerwise_decay_lrs(tmp_path, tiny_cfg):
 def test_plateau_halves_lr(tmp_path, tiny_cfg):
     tr = Trainer(tiny_cfg("techniques={plateau: {patience: 2}}"), tmp_path / "r")
     plateau = tr.techniques[0]
-    base = list(tr.scheduler.base_lrs)
-    for score in (0.5, 0.4, 0.45):
-        plateau.on_eval(tr, {"sst": score})
-    assert tr.scheduler.base_lrs == [b * 0.5 for b in base]
+    base = list(tr.updater.scheduler.base_lrs)
+    factors = [plateau.on_eval(score, 0.0) for score in (0.5, 0.4, 0.45)]
+    assert factors == [1.0, 1.0, 0.5]  # the second evaluation without improvement halves
+    for f in factors:
+        tr.updater.scale_lr(f)
+    assert tr.updater.scheduler.base_lrs == [b * 0.5 for b in base]
     by_loss = build_techniques({"plateau": {"monitor": "train_loss", "patience": 1}})[0]
-    for loss in (1.0, 0.8, 0.9):
-        tr.last_train_loss = loss
-        by_loss.on_eval(tr, {})
-    assert tr.scheduler.base_lrs == [b * 0.25 for b in base]
+    assert [by_loss.on_eval(0.0, loss) for loss in (1.0, 0.8, 0.9)] == [1.0, 1.0, 0.5]
 
 
 # ---------------------------------------------------------------- registry and smoke runs
@@ -180,7 +178,7 @@ def test_pcgrad_backward_sets_projected_sum_on_shared_parameters(tmp_path, tiny_
     expected = sum(project_conflicting(flat, random.Random(5)))
     tr.model.zero_grad()
     losses = {t: tr.task_loss(t, b) for t, b in batches.items()}
-    assert tr.techniques[0].backward(tr, losses, tr.weighting(losses))
+    tr.backward(losses, tr.weighting(losses))
     got = torch.cat([p.grad.reshape(-1) for p in shared])
     assert torch.allclose(got, expected, atol=1e-6)
     assert tr.model.heads["sst"].proj.weight.grad is not None
@@ -192,7 +190,7 @@ def test_all_issue_techniques_registered():
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in __import__("pathlib").Path("configs/techniques").glob("*.yaml")))
 def test_every_preset_runs_on_a_tiny_model(tmp_path, preset):
-    from mtbert.config import load_config
+    from mtbert.core.config import load_config
     from tests.conftest import TINY
     cfg = load_config(f"configs/techniques/{preset}.yaml",
                       [f"model.tiny={TINY}", "data.limit=24", "train.max_steps=2", "train.progress=false",
@@ -201,7 +199,7 @@ def test_every_preset_runs_on_a_tiny_model(tmp_path, preset):
 
 
 def test_techniques_command_lists_everything(capsys):
-    from mtbert.cli import main
+    from mtbert.apps.cli import main
     assert main(["techniques"]) == 0
     out = capsys.readouterr().out
     for name in ["pcgrad", "smart", "bregman", "llrd", "plateau", "biased", "annealed", "uncertainty", "awl",

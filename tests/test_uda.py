@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtbert.augment import AUGMENTATIONS, MASK, augment_texts, read_augment_file
-from mtbert.checkpoint import load_checkpoint, save_checkpoint
-from mtbert.data import DataError, encode_dataset, pad
-from mtbert.evaluate import predict_dataset
-from mtbert.tasks import BINARY, BINNED_STS, CLASSIFICATION, get_task, overall_score
-from mtbert.techniques import build_techniques
-from mtbert.techniques.uda import confidence_mask, consistency_loss, sharpen, tsa_loss, tsa_threshold
-from mtbert.train import Trainer
+from mtbert.data.augment import AUGMENTATIONS, MASK, augment_texts, read_augment_file
+from mtbert.modeling.checkpoint import load_checkpoint, save_checkpoint
+from mtbert.data.readers import DataError, encode_dataset, pad
+from mtbert.inference.predictor import predict_dataset
+from mtbert.core.tasks import BINARY, BINNED_STS, CLASSIFICATION, get_task, overall_score
+from mtbert.training.techniques import build_techniques
+from mtbert.training.techniques.uda import confidence_mask, consistency_loss, sharpen, tsa_loss, tsa_threshold
+from mtbert.training.trainer import Trainer
 
 
 # ---------------------------------------------------------------- TSA
@@ -67,12 +67,12 @@ def test_tsa_in_the_technique_swaps_the_supervised_loss(tmp_path, tiny_cfg):
     assert uda.tasks == ["sst", "qqp", "sts_bins"]
     batch = tr.to_device(next(tr.streams["sst"]))
     logits = torch.randn(len(batch["labels"]), 5) * 3
-    tr.step = tr.total_steps // 2
-    eta = math.exp(5 * (tr.step / tr.total_steps - 1)) * 0.8 + 0.2
+    tr.ctx.step = tr.total_steps // 2
+    eta = math.exp(5 * (tr.ctx.step / tr.total_steps - 1)) * 0.8 + 0.2
     p_gold = logits.softmax(-1)[torch.arange(len(logits)), batch["labels"]]
     kept = p_gold <= eta
     assert 0 < kept.sum() < len(kept), "pick a seed where TSA drops some but not all"
-    got = uda.task_loss(tr, "sst", batch, logits, F.cross_entropy(logits, batch["labels"]) + 7.0)
+    got = uda.task_loss(tr.ctx, "sst", batch, logits, F.cross_entropy(logits, batch["labels"]) + 7.0)
     expected = -p_gold[kept].log().mean() + 7.0  # what an earlier technique added (7.0) is kept
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
     assert uda.last["sst"]["tsa_kept"] == pytest.approx(kept.float().mean().item())
@@ -125,12 +125,12 @@ def test_uda_term_in_trainer_equals_hand_computation(tmp_path, tiny_cfg):
         f"{e.id}\t{e.texts[1]}\t{e.texts[0]} indeed\n" for e in exs[::2]))  # half the ids only
     uda = build_techniques({"uda": {"weight": 2.0, "beta": 0.0, "tau": 0.5, "tsa": None,
                                     "augment": None, "augment_file": str(path)}})[0]
-    uda.setup(tr)
+    uda.setup(tr.ctx)
     tr.model.eval()
     batch = tr.to_device(next(tr.streams["qqp"]))
     # a random tiny model scores every input alike: spread the clean logits so rows must line up
     logits = tr.model("qqp", batch["inputs"]) + 2 * torch.randn(len(batch["indices"]), 1)
-    got = uda.task_loss(tr, "qqp", batch, logits, torch.tensor(1.0))
+    got = uda.task_loss(tr.ctx, "qqp", batch, logits, torch.tensor(1.0))
     idx = [j for j, i in enumerate(batch["indices"].tolist()) if i % 2 == 0]  # ids in the file
     assert 0 < len(idx) < len(batch["indices"])
     aug = [(exs[i].texts[1], exs[i].texts[0] + " indeed") for i in batch["indices"][idx].tolist()]
@@ -228,7 +228,7 @@ def test_ids_missing_from_the_file_fall_back_to_built_in_augmentation(tmp_path, 
     with_fallback = build_techniques({"uda": {"augment": "mask_span", "augment_file": str(path)}})[0]
     file_only = build_techniques({"uda": {"augment": None, "augment_file": str(path)}})[0]
     for u in (with_fallback, file_only):
-        u.setup(tr)
+        u.setup(tr.ctx)
         assert u.augmented("sst", ex[0]) == ("from the file",)
     assert MASK in with_fallback.augmented("sst", ex[1])[0]  # arity mismatch: not used
     assert file_only.augmented("sst", ex[1]) is None and file_only.augmented("sst", ex[2]) is None

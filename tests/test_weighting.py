@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from mtbert.tasks import get_task
-from mtbert.weighting import WEIGHTINGS, build_weighting
+from mtbert.core.tasks import get_task
+from mtbert.training.weightings import WEIGHTINGS, build_weighting
 
 TASKS = [get_task("sst"), get_task("qqp"), get_task("sts")]
 L = {"sst": torch.tensor(1.2), "qqp": torch.tensor(0.5), "sts": torch.tensor(2.0)}

@@ -1,0 +1,81 @@
+"""Ablation runner: named variants of one base config, trained one after another, tabulated.
+
+An ablation file (YAML) names a base config, overrides common to every variant, the training
+budget in words, and the variants, each a list of `--set`-style overrides:
+
+    config: ../default.yaml
+    budget: "400 steps per variant"
+    common: [train.max_steps=400]
+    variants:
+      cross: []
+      bi_concat: ["model.pair_encoding={qqp: bi, sts: bi}"]
+
+Each variant trains into RUNS_DIR/NAME/VARIANT. A variant whose summary.json exists is not run
+again, so a stopped ablation continues where it left off (a half-finished variant restarts).
+The table goes to RESULTS_DIR/NAME.md after every variant.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from mtbert.core.config import load_config
+from mtbert.core.errors import ConfigError
+from mtbert.core.io import atomic_write_text
+from mtbert.training.trainer import train
+
+
+def read_ablation(path: Path) -> dict:
+    if not path.exists():
+        raise ConfigError(f"ablation file not found: {path}")
+    spec = yaml.safe_load(path.read_text()) or {}
+    unknown = set(spec) - {"config", "budget", "common", "variants", "description"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
+    if not isinstance(spec.get("variants"), dict) or not spec["variants"]:
+        raise ConfigError(f"{path}: needs a non-empty `variants` mapping of name -> list of overrides")
+    if "config" not in spec:
+        raise ConfigError(f"{path}: needs `config`, the base config file (relative to the ablation file)")
+    return spec
+
+
+def run_ablation(path: str | Path, runs_dir: str | Path = "runs/ablations", results_dir: str | Path = "results/ablations",
+                 extra: list[str] = ()) -> Path:
+    path = Path(path)
+    spec, name = read_ablation(path), path.stem
+    base = (path.parent / spec["config"]).resolve()
+    variants = {v: [*(spec.get("common") or []), *(o or []), *extra] for v, o in spec["variants"].items()}
+    configs = {v: load_config(base, o) for v, o in variants.items()}  # validate all before training any
+    rows = []
+    for variant, overrides in variants.items():
+        cfg = configs[variant]
+        out = Path(runs_dir) / name / variant
+        summary_path = out / "summary.json"
+        if not summary_path.exists():
+            if out.exists():  # interrupted earlier: start this variant again
+                shutil.rmtree(out)
+            train(cfg, out)  # the same entry as `mtbert train`
+        rows.append((variant, overrides, json.loads(summary_path.read_text())))
+        table = format_ablation(name, spec, rows)
+        Path(results_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(results_dir) / f"{name}.md", table)
+    return Path(results_dir) / f"{name}.md"
+
+
+def format_ablation(name: str, spec: dict, rows: list) -> str:
+    tasks = sorted({t for _, _, s in rows for t in s["best_dev"] if t != "overall"})
+    head = ["variant", *tasks, "overall", "trainable params", "train s", "examples/s", "overrides"]
+    lines = [f"# Ablation: {name}", "", spec.get("description", "").strip(), "",
+             f"Base config `{spec['config']}`; budget: {spec.get('budget', 'not stated')}.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for variant, overrides, s in rows:
+        dev = s["best_dev"]
+        speed = s.get("examples_seen", 0) / s["train_seconds"] if s["train_seconds"] else 0.0
+        cells = [variant, *(f"{dev[t]:.4f}" if t in dev else "—" for t in tasks),
+                 f"{dev['overall']:.4f}" if "overall" in dev else "—", f"{s.get('trainable_params', 0):,}",
+                 f"{s['train_seconds']:.0f}", f"{speed:.1f}", " ".join(f"`{o}`" for o in overrides) or "—"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,123 @@
+"""One registry type for every name-chosen piece: tasks, schedules, weightings, techniques,
+augmentations, poolers, pair heads, checkpoint extensions and stages.
+
+A registry maps names to entries (classes, functions or objects). `build(name, *args, **options)`
+checks the options against the entry's signature first, so a typo is an error, not a silent
+default. Users add entries from outside the package in two ways:
+- an import path in the config, `my_package.module:Name`, wherever a name is expected: the module
+  is imported and `Name` is registered under that path;
+- a Python entry point in the group `mtbert.<kind>s` (e.g. `mtbert.weightings`), loaded the
+  first time a name is not found.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from importlib.metadata import entry_points
+from typing import Any, Callable, Generic, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str, hint: str = ""):
+        self.kind = kind                    # "weighting": used in messages and the entry-point group
+        self.hint = hint                    # appended to the unknown-name error, e.g. "see `mtbert techniques`"
+        self._entries: dict[str, T] = {}
+        self._plugins_loaded = False
+
+    # ------------------------------------------------------------ registering
+    def register(self, entry: T | None = None, *, name: str | None = None):
+        """`@REG.register` (name from the entry's `name` attribute or __name__), `@REG.register(name="x")`,
+        or `REG.register(obj, name="x")`."""
+        def add(e: T) -> T:
+            key = name or getattr(e, "name", None) or getattr(e, "__name__", None)
+            if not key or not isinstance(key, str):
+                raise ValueError(f"cannot register a {self.kind} without a name: {e!r}")
+            if key in self._entries and self._entries[key] is not e:
+                raise ValueError(f"{self.kind} {key!r} is registered twice")
+            if isinstance(e, type) and "name" not in vars(e):
+                e.name = key  # classes know their registered name (logs, state keys)
+            self._entries[key] = e
+            return e
+        return add(entry) if entry is not None else add
+
+    # ------------------------------------------------------------ looking up
+    def get(self, name: str) -> T:
+        if name in self._entries:
+            return self._entries[name]
+        if isinstance(name, str) and ":" in name:  # my_package.module:Name
+            return self._import(name)
+        self._load_plugins()
+        if name in self._entries:
+            return self._entries[name]
+        hint = f" ({self.hint})" if self.hint else ""
+        raise ValueError(f"unknown {self.kind} {name!r}; choose from {sorted(self._entries)}{hint}")
+
+    def build(self, name: str, *args, **options) -> Any:
+        """Construct entry `name` with positional `args` (supplied by mtbert) and user `options`."""
+        factory = self.get(name)
+        check_options(factory, f"{self.kind} {name!r}", options, skip=len(args))
+        return factory(*args, **options)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def items(self):
+        return self._entries.items()
+
+    def values(self):
+        return self._entries.values()
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
+    # ------------------------------------------------------------ plug-ins
+    def _import(self, path: str) -> T:
+        module, _, attr = path.partition(":")
+        try:
+            entry = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"{self.kind} {path!r}: cannot import it ({e})") from e
+        self._entries.setdefault(path, entry)
+        return self._entries[path]
+
+    def _load_plugins(self) -> None:
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        for ep in entry_points(group=f"mtbert.{self.kind.replace(' ', '_')}s"):
+            if ep.name not in self._entries:
+                self._entries[ep.name] = ep.load()
+
+
+def check_options(factory: Callable, what: str, options: dict, skip: int = 0) -> None:
+    """Raise a clear error naming options that `factory` does not take (a typo must not be
+    ignored). The first `skip` positional parameters are supplied by mtbert, not the user."""
+    params = list(inspect.signature(factory).parameters.values())[skip:]  # a class's: without self
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    known = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"{what} got unknown options {unknown}; it takes {known or 'none'}")
+
+
+# Stages and commands that are techniques of the papers but not training-loop plug-ins
+# (contrastive pre-training, ensembles): name -> (summary, paper, usage). `mtbert techniques`
+# lists them. It lives here because both the training and the inference layers add to it.
+STAGES: Registry[tuple[str, str, str]] = Registry("stage")
+
+
+def register_stage(name: str, summary: str, paper: str, usage: str) -> None:
+    if name not in STAGES:
+        STAGES.register((summary, paper, usage), name=name)

@@ -1,0 +1,22 @@
+"""Opening a run directory, checkpoint or ensemble directory as a predictor."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mtbert.core.runtime import resolve_precision, select_device
+from mtbert.inference.ensemble import is_ensemble_dir, load_ensemble
+from mtbert.inference.predictor import BasePredictor, Predictor
+from mtbert.modeling.checkpoint import find_checkpoint, load_checkpoint
+
+
+def load_predictor(path: str | Path, device="auto", precision: str = "auto", batch_size: int = 128) -> BasePredictor:
+    """A Predictor for a run directory or checkpoint, an EnsemblePredictor for an ensemble directory."""
+    device = select_device(device) if isinstance(device, str) else torch.device(device)
+    amp = resolve_precision(precision, device)
+    if is_ensemble_dir(path):
+        return load_ensemble(path, device, amp, batch_size)
+    model, tok, cfg, meta = load_checkpoint(path, device=str(device))
+    return Predictor(model, tok, device, amp, batch_size, name=str(find_checkpoint(path)),
+                     data_dir=cfg.data.data_dir, meta=meta)

@@ -1,0 +1,172 @@
+"""Inference and dev metrics.
+
+Everything that turns examples into predictions goes through a predictor. `Predictor` wraps one
+model with its tokenizer and encodes examples its own way (tokenizer, cross or bi pairs);
+`EnsemblePredictor` averages several predictors' probabilities or scores task by task (see
+inference.ensemble). inference.loading opens either kind of run directory.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtbert.data.readers import EncodedDataset, Example, collate, encode_dataset, load_split
+from mtbert.core.runtime import autocast
+from mtbert.core.tasks import TaskSpec, get_task, with_overall
+
+
+@torch.inference_mode()
+def predict_dataset(model, ds: EncodedDataset, batch_size: int = 128, device=torch.device("cpu"),
+                    amp_dtype=None, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Predictions, probabilities/scores and raw logits for every example, in dataset order.
+    Examples are run sorted by length so each batch carries little padding."""
+    model.eval()
+    task = ds.task
+    order = sorted(range(len(ds)), key=ds.length)
+    preds, probs, logits_all = [None] * len(ds), [None] * len(ds), [None] * len(ds)
+    for s in range(0, len(order), batch_size):
+        idx = order[s: s + batch_size]
+        batch = collate(ds, idx, pad_id)
+        inputs = [{k: v.to(device) for k, v in x.items()} for x in batch["inputs"]]
+        with autocast(device, amp_dtype):
+            logits = model(task.name, inputs).float()
+        p, pr = task.kind.predict(logits).cpu().numpy(), task.kind.probabilities(logits).cpu().numpy()
+        lg = logits.cpu().numpy()
+        for j, i in enumerate(idx):
+            preds[i], probs[i], logits_all[i] = p[j], pr[j], lg[j]
+    return {"pred": np.array(preds), "prob": np.array(probs), "logits": np.array(logits_all)}
+
+
+# ---------------------------------------------------------------- predictors
+
+class BasePredictor:
+    """The predictor interface: `tasks` and `predict(task, examples)`.
+
+    `predict` returns numpy arrays in example order: "pred" (label or score), "prob" (class
+    probabilities, P(positive) for binary, the score for regression) and "logits" (raw outputs; for
+    an ensemble the log of the averaged probabilities), plus "score" (= pred) for score tasks.
+    `data_dir` is the run's configured data directory (None: the default), `meta` its meta.json."""
+
+    name: str = ""
+    data_dir: str | None = None
+    meta: dict = {}
+
+    @property
+    def tasks(self) -> list[str]:
+        raise NotImplementedError
+
+    def predict(self, task_name: str, examples: list[Example]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _check_task(self, task_name: str) -> None:
+        if task_name not in self.tasks:
+            raise KeyError(f"{self.name or 'this model'} has no task {task_name!r}; it has {self.tasks}")
+
+
+class Predictor(BasePredictor):
+    """One model and its tokenizer (None if only pre-encoded datasets are passed)."""
+
+    def __init__(self, model, tokenizer=None, device=torch.device("cpu"), amp_dtype=None, batch_size: int = 128,
+                 pad_id: int | None = None, name: str = "", data_dir: str | None = None, meta: dict | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.device, self.amp_dtype, self.batch_size = torch.device(device), amp_dtype, batch_size
+        self.pad_id = pad_id if pad_id is not None else (tokenizer.pad_id if tokenizer is not None else 0)
+        self.name, self.data_dir, self.meta = name, data_dir, meta or {}
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.model.tasks)
+
+    def encode(self, task_name: str, examples: list[Example]) -> EncodedDataset:
+        self._check_task(task_name)
+        if self.tokenizer is None:
+            raise ValueError("this predictor has no tokenizer: pass it encoded datasets (predict_encoded)")
+        return encode_dataset(self.model.tasks[task_name], examples, self.tokenizer,
+                              self.model.pair_encoding.get(task_name, "cross"))
+
+    def predict_encoded(self, ds: EncodedDataset) -> dict[str, np.ndarray]:
+        out = predict_dataset(self.model, ds, self.batch_size, self.device, self.amp_dtype, self.pad_id)
+        return ds.task.kind.with_score(out)
+
+    def predict(self, task_name: str, examples: list[Example]) -> dict[str, np.ndarray]:
+        return self.predict_encoded(self.encode(task_name, examples))
+
+
+def average_outputs(task: TaskSpec, outs: list[dict]) -> dict[str, np.ndarray]:
+    """Combine member outputs for one task by its kind's averaging rule (core.kinds); a single
+    member's outputs are returned unchanged."""
+    if not outs:
+        raise ValueError(f"task {task.name}: no member outputs to average")
+    if len(outs) == 1:
+        return dict(outs[0])
+    return task.kind.average([o["prob"] for o in outs])
+
+
+class EnsemblePredictor(BasePredictor):
+    """Several predictors; task t averages the outputs of the members listed in task_members[t].
+    Each member encodes the examples itself, so members may differ in tokenizer, pair encoding and
+    heads."""
+
+    def __init__(self, members: dict[str, BasePredictor], task_members: dict[str, list[str]], name: str = "",
+                 data_dir: str | None = None, meta: dict | None = None):
+        for task, names in task_members.items():
+            if not names:
+                raise ValueError(f"ensemble task {task}: no members")
+            for m in names:
+                if m not in members:
+                    raise ValueError(f"ensemble task {task}: unknown member {m!r}")
+                members[m]._check_task(task)
+        self.members, self.task_members = members, {t: list(v) for t, v in task_members.items()}
+        self.name, self.data_dir, self.meta = name, data_dir, meta or {}
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.task_members)
+
+    def member_outputs(self, task_name: str, examples: list[Example]) -> dict[str, dict]:
+        self._check_task(task_name)
+        return {m: self.members[m].predict(task_name, examples) for m in self.task_members[task_name]}
+
+    def predict(self, task_name: str, examples: list[Example]) -> dict[str, np.ndarray]:
+        outs = self.member_outputs(task_name, examples)
+        return average_outputs(get_task(task_name), list(outs.values()))
+
+
+# ---------------------------------------------------------------- metrics
+
+def score_outputs(outputs: dict[str, dict], examples: dict[str, list[Example]]) -> dict[str, float]:
+    """Metric per task (+ overall when sst, qqp and sts are all present) from predictor outputs."""
+    metrics = {}
+    for name, out in outputs.items():
+        gold = np.array([e.label for e in examples[name]])
+        metrics[name] = get_task(name).metric(out["pred"], gold)
+    return with_overall(metrics)
+
+
+def evaluate_examples(predictor: BasePredictor, examples: dict[str, list[Example]]) -> tuple[dict[str, float], dict]:
+    """Metrics and raw outputs of any predictor on labelled examples per task."""
+    outputs = {name: predictor.predict(name, ex) for name, ex in examples.items()}
+    return score_outputs(outputs, examples), outputs
+
+
+def metrics_for(model, datasets: dict[str, EncodedDataset], **kw) -> tuple[dict[str, float], dict]:
+    """Metric per task (+ overall when sst, qqp and sts are all present) and the raw outputs.
+    `model` is a MultitaskModel with `datasets` encoded for it (**kw: predict_dataset's batch_size,
+    device, amp_dtype, pad_id), or a predictor, which encodes the datasets' examples itself."""
+    if isinstance(model, BasePredictor):
+        return evaluate_examples(model, {n: d.examples if isinstance(d, EncodedDataset) else d
+                                         for n, d in datasets.items()})
+    predictor = Predictor(model, **kw)
+    outputs = {name: predictor.predict_encoded(ds) for name, ds in datasets.items()}
+    return score_outputs(outputs, {name: ds.examples for name, ds in datasets.items()}), outputs
+
+
+def load_examples(tasks, data_dir, split: str, limit=None) -> dict[str, list[Example]]:
+    return {name: load_split(get_task(name), data_dir, split, limit)[0] for name in tasks}
+
+
+def encode_split(model, tokenizer, data_dir, split: str, limit=None) -> dict[str, EncodedDataset]:
+    predictor = Predictor(model, tokenizer)
+    return {name: predictor.encode(name, ex) for name, ex in load_examples(model.tasks, data_dir, split, limit).items()}

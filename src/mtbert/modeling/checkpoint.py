@@ -1,0 +1,146 @@
+"""Building a model from a config, and saving / loading run checkpoints atomically.
+
+A checkpoint directory holds model.safetensors (encoder + heads), model.json (encoder config and
+head options), tokenizer.json, config.yaml (the full run config) and meta.json (step, metrics);
+a run's resumable state (RUN_DIR/last) adds train_state.pt (optimizer, generators, ...). It is
+written to a temporary sibling and swapped in with renames, so a crash never leaves a half-written
+checkpoint: at worst `best.old` (`last.old`) survives and is loaded instead. A failed write (full
+disk) removes the temporary copy and leaves the previous checkpoint as it was.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from mtbert.core.config import Config, load_config
+from mtbert.core.errors import CheckpointError
+from mtbert.core.tasks import get_task
+from mtbert.data.tokenizer import BertTokenizer
+from mtbert.modeling.adapters import EXTENSIONS, merge_lora
+from mtbert.modeling.encoder import BertConfig, BertModel, default_backbone_dir, load_hf_bert, load_state_checked
+from mtbert.modeling.model import MultitaskModel
+
+
+def resolve_backbone(name: str) -> Path:
+    return default_backbone_dir() if name in ("default", "", None) else Path(name)
+
+
+def load_encoder(backbone: str) -> tuple[BertModel, Path]:
+    """A Hugging Face BERT directory, or one of our checkpoints (its encoder weights are reused)."""
+    path = resolve_backbone(backbone)
+    if not path.exists():
+        raise CheckpointError(f"backbone not found: {path}")
+    ours = find_checkpoint(path, required=False)
+    if ours is not None:
+        model, _, _, _ = load_checkpoint(ours)
+        if "lora_experts" in model.extensions:
+            raise CheckpointError(f"{ours} holds per-task LoRA experts: it has no single encoder to start from")
+        if "lora" in model.extensions:  # fold the adapters in: the new run starts from W0 + (α/r) B A
+            merge_lora(model.encoder)
+        return model.encoder.requires_grad_(True), ours
+    return load_hf_bert(path), path
+
+
+def build_model(cfg: Config) -> tuple[MultitaskModel, BertTokenizer]:
+    tasks = [get_task(t) for t in cfg.data.tasks]
+    backbone_dir = resolve_backbone(cfg.model.backbone)
+    if cfg.model.tiny is not None:  # random init (tests, benchmarks); tokenizer from the backbone dir
+        encoder = BertModel(BertConfig.from_dict(cfg.model.tiny))
+        tok_dir = backbone_dir
+    else:
+        encoder, tok_dir = load_encoder(cfg.model.backbone)
+    tokenizer = BertTokenizer.from_dir(tok_dir, max_length=cfg.model.max_length)
+    if cfg.model.max_length > encoder.config.max_position_embeddings:
+        raise ValueError(f"model.max_length {cfg.model.max_length} exceeds the encoder's "
+                         f"{encoder.config.max_position_embeddings} positions")
+    model = MultitaskModel(encoder, tasks, cfg.model.pair_encoding, cfg.model.bi_head,
+                           cfg.model.pooling, cfg.model.dropout, cfg.model.shared_pair_layer)
+    return model, tokenizer
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=float))
+
+
+def save_checkpoint(directory: str | Path, model: MultitaskModel, tokenizer: BertTokenizer, cfg: Config,
+                    meta: dict, extra_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a complete checkpoint into `directory`, replacing any previous one atomically."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    try:
+        state, seen = {}, set()
+        for k, v in model.state_dict().items():
+            if v.data_ptr() not in seen:  # tied parameters are stored once (safetensors requires it)
+                seen.add(v.data_ptr())
+                state[k] = v.detach().contiguous().cpu()
+        save_file(state, str(tmp / "model.safetensors"))
+        _write_json(tmp / "model.json", {"encoder": model.encoder.config.to_dict(),
+                                         "tasks": list(model.tasks), "pair_encoding": model.pair_encoding,
+                                         "bi_head": model.bi_head, "pooling": model.pooling,
+                                         "shared_pair_layer": model.shared_pair_layer,
+                                         "dropout": cfg.model.dropout, "extensions": model.extensions})
+        tokenizer.save(tmp)
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        _write_json(tmp / "meta.json", meta)
+        if extra_state:
+            torch.save(extra_state, tmp / "train_state.pt")
+        old = directory.with_name(directory.name + ".old")
+        if directory.exists():
+            shutil.rmtree(old, ignore_errors=True)  # stale: `directory` is newer
+            os.replace(directory, old)
+        # (without `directory`, an existing .old is the only copy: it goes only once the new one is in place)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # full disk, lost permissions: say which checkpoint, and that none is lost
+            err = OSError(f"could not save checkpoint {directory} ({e}); the previous {directory.name}/ is kept")
+            err.errno = e.errno
+            raise err from e
+        raise
+    return directory
+
+
+def find_checkpoint(path: str | Path, required: bool = True) -> Path | None:
+    """A checkpoint dir itself, or a run dir's best/ (falling back to best.old after a crash)."""
+    path = Path(path)
+    for cand in (path, path / "best", path / "best.old"):
+        if (cand / "model.json").exists() and (cand / "model.safetensors").exists():
+            return cand
+    if required:
+        raise CheckpointError(f"no mtbert checkpoint in {path} (expected model.json + model.safetensors, "
+                              f"or a run directory with best/)")
+    return None
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu"):
+    """-> (model, tokenizer, config, meta) with heads and options restored."""
+    ckpt = find_checkpoint(path)
+    try:
+        spec = json.loads((ckpt / "model.json").read_text())
+        cfg = load_config(None, base=yaml.safe_load((ckpt / "config.yaml").read_text()))
+        meta = json.loads((ckpt / "meta.json").read_text()) if (ckpt / "meta.json").exists() else {}
+        state = load_file(str(ckpt / "model.safetensors"), device=device)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"corrupt checkpoint {ckpt}: {e}") from e
+    encoder = BertModel(BertConfig.from_dict(spec["encoder"]))
+    model = MultitaskModel(encoder, [get_task(t) for t in spec["tasks"]], spec["pair_encoding"],
+                           spec["bi_head"], spec["pooling"], spec["dropout"], spec.get("shared_pair_layer", 0))
+    for name, ext in spec.get("extensions", {}).items():
+        if name not in EXTENSIONS:
+            raise CheckpointError(f"{ckpt} was trained with technique {name!r}, unknown to this mtbert")
+        EXTENSIONS[name](model, ext)
+        model.extensions[name] = ext
+    load_state_checked(model, state, str(ckpt))
+    tokenizer = BertTokenizer.from_dir(ckpt, max_length=cfg.model.max_length)
+    return model.to(device).eval(), tokenizer, cfg, meta

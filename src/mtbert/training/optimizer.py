@@ -1,0 +1,95 @@
+"""The optimizer set-up shared by fine-tuning and contrastive pre-training: AdamW parameter
+groups (no weight decay on biases and LayerNorm weights), linear warm-up then linear decay, and
+one update step with fp16 loss scaling and gradient clipping."""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+NO_DECAY = ("bias", "norm.weight")
+
+
+def parameter_groups(model: nn.Module, lr: float, head_lr: float | None = None,
+                     extra: nn.Module | None = None, extra_lr: float | None = None) -> list[dict]:
+    """Encoder parameters at `lr`, everything else of `model` (heads, poolers) at `head_lr`
+    (default `lr`), each split into decayed and not decayed; `extra` (a learned loss weighting)
+    at `extra_lr` without decay. Each group lists its parameter names (for llrd). Frozen
+    parameters are left out, and so are empty groups."""
+    groups = []
+    everything = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    encoder = [(n[len("encoder."):], p) for n, p in everything if n.startswith("encoder.")]
+    rest = [(n, p) for n, p in everything if not n.startswith("encoder.")]
+    for named, group_lr in ((encoder, lr), (rest, head_lr or lr)):
+        decay = [(n, p) for n, p in named if not n.endswith(NO_DECAY)]
+        no_decay = [(n, p) for n, p in named if n.endswith(NO_DECAY)]
+        groups.append({"params": [p for _, p in decay], "lr": group_lr, "names": [n for n, _ in decay]})
+        groups.append({"params": [p for _, p in no_decay], "lr": group_lr, "weight_decay": 0.0,
+                       "names": [n for n, _ in no_decay]})
+    if extra is not None and any(True for _ in extra.parameters()):
+        groups.append({"params": list(extra.parameters()), "lr": extra_lr or lr, "weight_decay": 0.0,
+                       "names": ["weighting"]})
+    return groups
+
+
+def non_empty(groups: list[dict]) -> list[dict]:
+    return [g for g in groups if g["params"]]
+
+
+def warmup_linear_decay(optimizer: torch.optim.Optimizer, warmup_steps: int,
+                        total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr · (s + 1) / warm-up for the first steps, then linearly down to 0 at `total_steps`."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / max(warmup_steps, 1) if s < warmup_steps
+        else max(0.0, (total_steps - s) / max(total_steps - warmup_steps, 1)))
+
+
+class Updater:
+    """One optimizer update: unscale (fp16), clip, step, and advance the LR schedule only if the
+    step was really taken (an fp16 overflow skips it and lowers the scale)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler, amp_dtype: torch.dtype | None,
+                 clip_norm: float | None, clip_params: Callable[[], Iterable[torch.Tensor]]):
+        self.optimizer, self.scheduler, self.clip_norm, self.clip_params = optimizer, scheduler, clip_norm, clip_params
+        self.scaler = torch.amp.GradScaler(enabled=amp_dtype is torch.float16)
+
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss)
+
+    def step(self) -> bool:
+        self.scaler.unscale_(self.optimizer)
+        if self.clip_norm:
+            torch.nn.utils.clip_grad_norm_(self.clip_params(), self.clip_norm)
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        taken = self.scaler.get_scale() >= scale  # a lowered scale means fp16 overflow: step skipped
+        if taken:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return taken
+
+    def scale_lr(self, factor: float) -> None:
+        """Multiply every learning rate by `factor` from now on (the plateau rule)."""
+        if factor != 1.0:
+            # LambdaLR multiplies base_lrs by the warm-up/decay factor, so scaling them scales the lr
+            self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:  # empty when loss scaling is off
+            self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,92 @@
+"""The resumable training state in RUN_DIR/last: finding it, saving it, loading it.
+
+At each evaluation (and every `train.save_every` steps) a run saves everything besides the
+code that the rest of the run depends on: the weights, optimizer, LR schedule and loss scaler,
+learned loss weights, technique state, the data generator and each task's remaining batches, the
+global random generators of every rank, counters, the best score and the metrics history. On CPU
+a resumed run ends bit-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mtbert.core.config import Config, load_config
+from mtbert.core.runtime import rng_state, set_rng_state
+from mtbert.modeling.checkpoint import save_checkpoint
+from mtbert.modeling.encoder import load_state_checked
+
+FORMAT = 1
+COUNTERS = ("step", "epoch", "best_score", "last_recorded_step", "examples_seen", "loss_sums", "loss_counts")
+
+
+def capture(trainer) -> dict:
+    """Everything besides the model weights that the rest of the run depends on. Collective
+    under torchrun (the ranks' generators are gathered), so every rank calls it."""
+    return {"format": FORMAT, **{k: getattr(trainer, k) for k in COUNTERS},
+            "elapsed_s": time.time() - trainer.t0,
+            # as JSON: metric values of any float type, and weights_only loading accepts it
+            "log": json.dumps({"history": trainer.history, "best_metrics": trainer.best_metrics}),
+            **trainer.updater.state_dict(), "weighting": trainer.weighting.state_dict(),
+            "data_rng": trainer.rng.getstate(), "streams": {t: s.state_dict() for t, s in trainer.streams.items()},
+            "techniques": {tech.name: tech.state_dict() for tech in trainer.techniques},
+            "rng": trainer.dist.gather_objects(rng_state())}  # per rank: each draws its own dropout masks
+
+
+def save(trainer) -> None:
+    state = capture(trainer)
+    if trainer.dist.main:
+        save_checkpoint(trainer.out / "last", trainer.model, trainer.tokenizer, trainer.cfg,
+                        {"step": trainer.step, "epoch": trainer.epoch, "resumable": True}, extra_state=state)
+
+
+def restore(trainer, directory: Path) -> None:
+    """Load RUN_DIR/last into a freshly built trainer (same config, so same structure)."""
+    try:
+        state = torch.load(directory / "train_state.pt", map_location="cpu", weights_only=True)
+        weights = load_file(str(directory / "model.safetensors"), device="cpu")
+    except Exception as e:
+        raise ValueError(f"cannot resume from {directory}: {e}") from e
+    load_state_checked(trainer.model, weights, str(directory))
+    trainer.updater.load_state_dict(state)
+    trainer.weighting.load_state_dict(state["weighting"])
+    for tech in trainer.techniques:
+        tech.load_state_dict(state["techniques"].get(tech.name, {}))
+    for t, s in trainer.streams.items():
+        s.load_state_dict(state["streams"][t])
+    trainer.rng.setstate(state["data_rng"])
+    for key in COUNTERS:
+        setattr(trainer, key, state[key])
+    log_ = json.loads(state["log"])
+    trainer.history, trainer.best_metrics = log_["history"], log_["best_metrics"]
+    trainer.elapsed = state["elapsed_s"]
+    rngs, dist = state["rng"], trainer.dist
+    set_rng_state(rngs[dist.rank] if len(rngs) == dist.world else rngs[0])
+    if len(rngs) != dist.world and dist.world > 1:  # another world size: fresh dropout streams
+        torch.manual_seed(trainer.cfg.train.seed + trainer.step + dist.rank)
+
+
+def find_state(run_dir: str | Path) -> Path:
+    """RUN_DIR/last (or last.old, left by a crash between the two renames of a save)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "summary.json").exists():
+        raise ValueError(f"{run_dir} already finished (summary.json exists): nothing to resume")
+    for cand in (run_dir / "last", run_dir / "last.old"):
+        if (cand / "train_state.pt").exists() and (cand / "model.safetensors").exists():
+            return cand
+    if not (run_dir / "config.yaml").exists():
+        raise ValueError(f"{run_dir} is not a run directory (no config.yaml)")
+    raise ValueError(f"{run_dir} has no resumable state ({run_dir}/last is missing: the run stopped before "
+                     "its first evaluation or save); start it again without --resume")
+
+
+def resume_config(run_dir: str | Path, data_dir: str | None = None) -> Config:
+    """The config the run was started with (RUN_DIR/config.yaml, as saved with its state);
+    `data_dir` only says where the data is now."""
+    raw = yaml.safe_load((find_state(run_dir) / "config.yaml").read_text())
+    return load_config(None, [f"data.data_dir={data_dir}"] if data_dir else [], base=raw)

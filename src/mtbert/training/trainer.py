@@ -1,0 +1,298 @@
+"""The training loop: one shared encoder, per-task heads, a task schedule and a loss weighting.
+
+Everything optional (adversarial or proximal regularisers, adapters, learning-rate rules, ...)
+is a technique plug-in called at fixed hooks with a small StepContext, and gradient surgery is
+the one gradient-combiner slot, so this loop stays short.
+
+Resuming: at each evaluation (and every `train.save_every` steps) the complete training state goes
+to RUN_DIR/last (training.state); `train(..., resume=True)` continues from it exactly. Under
+torchrun the ranks share one global batch (see core.distributed and training.streams).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from mtbert.core.config import Config, resolve_data_dir
+from mtbert.core.distributed import Dist, process_group
+from mtbert.core.io import atomic_write_text
+from mtbert.core.runtime import autocast, resolve_precision, select_device, set_seed, set_threads
+from mtbert.core.tasks import get_task, selection_score
+from mtbert.data.readers import encode_dataset, load_split
+from mtbert.inference.predictor import metrics_for
+from mtbert.modeling.checkpoint import build_model, save_checkpoint
+from mtbert.training import state
+from mtbert.training.gradients import per_task_gradients, set_flat_grad
+from mtbert.training.optimizer import Updater, non_empty, parameter_groups, warmup_linear_decay
+from mtbert.training.pretrain import pretrained_start
+from mtbert.training.schedules import build_schedule
+from mtbert.training.streams import TaskStream
+from mtbert.training.techniques import StepContext, build_techniques, gradient_combiner
+from mtbert.training.weightings import build_weighting
+
+log = logging.getLogger("mtbert")
+
+
+class Trainer:
+    def __init__(self, cfg: Config, out_dir: str | Path, dist: Dist | None = None, resume: bool = False):
+        self.cfg, self.out, self.dist = cfg, Path(out_dir), dist or Dist()
+        state_dir = state.find_state(self.out) if resume else None
+        if self.dist.main:
+            _ensure_writable(self.out)
+        tc = cfg.train
+        set_seed(tc.seed)
+        set_threads(tc.threads)
+        self.rng = random.Random(tc.seed)
+        self.device = self.dist.device(select_device(tc.device))
+        self.amp_dtype = resolve_precision(tc.precision, self.device)
+        self.data_dir = resolve_data_dir(cfg.data.data_dir)
+        if cfg.pretrain.enabled and self.dist.world > 1:
+            raise ValueError("pretrain.enabled is single-process: run `mtbert pretrain` first, then train from "
+                             "it with model.backbone=STAGE_DIR")
+        # Contrastive stage first (mtbert.pretrain). A resumed run skips it: every weight comes from
+        # RUN_DIR/last, and the architecture is the backbone's either way.
+        if cfg.pretrain.enabled and not resume:
+            self.model, self.tokenizer = build_model(pretrained_start(cfg, self.out / "pretrain"))
+        else:
+            self.model, self.tokenizer = build_model(cfg)
+        self.techniques = build_techniques(cfg.techniques)
+        self.combiner = gradient_combiner(self.techniques)
+        for tech in self.techniques:
+            tech.prepare_model(self.model, cfg.model.finetune)
+        self.model.to(self.device)
+        if tc.compile:  # in place, so parameter names (checkpoints, optimizer state) stay the same
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            if tc.compile not in backends:
+                raise ValueError(f"train.compile must be a torch.compile backend ({', '.join(backends)}), "
+                                 f"got {tc.compile!r}")
+            self.model.encoder.compile(backend=tc.compile, dynamic=True)
+        self.tasks = [get_task(t) for t in cfg.data.tasks]
+        variants = [t.name for t in self.tasks if getattr(t, "variant_of", None) in cfg.data.tasks]
+        if variants or len(set(cfg.data.tasks)) != len(cfg.data.tasks):
+            raise ValueError(f"data.tasks lists a task twice (or with its variant {variants}): {cfg.data.tasks}")
+        self.train_sets, self.dev_sets = self._load("train"), self._load("dev")
+        self.streams = {t: TaskStream(ds, cfg.data.batch_size, cfg.data.bucket, self.rng, self.tokenizer.pad_id,
+                                      self.dist.rank, self.dist.world)
+                        for t, ds in self.train_sets.items()}
+        self.schedule = build_schedule(tc.schedule, **tc.schedule_args)
+        self.weighting = build_weighting(tc.weighting, self.tasks, **tc.weighting_args).to(self.device)
+        self.plans = [self.schedule.plan({t: s.batches_per_pass for t, s in self.streams.items()},
+                                         e, tc.epochs, self.rng) for e in range(tc.epochs)]
+        self.total_steps = sum(len(p) for p in self.plans)
+        if tc.max_steps:
+            self.total_steps = min(self.total_steps, tc.max_steps)
+        if cfg.model.finetune == "frozen":
+            for p in self.model.encoder.parameters():
+                p.requires_grad_(False)
+        elif cfg.model.finetune != "full":
+            raise ValueError(f"model.finetune must be 'full' or 'frozen', got {cfg.model.finetune!r}")
+        groups = parameter_groups(self.model, tc.lr, tc.head_lr, self.weighting, self.weighting.lr)
+        for tech in self.techniques:
+            groups = tech.param_groups(self.model, groups)
+        optimizer = torch.optim.AdamW(non_empty(groups), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.updater = Updater(optimizer, warmup_linear_decay(optimizer, int(tc.warmup_ratio * self.total_steps),
+                                                              self.total_steps),
+                               self.amp_dtype, tc.clip_norm, self.model.parameters)
+        self.grad_params = [p for g in optimizer.param_groups for p in g["params"]]
+        if self.combiner is not None:  # per-task gradients on these, ordinary ones on the rest
+            self.shared = self.model.shared_parameters()
+            if not self.shared:
+                raise ValueError(f"{self.combiner.name} needs a trainable shared encoder (model.finetune=full)")
+            shared_ids = {id(p) for p in self.shared}
+            self.private = [p for p in self.grad_params if id(p) not in shared_ids]
+        self.step, self.epoch, self.best_score, self.best_metrics, self.last_recorded_step = 0, 0, -math.inf, {}, None
+        self.examples_seen, self.elapsed, self.history = 0, 0.0, []
+        self.loss_sums = {t.name: 0.0 for t in self.tasks}  # training losses since the last evaluation
+        self.loss_counts = dict.fromkeys(self.loss_sums, 0)
+        self.dist.broadcast_module_(self.model)
+        self.dist.broadcast_module_(self.weighting)
+        if self.dist.world > 1:  # same weights on every rank, but each its own dropout masks
+            torch.manual_seed(tc.seed + self.dist.rank)
+        self.ctx = StepContext(self.model, self.total_steps, self.device, self.tokenizer, self.train_sets,
+                               tc.seed, self.autocast)
+        for tech in self.techniques:
+            tech.setup(self.ctx)
+        if state_dir is not None:
+            state.restore(self, state_dir)
+            self.ctx.step = self.step
+            log.info("resumed %s at step %d of %d", self.out, self.step, self.total_steps)
+
+    def parameter_counts(self) -> dict[str, int]:
+        params = list(self.model.parameters()) + list(self.weighting.parameters())
+        return {"trainable_params": sum(p.numel() for p in params if p.requires_grad),
+                "total_params": sum(p.numel() for p in params)}
+
+    def _load(self, split):
+        sets = {}
+        for task in self.tasks:
+            examples, _ = load_split(task, self.data_dir, split, self.cfg.data.limit)
+            if split == "train" and self.cfg.data.train_fraction < 1.0:
+                # a seeded subset keeps the tasks' relative sizes, so schedules behave as at full size
+                keep = max(1, round(len(examples) * self.cfg.data.train_fraction))
+                examples = random.Random(self.cfg.train.seed).sample(examples, keep)
+            if not examples:
+                raise ValueError(f"task {task.name}: no usable {split} examples")
+            sets[task.name] = encode_dataset(task, examples, self.tokenizer, self.model.pair_encoding[task.name])
+        return sets
+
+    def to_device(self, batch):
+        return {**batch, "inputs": [{k: v.to(self.device) for k, v in x.items()} for x in batch["inputs"]],
+                "labels": batch["labels"].to(self.device)}
+
+    def autocast(self):
+        return autocast(self.device, self.amp_dtype)
+
+    def task_loss(self, task: str, batch: dict) -> torch.Tensor:
+        with self.autocast():
+            logits = self.model(task, batch["inputs"])
+        loss = self.model.tasks[task].kind.loss(logits, batch["labels"])
+        for tech in self.techniques:
+            loss = tech.task_loss(self.ctx, task, batch, logits, loss)
+        return loss
+
+    def backward(self, weighted: dict[str, torch.Tensor], total: torch.Tensor) -> None:
+        """Back-propagate the step's loss and average the gradients across ranks. With a gradient
+        combiner and several tasks, the shared parameters get the combination of the per-task
+        gradients (global ones under torchrun, so every rank combines the same), the rest the
+        ordinary gradient of the total."""
+        if self.combiner is None or len(weighted) < 2:
+            self.updater.scale(total).backward()
+            if self.dist.world > 1:
+                self.dist.average_grads(self.grad_params)
+            return
+        terms = [self.weighting({t: l}) for t, l in weighted.items()]  # every weighting is a sum of these
+        flat = per_task_gradients([self.updater.scale(term) for term in terms], self.shared)
+        if self.dist.world > 1:
+            flat = self.dist.average_(flat)
+        combined = self.combiner.combine(list(flat))
+        del flat
+        private = [p for p in self.private if p.requires_grad]
+        if private:
+            torch.autograd.backward(self.updater.scale(sum(terms)), inputs=private)
+        set_flat_grad(self.shared, combined)
+        if self.dist.world > 1:
+            self.dist.average_grads(self.private)
+
+    def train_step(self, tasks: list[str]) -> dict[str, float]:
+        self.model.train()
+        self.ctx.loss_scale = self.updater.loss_scale
+        batches = {t: self.to_device(next(self.streams[t])) for t in tasks}
+        self.examples_seen += sum(b.get("global_size", len(b["labels"])) for b in batches.values())
+        losses = {t: self.task_loss(t, b) for t, b in batches.items()}
+        weighted = losses
+        if self.dist.world > 1:  # see TaskStream; every weighting is affine in each task loss
+            weighted = {t: l * batches[t]["share"] for t, l in losses.items()}
+        self.backward(weighted, self.weighting(weighted))
+        self.updater.step()
+        self.step += 1
+        self.ctx.step = self.step
+        for tech in self.techniques:
+            tech.after_step(self.ctx)
+        return {t: float(l.detach()) for t, l in losses.items()}
+
+    def evaluate(self) -> dict[str, float]:
+        metrics, _ = metrics_for(self.model, self.dev_sets, batch_size=self.cfg.data.eval_batch_size,
+                                 device=self.device, amp_dtype=self.amp_dtype, pad_id=self.tokenizer.pad_id)
+        return metrics
+
+    def _record(self) -> dict:
+        """Evaluate (main rank; the others get its metrics), log a metrics row, keep the best
+        checkpoint and save the resumable state."""
+        self.last_recorded_step = self.step
+        metrics = self.dist.broadcast_object(self.evaluate() if self.dist.main else None)
+        sums, counts = self.loss_sums, self.loss_counts
+        train_loss = self.dist.average_floats({t: sums[t] / counts[t] for t in sums if counts[t]})
+        self.loss_sums, self.loss_counts = dict.fromkeys(sums, 0.0), dict.fromkeys(sums, 0)
+        score = selection_score(metrics)
+        for tech in self.techniques:
+            self.updater.scale_lr(tech.on_eval(score, sum(train_loss.values())))
+        row = {"epoch": self.epoch, "step": self.step, "elapsed_s": round(time.time() - self.t0, 1),
+               "train_loss": train_loss,
+               "lr": self.updater.lr, "task_weights": self.weighting.weights(), "dev": metrics}
+        self.history.append(row)
+        if self.dist.main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if score > self.best_score:
+                save_checkpoint(self.out / "best", self.model, self.tokenizer, self.cfg,
+                                {"step": self.step, "epoch": self.epoch, "dev": metrics})
+            log.info("epoch %d step %d dev %s", self.epoch, self.step, {k: round(v, 4) for k, v in metrics.items()})
+        if score > self.best_score:
+            self.best_score, self.best_metrics = score, metrics
+        if self.step < self.total_steps:  # the final state is never resumed: the run is over
+            state.save(self)
+        return row
+
+    def _over_budget(self) -> bool:
+        budget = self.cfg.train.time_budget_min
+        if budget is None:
+            return False
+        return self.dist.any(time.time() - self.t0 > 60 * budget)  # ranks must stop together
+
+    def run(self) -> dict:
+        if self.dist.main:
+            atomic_write_text(self.out / "config.yaml", _yaml(self.cfg))
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            if self.history:  # resumed: the saved rows, without any logged after the saved state
+                atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        self.t0 = time.time() - self.elapsed
+        eval_every, save_every = self.cfg.train.eval_every, self.cfg.train.save_every
+        show = self.cfg.train.progress and self.dist.main
+        for epoch in range(self.epoch, len(self.plans)):
+            self.epoch = epoch
+            begin = sum(len(p) for p in self.plans[:epoch])
+            plan = self.plans[epoch][self.step - begin: self.total_steps - begin]  # resumed: the rest
+            bar = tqdm(plan, desc=f"epoch {epoch}", disable=not show, dynamic_ncols=True)
+            for i, tasks in enumerate(bar):
+                for t, l in self.train_step(tasks).items():
+                    self.loss_sums[t] += l
+                    self.loss_counts[t] += 1
+                sums, counts = self.loss_sums, self.loss_counts
+                bar.set_postfix({t: f"{sums[t] / counts[t]:.3f}" for t in sums if counts[t]})
+                if eval_every and self.step % eval_every == 0 and self.step < self.total_steps:
+                    self._record()
+                elif save_every and self.step % save_every == 0 and i < len(plan) - 1:  # (epoch ends record)
+                    state.save(self)
+                if self._over_budget():
+                    break
+            if self.last_recorded_step != self.step:
+                self._record()
+            if self.step >= self.total_steps or self._over_budget():
+                break
+        summary = {"best_dev": self.best_metrics, "steps": self.step,
+                   "train_seconds": round(time.time() - self.t0, 1), "examples_seen": self.examples_seen,
+                   **self.parameter_counts()}
+        if self.dist.main:
+            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+            for d in ("last", "last.old"):  # finished: the resumable state is no longer needed
+                shutil.rmtree(self.out / d, ignore_errors=True)
+        return summary
+
+
+def _yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def _ensure_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"output directory {out} is not writable: {e}") from e
+
+
+def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
+    """Train (or with `resume`, continue the run in `out_dir`); under torchrun, as one of its ranks."""
+    with process_group(cfg.train.device) as dist:
+        return Trainer(cfg, out_dir, dist, resume).run()
