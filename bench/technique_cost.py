@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from mtbert.config import load_config
-from mtbert.train import Trainer
+from mtbert.core.config import load_config
+from mtbert.training.trainer import Trainer
 
 VARIANTS = {
     "plain": [],

@@ -20,11 +20,11 @@ import time
 
 import torch
 
-from mtbert.checkpoint import build_model
-from mtbert.config import load_config, resolve_data_dir
-from mtbert.data import collate, encode_dataset, load_split
-from mtbert.encoder import default_backbone_dir
-from mtbert.tasks import get_task
+from mtbert.modeling.checkpoint import build_model
+from mtbert.core.config import load_config, resolve_data_dir
+from mtbert.data.readers import collate, encode_dataset, load_split
+from mtbert.modeling.encoder import default_backbone_dir
+from mtbert.core.tasks import get_task
 
 
 class HFEncoder(torch.nn.Module):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from mtbert.core.config import resolve_data_dir
 from mtbert.core.runtime import autocast
@@ -134,7 +135,6 @@ def tsne_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:
     """2-D t-SNE. One OpenMP thread: on a busy machine sklearn's threaded Barnes-Hut spins and runs
     10x slower (500 points: ~3 s single-threaded)."""
     from sklearn.manifold import TSNE
-    from threadpoolctl import threadpool_limits
     perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))
     with threadpool_limits(1):
         return TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",

@@ -28,6 +28,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import uvicorn
 import yaml
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
@@ -348,7 +349,6 @@ def create_app(predictor_or_run_dir: BasePredictor | str | Path, *, max_items: i
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, **app_options) -> None:
     """Load the model, then serve it with uvicorn until interrupted."""
-    import uvicorn
     app = create_app(run_dir, **app_options)
     print(f"serving {run_dir} on http://{host}:{port}/  (API docs: /docs)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")

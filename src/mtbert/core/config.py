@@ -5,6 +5,7 @@ Unknown keys are an error (a typo must not silently train the wrong model).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     techniques: dict = field(default_factory=dict)   # name -> options; see `mtbert techniques`
+    plugins: list = field(default_factory=list)      # modules to import first: they register their own
+                                                     # tasks, schedules, weightings, techniques, ...
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -158,7 +161,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     for item in overrides:
         k, v = parse_override(item)
         _set_path(raw, k, v)
-    return _validate(_fill(Config, raw, ""))
+    cfg = _validate(_fill(Config, raw, ""))
+    import_plugins(cfg.plugins)
+    return cfg
+
+
+def import_plugins(modules: list[str]) -> None:
+    """Import the user's modules named in `plugins:`; their registrations take effect on import."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"plugins: cannot import {name!r} ({e}); is it on PYTHONPATH?") from e
 
 
 def _validate(cfg: "Config") -> "Config":

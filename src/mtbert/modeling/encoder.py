@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from mtbert.core.errors import CheckpointError
 
@@ -157,7 +158,6 @@ def _read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     st, pt = directory / "model.safetensors", directory / "pytorch_model.bin"
     try:
         if st.exists():
-            from safetensors.torch import load_file
             return load_file(str(st))
         if pt.exists():
             return torch.load(pt, map_location="cpu", weights_only=True)

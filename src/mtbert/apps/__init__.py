@@ -1,0 +1,1 @@
+"""Applications: the command line, the HTTP server and page, the HTML report, the ablation runner."""

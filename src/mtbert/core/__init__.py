@@ -1,0 +1,1 @@
+"""Core: config, the registry type, output kinds, tasks and metrics, errors, atomic writes, runtime, distributed."""

@@ -1,0 +1,1 @@
+"""Data: file readers, batching, the tokenizer, text augmentations."""

@@ -1,0 +1,1 @@
+"""Modeling: the encoder, poolers, task heads, the multitask model, adapters, checkpoints."""

@@ -1,0 +1,1 @@
+"""Training: the trainer, optimizer set-up, task schedules, loss weightings, techniques, the resumable state, contrastive pre-training."""

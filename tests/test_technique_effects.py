@@ -1,0 +1,163 @@
+"""Each technique changes what it claims to change, compared with plain training from the same
+weights on the same batches; each preset switches on what its name says; same seed, same run."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtbert.core.config import load_config
+from mtbert.training.schedules import Biased, Interleaved
+from mtbert.training.techniques.pcgrad import project_conflicting
+from mtbert.training.trainer import Trainer
+from tests.conftest import TINY
+
+NO_DROPOUT = ["model.dropout=0",
+              "model.tiny={hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64, "
+              "hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}"]
+
+
+def _pair(tmp_path, tiny_cfg, spec: str, *overrides):
+    """A plain trainer and one with `spec`, same config otherwise (same weights, same batches)."""
+    plain = Trainer(tiny_cfg(*NO_DROPOUT, *overrides), tmp_path / "plain")
+    tech = Trainer(tiny_cfg(*NO_DROPOUT, f"techniques={spec}", *overrides), tmp_path / "tech")
+    return plain, tech
+
+
+def _loss_and_grads(tr: Trainer, batches: dict) -> tuple[float, torch.Tensor]:
+    """The weighted loss of one step and the encoder gradient it gives (no update)."""
+    tr.model.train()
+    tr.updater.optimizer.zero_grad(set_to_none=True)
+    losses = {t: tr.task_loss(t, b) for t, b in batches.items()}
+    total = tr.weighting(losses)
+    tr.backward(losses, total)
+    grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for n, p in tr.model.encoder.named_parameters() if "lora_" not in n])
+    tr.updater.optimizer.zero_grad(set_to_none=True)
+    return float(total.detach()), grad
+
+
+@pytest.mark.parametrize("spec, tasks", [
+    ("{smart: {weight: 1.0, epsilon: 1.0e-2, step_size: 1.0e-2}}", ["sst"]),
+    ("{bregman: {mu: 1.0, beta: 0.5}}", ["sst"]),
+    ("{uda: {weight: 1.0, beta: 0.0, tsa: null}}", ["sst"]),
+    ("{uda: {weight: 0, tsa: exp}}", ["sst"]),  # early on, exp TSA drops the confident examples
+    ("{pcgrad: {}}", ["sst", "qqp", "sts"]),
+    ("{lora: {rank: 4}}", ["sst"]),
+])
+def test_technique_changes_the_loss_or_the_gradients(tmp_path, tiny_cfg, spec, tasks):
+    plain, tech = _pair(tmp_path, tiny_cfg, spec)
+    tech_params = dict(tech.model.named_parameters())
+    for name, p in plain.model.named_parameters():
+        assert torch.equal(p, tech_params[name]), name  # same start (adapters aside)
+    # one ordinary step first, so that state-carrying techniques (Bregman's teacher) have state
+    plain.train_step(tasks)
+    tech.train_step(tasks)
+    batches = {t: plain.to_device(next(plain.streams[t])) for t in tasks}
+    assert all(torch.equal(batches[t]["indices"], tech.to_device(next(tech.streams[t]))["indices"]) for t in tasks)
+    # from plain's weights, so only the technique differs
+    tech.model.load_state_dict(plain.model.state_dict(), strict=False)
+    loss_p, grad_p = _loss_and_grads(plain, batches)
+    loss_t, grad_t = _loss_and_grads(tech, batches)
+    changed_loss = abs(loss_p - loss_t) > 1e-6
+    changed_grad = (grad_p - grad_t).abs().max().item() > 1e-6
+    assert changed_loss or changed_grad, f"{spec} changed neither the loss nor the gradients"
+
+
+def test_llrd_changes_the_update_not_the_gradient(tmp_path, tiny_cfg):
+    plain, tech = _pair(tmp_path, tiny_cfg, "{llrd: {decay: 0.5}}", "train.warmup_ratio=0")
+    lrs = {n: g["lr"] for g in tech.updater.optimizer.param_groups for n in g["names"]}
+    assert lrs["embeddings.word.weight"] < lrs["layers.1.ffn.up.weight"] < lrs["pooler.weight"]
+    before = plain.model.encoder.embeddings.word.weight.detach().clone()
+    plain.train_step(["sst"])
+    tech.train_step(["sst"])
+    moved_p = (plain.model.encoder.embeddings.word.weight - before).abs().max()
+    moved_t = (tech.model.encoder.embeddings.word.weight - before).abs().max()
+    assert 0 < moved_t < moved_p  # the bottom layer moves less
+
+
+def test_pcgrad_projects_two_conflicting_task_gradients(tmp_path, tiny_cfg):
+    """Real projection: the per-task gradients on the shared encoder conflict (negative inner
+    product), and the applied gradient is the projected sum, not the plain sum."""
+    tr = Trainer(tiny_cfg(*NO_DROPOUT, "techniques={pcgrad: {seed: 3}}", "data.tasks=[sst, sts]",
+                          "train.weighting_args={weights: {sts: -1.0}}"), tmp_path / "r")
+    # a negative weight on STS turns its gradient against SST's on most of the encoder
+    batches = {t: tr.to_device(next(tr.streams[t])) for t in ("sst", "sts")}
+    shared = tr.model.shared_parameters()
+    per_task = []
+    for t, b in batches.items():
+        tr.model.zero_grad()
+        tr.weighting({t: tr.task_loss(t, b)}).backward()
+        per_task.append(torch.cat([p.grad.reshape(-1) for p in shared]))
+    assert torch.dot(per_task[0], per_task[1]) < 0, "the two tasks must conflict for this test"
+    tr.model.zero_grad()
+    losses = {t: tr.task_loss(t, b) for t, b in batches.items()}
+    tr.backward(losses, tr.weighting(losses))
+    got = torch.cat([p.grad.reshape(-1) for p in shared])
+    projected = project_conflicting(per_task, random.Random(3))
+    assert torch.allclose(got, projected[0] + projected[1], atol=1e-6)
+    assert not torch.allclose(got, per_task[0] + per_task[1], atol=1e-4)  # surgery happened
+    for g in projected:  # after projection, neither conflicts with the other task's raw gradient
+        assert all(torch.dot(g, h) >= -1e-6 for h in per_task)
+
+
+def test_same_seed_same_run_and_training_changes_the_weights(tmp_path, tiny_cfg):
+    cfg = tiny_cfg("train.max_steps=4")
+    a = Trainer(cfg, tmp_path / "a")  # built and run one after the other: each seeds the global generators
+    start = {k: v.detach().clone() for k, v in a.model.state_dict().items()}
+    ra = a.run()
+    b = Trainer(cfg, tmp_path / "b")
+    rb = b.run()
+    assert ra["best_dev"] == rb["best_dev"]
+    for (k, v), w in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(v, w), k
+    moved = [k for k, v in a.model.state_dict().items() if not torch.equal(v, start[k])]
+    assert any(k.startswith("encoder.layers.") for k in moved) and any(k.startswith("heads.") for k in moved)
+
+
+# What each preset in configs/techniques/ must switch on; a new preset needs an entry here.
+PRESET_EFFECTS = {
+    "bi_attention": lambda tr: tr.model.bi_head == "attention" and tr.model.shared_pair is not None
+    and set(tr.model.pair_encoding.values()) >= {"bi"},
+    "biased": lambda tr: isinstance(tr.schedule, Biased) and tr.schedule.weights["qqp"] == 1.7,
+    "bregman": lambda tr: _names(tr) == ["bregman"],
+    "llrd": lambda tr: _names(tr) == ["llrd"] and len({g["lr"] for g in tr.updater.optimizer.param_groups}) > 2,
+    "lora": lambda tr: _names(tr) == ["lora"] and "lora" in tr.model.extensions,
+    "lora_experts": lambda tr: _names(tr) == ["lora_experts"] and "lora_experts" in tr.model.extensions,
+    "pcgrad": lambda tr: tr.combiner is not None and tr.combiner.name == "pcgrad"
+    and isinstance(tr.schedule, Interleaved),
+    "pcgrad_simcse": lambda tr: tr.combiner is not None and tr.cfg.pretrain.enabled
+    and tr.cfg.pretrain.objectives == ["simcse_sup"] and (tr.out / "pretrain" / "best").exists(),
+    "plateau": lambda tr: _names(tr) == ["plateau"],
+    "sbert_cnn_bilstm": lambda tr: [type(p).__name__ for p in tr.model.pooler.parts] == ["MeanPool", "CNNPool", "BiLSTMPool"]
+    and set(tr.model.pair_encoding.values()) >= {"cross+cos"},
+    "simcse": lambda tr: tr.cfg.pretrain.objectives == ["simcse_unsup", "simcse_sup", "mnrl"]
+    and (tr.out / "pretrain" / "best").exists(),
+    "smart": lambda tr: _names(tr) == ["smart"],
+    "smart_combo": lambda tr: _names(tr) == ["smart"] and isinstance(tr.schedule, Interleaved),
+    "tsa": lambda tr: _names(tr) == ["uda"] and tr.techniques[0].weight == 0 and tr.techniques[0].tsa == "linear",
+    "uda": lambda tr: _names(tr) == ["uda"] and tr.techniques[0].weight > 0 and "sts_bins" in tr.model.tasks,
+}
+
+
+def _names(tr) -> list[str]:
+    return [t.name for t in tr.techniques]
+
+
+PRESETS = sorted(p.stem for p in Path("configs/techniques").glob("*.yaml"))
+
+
+def test_every_preset_has_an_expected_effect():
+    assert sorted(PRESET_EFFECTS) == PRESETS
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_switches_on_what_it_names_and_runs(tmp_path, preset):
+    cfg = load_config(f"configs/techniques/{preset}.yaml",
+                      [f"model.tiny={TINY}", "data.limit=24", "train.max_steps=2", "train.progress=false",
+                       "train.eval_every=null", "data.batch_size=8", "pretrain.max_steps=2"])
+    tr = Trainer(cfg, tmp_path / "r")
+    assert PRESET_EFFECTS[preset](tr), f"preset {preset} does not switch on what it names"
+    assert tr.run()["steps"] == 2
