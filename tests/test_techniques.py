@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from mtbert.core.tasks import BINARY, CLASSIFICATION, REGRESSION
+from mtbert.core.kinds import BINARY, CLASSIFICATION, REGRESSION
 from mtbert.training.techniques import TECHNIQUES, build_techniques
 from mtbert.training.techniques.bregman import ema_update
 from mtbert.training.techniques.llrd import layer_depth

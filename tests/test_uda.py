@@ -10,7 +10,8 @@ from mtbert.data.augment import AUGMENTATIONS, MASK, augment_texts, read_augment
 from mtbert.modeling.checkpoint import load_checkpoint, save_checkpoint
 from mtbert.data.readers import DataError, encode_dataset, pad
 from mtbert.inference.predictor import predict_dataset
-from mtbert.core.tasks import BINARY, BINNED_STS, CLASSIFICATION, get_task, overall_score
+from mtbert.core.kinds import BINARY, BINNED_STS, CLASSIFICATION
+from mtbert.core.tasks import get_task, overall_score
 from mtbert.training.techniques import build_techniques
 from mtbert.training.techniques.uda import confidence_mask, consistency_loss, sharpen, tsa_loss, tsa_threshold
 from mtbert.training.trainer import Trainer
@@ -209,7 +210,7 @@ def test_augment_file_reader_skips_and_counts_malformed_rows(tmp_path):
                   '{"id": "p2", "sentence1": "only one"}\n[1, 2]\n\n{"id": 7, "text": "numeric id"}\n')
     aug, report = read_augment_file(jl)
     assert aug == {"p1": [("a", "b")], "7": [("numeric id",)]}
-    assert report.reasons == {"unparseable row": 1, "missing fields": 1, "missing id": 1}
+    assert report.reasons == {"unparseable row": 1, "missing fields": 1, "row is not a JSON object": 1}
 
     bad = tmp_path / "b.tsv"
     bad.write_text("key\tparaphrase\nx\ty\n")
@@ -251,7 +252,7 @@ def test_binned_sts_round_trip():
     assert BINNED_STS.loss(logits, scores[:4]).item() == pytest.approx(
         F.cross_entropy(logits, torch.tensor([0, 1, 5, 17])).item(), rel=1e-6)
     task = get_task("sts_bins")
-    assert task.parse_label("3.8") == 3.8 and task.kind is BINNED_STS and task.pred_prefix == "sts"
+    assert task.parse_label("3.8") == 3.8 and isinstance(task.kind, type(BINNED_STS)) and task.kind.bins == 26 and task.cs224n_output["prefix"] == "sts"
     assert overall_score({"sst": 0.5, "qqp": 0.8, "sts_bins": 0.6}) == pytest.approx((0.5 + 0.8 + 0.8) / 3)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from mtbert.core.errors import ConfigError
+from mtbert.core.tasks import OVERALL_SCORES, register_tasks
 
 
 @dataclass
@@ -38,6 +39,8 @@ class DataConfig:
     bucket: bool = True                # length bucketing: batch similar lengths to cut padding
     limit: int | None = None           # cap examples per task and split (smoke runs)
     train_fraction: float = 1.0        # random share of each training set (small-budget ablations)
+    overall: str = "auto"              # the score that picks the best checkpoint: auto | leaderboard | mean
+    overall_weights: dict = field(default_factory=dict)  # mean: task -> weight (default 1)
 
 
 @dataclass
@@ -88,6 +91,8 @@ class Config:
     techniques: dict = field(default_factory=dict)   # name -> options; see `mtbert techniques`
     plugins: list = field(default_factory=list)      # modules to import first: they register their own
                                                      # tasks, schedules, weightings, techniques, ...
+    tasks: dict = field(default_factory=dict)        # your own task definitions (docs/custom-tasks.md),
+                                                     # or the path of a YAML file holding them
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -161,9 +166,43 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     for item in overrides:
         k, v = parse_override(item)
         _set_path(raw, k, v)
+    if isinstance(raw.get("tasks"), str):  # --set tasks=path/to/tasks.yaml
+        raw["tasks"] = _task_file(Path(raw["tasks"]))
     cfg = _validate(_fill(Config, raw, ""))
     import_plugins(cfg.plugins)
+    register_tasks(cfg.tasks)  # paths were resolved where each definition was read
+    if cfg.data.overall not in OVERALL_SCORES:
+        raise ConfigError(f"data.overall must be one of {sorted(OVERALL_SCORES)}, got {cfg.data.overall!r}")
     return cfg
+
+
+def _task_file(path: Path) -> dict:
+    """The definitions in a task file, their relative paths resolved against its folder."""
+    if not path.exists():
+        raise ConfigError(f"task file not found: {path}")
+    d = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: a task file maps task names to definitions")
+    return _resolve_task_paths(d.get("tasks", d), path.parent)
+
+
+def _resolve_task_paths(tasks: dict, base_dir: Path) -> dict:
+    """Relative file and dataset paths of task definitions, made absolute from `base_dir`, so a
+    run's saved config.yaml reads the same files from anywhere."""
+    if not isinstance(tasks, dict):
+        return tasks  # reported by register_tasks
+    out = {}
+    for name, d in tasks.items():
+        if isinstance(d, dict):
+            d = dict(d)
+            if isinstance(d.get("files"), dict):
+                d["files"] = {s: p if str(p).startswith("{data_dir}") or Path(str(p)).is_absolute()
+                              else str((base_dir / str(p)).resolve()) for s, p in d["files"].items()}
+            if isinstance(d.get("dataset"), dict) and d["dataset"].get("path") and \
+                    not Path(str(d["dataset"]["path"])).is_absolute():
+                d["dataset"] = {**d["dataset"], "path": str((base_dir / str(d["dataset"]["path"])).resolve())}
+        out[name] = d
+    return out
 
 
 def import_plugins(modules: list[str]) -> None:
@@ -194,6 +233,9 @@ def _read_yaml(path: Path) -> dict:
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
     d = yaml.safe_load(path.read_text()) or {}
+    if isinstance(d, dict) and "tasks" in d:  # relative task paths belong to the file that names them
+        d["tasks"] = _task_file((path.parent / d["tasks"]).resolve()) if isinstance(d["tasks"], str) \
+            else _resolve_task_paths(d["tasks"], path.parent)
     if "base" in d:  # inheritance keeps technique presets small
         parent = _read_yaml((path.parent / d.pop("base")).resolve())
         d = _merge(parent, d)

@@ -7,15 +7,13 @@ the environment, and a synonym file can be brought the same way.
 """
 from __future__ import annotations
 
-import csv
-import json
 import random
 from pathlib import Path
 from typing import Callable
 
 from mtbert.core.errors import DataError
 from mtbert.core.registry import Registry
-from mtbert.data.readers import MAX_FIELD_CHARS, ReadReport, complete_rows, log
+from mtbert.data.readers import MAX_FIELD_CHARS, ReadReport, header_of, log, read_rows
 
 MASK = "[MASK]"  # BERT's mask token; the tokenizer keeps it as one special token
 
@@ -103,45 +101,31 @@ def read_augment_file(path: str | Path) -> tuple[dict[str, list[tuple[str, ...]]
     path = Path(path)
     if not path.exists():
         raise DataError(f"augmentation file not found: {path}")
+    suffix = path.suffix.lower()
+    fmt = "jsonl" if suffix in (".jsonl", ".json") else "csv" if suffix == ".csv" else "tsv"
+    header = header_of(path, fmt)
+    if header is not None and ("id" not in header or _texts_of(dict.fromkeys(header, "")) is None):
+        raise DataError(f"{path}: header needs id and text (or sentence1, sentence2); found {header}")
     report, out = ReadReport(str(path)), {}
-
-    def add(row) -> None:  # the caller counts the row in report.rows
-        if not isinstance(row, dict) or row.get("id") is None or not str(row["id"]).strip():
-            return report.skip("missing id")
+    for row in read_rows(path, fmt, report=report):
+        if row.get("id") is None or not str(row["id"]).strip():
+            report.skip("missing id")
+            continue
         texts = _texts_of({k: v for k, v in row.items() if v is not None})
         if texts is None:
-            return report.skip("missing fields")
+            report.skip("missing fields")
+            continue
         if not all(isinstance(t, str) for t in texts):
-            return report.skip("text not a string")
+            report.skip("text not a string")
+            continue
         texts = tuple(t.strip() for t in texts)
         if any(t == "" for t in texts):
-            return report.skip("empty field")
+            report.skip("empty field")
+            continue
         if any(len(t) > MAX_FIELD_CHARS for t in texts):
-            return report.skip("text too long")
+            report.skip("text too long")
+            continue
         out.setdefault(str(row["id"]).strip(), []).append(texts)
-
-    with open(path, newline="", encoding="utf-8", errors="replace") as fp:
-        if path.suffix.lower() in (".jsonl", ".json"):
-            for line in fp:
-                if not line.strip():
-                    continue
-                report.rows += 1
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    report.skip("unparseable row")
-                    continue
-                add(row)
-        else:
-            reader = csv.reader(fp, delimiter="," if path.suffix.lower() == ".csv" else "\t")
-            try:
-                header = [h.strip() for h in next(reader)]
-            except StopIteration:
-                raise DataError(f"{path} is empty") from None
-            if "id" not in header or _texts_of(dict.fromkeys(header, "")) is None:
-                raise DataError(f"{path}: header needs id and text (or sentence1, sentence2); found {header}")
-            for row in complete_rows(reader, report, len(header)):
-                add(dict(zip(header, row)))
     if report.skipped:
         log.warning("%s", report)
     return out, report

@@ -1,18 +1,30 @@
-"""CS224N CSV readers, data checks, and length-bucketed dynamic-padding batches."""
+"""Readers for task files (CSV, TSV, JSON Lines, or a Hugging Face dataset), data checks, and
+length-bucketed dynamic-padding batches.
+
+Reading never stops at a bad row: it is skipped and counted by reason (ReadReport). What counts
+as bad: undecodable bytes, an unparseable line, missing or extra fields, an empty or over-long
+text, an invalid label. Tab-separated files are read one line per record: a quoted field (the
+CS224N files use "" escapes) cannot run past the end of its line, so a stray quote costs at most
+its own row, counted, and never merges rows. Comma-separated files follow RFC 4180 (a quoted field
+may hold a newline). A byte-order mark before the header is dropped.
+"""
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import json
 import logging
 import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from mtbert.core.errors import DataError
-from mtbert.core.tasks import TaskSpec
+from mtbert.core.tasks import FORMATS, TaskSpec
 
 log = logging.getLogger("mtbert")
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
@@ -42,69 +54,227 @@ class ReadReport:
         return f"{Path(self.path).name}: {self.rows} rows, {self.skipped} malformed skipped" + (f" ({why})" if why else "")
 
 
-def complete_rows(reader, report: ReadReport, n_fields: int):
-    """Rows of a csv.reader that have at least `n_fields` fields; unparseable and short rows are
-    counted in `report` as skipped. Every row read is counted in `report.rows`."""
-    while True:
+# ---------------------------------------------------------------- rows of a file
+
+def _decoded_lines(fp, report: ReadReport) -> Iterator[str]:
+    """Text lines of a binary file; a line that is not UTF-8 is counted (it is a row) and dropped."""
+    first = True
+    for raw in fp:
         try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            if first:
+                raise DataError(f"{report.path}: the first line is not UTF-8 text") from None
             report.rows += 1
-            report.skip("unparseable row")
+            report.skip("undecodable bytes")
             continue
-        report.rows += 1
-        if len(row) < n_fields:
+        if first:
+            line, first = line.removeprefix("\ufeff"), False  # byte-order mark
+        yield line
+
+
+def _split_lines(lines: Iterator[str], delimiter: str, report: ReadReport, one_line_records: bool):
+    """Lists of fields. With `one_line_records`, each line is parsed alone, so an unbalanced quote
+    is an error of that line only."""
+    if not one_line_records:
+        reader = csv.reader(lines, delimiter=delimiter)
+        while True:
+            try:
+                yield next(reader)
+            except StopIteration:
+                return
+            except csv.Error:
+                yield None
+        return
+    for line in lines:
+        line = line.rstrip("\r\n")
+        try:
+            yield next(csv.reader([line], delimiter=delimiter, strict=True))
+        except (csv.Error, StopIteration):
+            yield None
+
+
+def read_rows(path: str | Path, fmt: str, delimiter: str | None = None, columns: tuple[str, ...] | None = None,
+              report: ReadReport | None = None) -> Iterator[dict]:
+    """Stream the rows of a CSV / TSV / JSON Lines file as mappings column -> value. Rows that
+    cannot be parsed, and rows with fewer or more fields than the header, are counted in
+    `report` and skipped. `columns` names the columns of a file without a header row."""
+    path = Path(path)
+    report = report if report is not None else ReadReport(str(path))
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if path.is_dir():
+        raise DataError(f"{path} is a directory, not a data file")
+    with open(path, "rb") as fp:
+        lines = _decoded_lines(fp, report)
+        if fmt == "jsonl":
+            for line in lines:
+                if not line.strip():
+                    continue
+                report.rows += 1
+                try:
+                    row = json.loads(line)
+                except (json.JSONDecodeError, RecursionError):
+                    report.skip("unparseable row")
+                    continue
+                if not isinstance(row, dict):
+                    report.skip("row is not a JSON object")
+                    continue
+                yield row
+            return
+        sep = delimiter or FORMATS[fmt]
+        rows = _split_lines(lines, sep, report, one_line_records=fmt == "tsv")
+        header = list(columns) if columns else next(rows, [])
+        if header is None:
+            raise DataError(f"{path}: unreadable header")
+        if not header:
+            raise DataError(f"{path} is empty")
+        header = [h.strip() for h in header]
+        for row in rows:
+            if row is not None and not any(f.strip() for f in row):
+                continue  # a blank line is no row
+            report.rows += 1
+            if row is None:
+                report.skip("unparseable row")
+            elif len(row) < len(header):
+                report.skip("missing fields")
+            elif len(row) > len(header):
+                report.skip("extra fields")
+            else:
+                yield dict(zip(header, row))
+
+
+def header_of(path: str | Path, fmt: str, delimiter: str | None = None) -> list[str] | None:
+    """The column names of a CSV / TSV file (None for JSON Lines, whose rows name their own)."""
+    if fmt == "jsonl":
+        return None
+    with open(path, "rb") as fp:
+        first = fp.readline().decode("utf-8", errors="replace").removeprefix("\ufeff")
+    try:
+        return [h.strip() for h in next(csv.reader(io.StringIO(first), delimiter=delimiter or FORMATS[fmt]), [])]
+    except csv.Error as e:
+        raise DataError(f"{path}: unreadable header: {e}") from None
+
+
+# ---------------------------------------------------------------- examples of a task
+
+def example_from_row(task: TaskSpec, row: dict, number: int, labeled: bool, report: ReadReport) -> Example | None:
+    """One Example from a row mapping, or None (the reason counted in `report`)."""
+    texts = []
+    for c in task.text_columns:
+        value = row.get(c)
+        if value is None:
             report.skip("missing fields")
-            continue
+            return None
+        if not isinstance(value, str):
+            report.skip("text not a string")
+            return None
+        value = value.strip()
+        if value == "":
+            report.skip("empty field")
+            return None
+        if len(value) > MAX_FIELD_CHARS:
+            report.skip("text too long")
+            return None
+        texts.append(value)
+    if task.id_column is None:
+        ex_id = str(number)
+    else:
+        raw_id = row.get(task.id_column)
+        ex_id = str(raw_id).strip() if raw_id is not None else ""
+        if ex_id == "":
+            report.skip("empty field")
+            return None
+    label = None
+    if labeled:
+        raw = row.get(task.label_column)
+        if raw is None or (isinstance(raw, str) and raw.strip() == ""):
+            report.skip("empty field")
+            return None
+        try:
+            label = task.parse_label(raw)
+        except (ValueError, TypeError):
+            report.skip("invalid label")
+            return None
+    return Example(ex_id, tuple(texts), label)
+
+
+def task_rows(task: TaskSpec, split: str, data_dir: str | Path, report: ReadReport) -> Iterator[dict]:
+    """The raw rows of one split of a task: from its file, or from its Hugging Face dataset."""
+    if task.dataset is not None:
+        yield from _dataset_rows(task, split, report)
+        return
+    path = task.path(split, data_dir)
+    report.path = str(path)
+    if not path.exists():
+        raise DataError(f"task {task.name}: {split} file not found: {path} (set --data-dir or MTBERT_DATA)")
+    yield from read_rows(path, task.format, task.delimiter, task.columns, report)
+
+
+def _dataset_rows(task: TaskSpec, split: str, report: ReadReport) -> Iterator[dict]:
+    """Rows of a Hugging Face `datasets` split (the optional `datasets` extra)."""
+    try:
+        import datasets  # optional: pip install 'mtbert[datasets]'
+    except ImportError:
+        raise DataError(f"task {task.name} reads a Hugging Face dataset: pip install 'mtbert[datasets]'") from None
+    spec = task.dataset
+    splits = spec.get("splits") or {"train": "train", "dev": "validation", "test": "test"}
+    if split not in splits:
+        raise DataError(f"task {task.name}: dataset.splits names no {split!r} split (it has {sorted(splits)})")
+    report.path = f"{spec.get('path') or spec.get('name')}[{splits[split]}]"
+    try:
+        if spec.get("path"):
+            ds = datasets.load_from_disk(spec["path"])
+            ds = ds[splits[split]] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(spec["name"], spec.get("config"), split=splits[split])
+    except Exception as e:  # a missing path, a split that is not there, no network for a hub name
+        raise DataError(f"task {task.name}: cannot load dataset split {report.path}: {e}") from e
+    for row in ds:
+        report.rows += 1
         yield row
 
 
+def read_task_split(task: TaskSpec, split: str, data_dir: str | Path, limit: int | None = None,
+                    labeled: bool | None = None) -> tuple[list[Example], ReadReport]:
+    """Every usable example of one split (the first `limit`), and the report of what was skipped."""
+    labeled = split != "test" if labeled is None else labeled
+    check_task_columns(task, data_dir, (split,))
+    report, examples = ReadReport(task.name), []
+    for number, row in enumerate(task_rows(task, split, data_dir, report)):
+        ex = example_from_row(task, row, number, labeled, report)
+        if ex is not None:
+            examples.append(ex)
+            if limit and len(examples) >= limit:
+                break
+    if report.skipped:
+        log.warning("%s", report)
+    if labeled and report.rows and report.reasons.get("invalid label", 0) == report.rows:
+        declared = (f"names {list(task.label_names)} or class indices" if task.label_names
+                    else f"range {list(task.label_range)}" if task.label_range else "labels")
+        raise DataError(f"task {task.name}: no row of {report.path} has a valid label in column "
+                        f"{task.label_column!r} (declared: {declared})")
+    return examples, report
+
+
 def read_task_file(task: TaskSpec, path: str | Path, labeled: bool = True) -> tuple[list[Example], ReadReport]:
-    """Read one CS224N tab-separated file; malformed rows are skipped and counted, never fatal."""
+    """Read one file in the task's format; malformed rows are skipped and counted, never fatal."""
     path = Path(path)
-    report = ReadReport(str(path))
     if not path.exists():
         raise DataError(f"data file not found: {path} (set --data-dir or MTBERT_DATA)")
-    examples: list[Example] = []
-    needed = ("id",) + task.text_columns + ((task.label_column,) if labeled else ())
-    with open(path, newline="", encoding="utf-8", errors="replace") as fp:
-        reader = csv.reader(fp, delimiter="\t")
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise DataError(f"{path} is empty") from None
-        except csv.Error as e:
-            raise DataError(f"{path}: unreadable header: {e}") from None
-        col = {name.strip(): i for i, name in enumerate(header)}
-        absent = [c for c in needed if c not in col]
-        if absent:
-            raise DataError(f"{path}: header lacks column(s) {absent}; found {header}")
-        for row in complete_rows(reader, report, len(header)):
-            values = {c: row[col[c]].strip() for c in needed}
-            if any(v == "" for v in values.values()):
-                report.skip("empty field")
-                continue
-            if any(len(values[c]) > MAX_FIELD_CHARS for c in task.text_columns):
-                report.skip("text too long")
-                continue
-            label = None
-            if labeled:
-                try:
-                    label = task.parse_label(values[task.label_column])
-                except ValueError:
-                    report.skip("invalid label")
-                    continue
-            examples.append(Example(values["id"], tuple(values[c] for c in task.text_columns), label))
+    require_columns(task, path, labeled)
+    report, examples = ReadReport(str(path)), []
+    for number, row in enumerate(read_rows(path, task.format, task.delimiter, task.columns, report)):
+        ex = example_from_row(task, row, number, labeled, report)
+        if ex is not None:
+            examples.append(ex)
     if report.skipped:
         log.warning("%s", report)
     return examples, report
 
 
 def load_split(task: TaskSpec, data_dir: Path, split: str, limit: int | None = None):
-    examples, report = read_task_file(task, Path(data_dir) / task.file(split), labeled=split != "test")
-    return (examples[:limit] if limit else examples), report
+    return read_task_split(task, split, data_dir, limit)
 
 
 def sha256(path: Path) -> str:
@@ -115,8 +285,33 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def require_columns(task: TaskSpec, path: Path, labeled: bool) -> None:
+    """The file's header has the task's columns (JSON Lines rows name their own: not checked)."""
+    header = list(task.columns) if task.columns else header_of(path, task.format, task.delimiter)
+    if header is None:
+        return
+    needed = list(task.text_columns) + [task.label_column] * labeled + ([task.id_column] if task.id_column else [])
+    absent = [c for c in needed if c not in header]
+    if absent:
+        raise DataError(f"task {task.name}: {path} header lacks column(s) {absent}; its columns are {header}")
+
+
+def check_task_columns(task: TaskSpec, data_dir: str | Path, splits=("train", "dev")) -> None:
+    """Before any model loads: the task's files exist and have the declared columns."""
+    if task.dataset is not None:
+        return
+    for split in splits:
+        if split not in task.files:
+            continue
+        path = task.path(split, data_dir)
+        if not path.exists():
+            raise DataError(f"task {task.name}: {split} file not found: {path} (set --data-dir or MTBERT_DATA)")
+        require_columns(task, path, labeled=split != "test")
+
+
 def check_data_dir(data_dir: Path, tasks) -> list[dict]:
-    """Checksums against SHA256SUMS plus row / malformed counts per file."""
+    """Checksums against SHA256SUMS (where the directory has one) plus rows and malformed rows,
+    by reason, per file of every task."""
     data_dir = Path(data_dir)
     sums = {}
     if (data_dir / "SHA256SUMS").exists():
@@ -126,13 +321,18 @@ def check_data_dir(data_dir: Path, tasks) -> list[dict]:
                 sums[name.strip().lstrip("*")] = digest
     results = []
     for task in tasks:
+        if task.dataset is not None:
+            continue
         for split in ("train", "dev", "test"):
-            path = data_dir / task.file(split)
-            entry = {"file": path.name, "exists": path.exists()}
+            if split not in task.files:
+                continue
+            path = task.path(split, data_dir)
+            entry = {"task": task.name, "file": path.name, "path": str(path), "exists": path.exists()}
             if path.exists():
-                expected = sums.get(path.name)
-                entry["checksum"] = "missing from SHA256SUMS" if expected is None else (
-                    "ok" if sha256(path) == expected else "MISMATCH")
+                in_dir = path.parent.resolve() == data_dir.resolve()
+                expected = sums.get(path.name) if in_dir else None
+                entry["checksum"] = ("missing from SHA256SUMS" if sums else "no SHA256SUMS") if expected is None \
+                    else ("ok" if sha256(path) == expected else "MISMATCH")
                 try:
                     ex, rep = read_task_file(task, path, labeled=split != "test")
                     entry.update(rows=rep.rows, examples=len(ex), malformed=rep.skipped, reasons=rep.reasons)

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from mtbert.core.runtime import resolve_precision, select_device
+from mtbert.core.tasks import overall_scorer
 from mtbert.inference.ensemble import is_ensemble_dir, load_ensemble
 from mtbert.inference.predictor import BasePredictor, Predictor
 from mtbert.modeling.checkpoint import find_checkpoint, load_checkpoint
@@ -18,5 +19,7 @@ def load_predictor(path: str | Path, device="auto", precision: str = "auto", bat
     if is_ensemble_dir(path):
         return load_ensemble(path, device, amp, batch_size)
     model, tok, cfg, meta = load_checkpoint(path, device=str(device))
-    return Predictor(model, tok, device, amp, batch_size, name=str(find_checkpoint(path)),
-                     data_dir=cfg.data.data_dir, meta=meta)
+    predictor = Predictor(model, tok, device, amp, batch_size, name=str(find_checkpoint(path)),
+                          data_dir=cfg.data.data_dir, meta=meta)
+    predictor.scorer = overall_scorer(cfg.data.overall, cfg.data.overall_weights)
+    return predictor

@@ -1,28 +1,163 @@
-"""What inference writes and prints: CS224N-format prediction files and metric tables."""
+"""What inference writes and prints: prediction records (label names, probabilities, scores),
+prediction files for any input (streamed, so a file of any size runs in flat memory), the
+CS224N leaderboard files, and metric tables. Every file is written beside its destination and
+renamed into place, so a reader never sees half a file."""
 from __future__ import annotations
 
+import csv
+import dataclasses
+import io
+import json
+import os
+import tempfile
 from pathlib import Path
+from typing import Iterable, Iterator
 
+import numpy as np
+from tqdm.auto import tqdm
+
+from mtbert.core.errors import DataError
 from mtbert.core.io import atomic_write_text
-from mtbert.core.tasks import get_task
+from mtbert.core.tasks import TaskSpec, get_task
+from mtbert.data.readers import Example, ReadReport, example_from_row, read_rows
 from mtbert.inference.predictor import BasePredictor, load_examples
 
 
+# ---------------------------------------------------------------- records
+
+def prediction_records(task: TaskSpec, out: dict[str, np.ndarray]) -> list[dict]:
+    """One JSON-ready record per example: the label (name) and index with the class
+    probabilities, P(positive) for binary tasks, or the score."""
+    records = []
+    for i in range(len(out["pred"])):
+        if task.kind.scores:
+            records.append({"score": round(float(out["pred"][i]), 6)})
+            continue
+        index = int(out["pred"][i])
+        rec = {"label": task.label_name(index), "label_index": index}
+        prob = np.asarray(out["prob"][i], dtype=np.float64)
+        if task.kind.positive_class is not None:  # prob is P(positive)
+            rec["probability"] = round(float(prob), 6)
+        else:
+            rec["probabilities"] = {task.label_name(k): round(float(p), 6) for k, p in enumerate(prob)}
+        records.append(rec)
+    return records
+
+
+def _flat(record: dict) -> dict:
+    """A record as CSV columns: probabilities become `prob_<label>` columns."""
+    flat = {k: v for k, v in record.items() if k != "probabilities"}
+    for name, p in record.get("probabilities", {}).items():
+        flat[f"prob_{name}"] = p
+    return flat
+
+
+# ---------------------------------------------------------------- any input file
+
+def predict_file(predictor: BasePredictor, task_name: str, input_path: str | Path, out_path: str | Path, *,
+                 fmt: str | None = None, delimiter: str | None = None, text_columns: list[str] | None = None,
+                 id_column: str | None = None, chunk: int = 1024, progress: bool = True) -> ReadReport:
+    """Predict `task_name` for every row of a CSV / TSV / JSONL file and write CSV or JSONL (by
+    `out_path`'s suffix), streaming `chunk` rows at a time. Rows without usable text are skipped
+    and counted. Output rows keep the input's id (or row number) and add the prediction."""
+    task = get_task(task_name)
+    if task_name not in predictor.tasks:
+        raise DataError(f"this model has no task {task_name!r}; it has {predictor.tasks}")
+    input_path, out_path = Path(input_path), Path(out_path)
+    fmt = fmt or _format_of(input_path)
+    columns = tuple(text_columns or task.text_columns)
+    if len(columns) != len(task.text_columns):
+        raise DataError(f"task {task_name} takes {len(task.text_columns)} text column(s); got {list(columns)}")
+    reading = _reading_task(task, columns, id_column)
+    out_fmt = "jsonl" if out_path.suffix.lower() in (".jsonl", ".json") else "csv"
+    report = ReadReport(str(input_path))
+    rows = read_rows(input_path, fmt, delimiter, report=report)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = None
+            bar = tqdm(desc=f"predict {task_name}", unit=" rows", disable=not progress)
+            for examples in _chunks(_examples(reading, rows, report), chunk):
+                out = predictor.predict(task_name, examples)
+                for ex, rec in zip(examples, prediction_records(task, out)):
+                    rec = {"id": ex.id, **rec}
+                    if out_fmt == "jsonl":
+                        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                        continue
+                    rec = _flat(rec)
+                    if writer is None:
+                        writer = csv.DictWriter(f, fieldnames=list(rec))
+                        writer.writeheader()
+                    writer.writerow(rec)
+                bar.update(len(examples))
+            bar.close()
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return report
+
+
+def _reading_task(task: TaskSpec, columns: tuple[str, ...], id_column: str | None) -> TaskSpec:
+    """The task as an input file is read: its text columns renamed, no labels."""
+    return dataclasses.replace(task, text_columns=columns, id_column=id_column, label_column=None)
+
+
+def _examples(task: TaskSpec, rows: Iterable[dict], report: ReadReport) -> Iterator[Example]:
+    for number, row in enumerate(rows):
+        ex = example_from_row(task, row, number, False, report)
+        if ex is not None:
+            yield ex
+
+
+def _chunks(items: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _format_of(path: Path) -> str:
+    suffix = path.suffix.lower()
+    return "jsonl" if suffix in (".jsonl", ".json", ".ndjson") else "tsv" if suffix in (".tsv", ".tab") else "csv"
+
+
+# ---------------------------------------------------------------- leaderboard files
+
 def write_prediction_files(predictor: BasePredictor, data_dir, out_dir, splits=("dev", "test")) -> list[Path]:
-    """{prefix}-{dev|test}-output.csv with the leaderboard's header and `id , value` rows."""
+    """For tasks with `cs224n_output`: {prefix}-{dev|test}-output.csv with the leaderboard's header
+    and `id , value` rows. Other tasks: {task}-{split}-predictions.csv (id, label or score, probabilities)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for split in splits:
-        for name, examples in load_examples(predictor.tasks, data_dir, split).items():
+        names = [t for t in predictor.tasks if split in get_task(t).files or get_task(t).dataset]
+        for name, examples in load_examples(names, data_dir, split).items():
             task = get_task(name)
             out = predictor.predict(name, examples)
-            path = out_dir / f"{task.pred_prefix}-{split}-output.csv"
-            lines = [f"id \t {task.pred_header} \n"]
-            for ex, p in zip(examples, out["pred"]):
-                value = f"{float(p):.4f}" if task.metric_name == "pearson" else int(p)
-                lines.append(f"{ex.id} , {value} \n")
-            atomic_write_text(path, "".join(lines))  # a reader never sees half a file
+            if task.cs224n_output:
+                path = out_dir / f"{task.cs224n_output['prefix']}-{split}-output.csv"
+                lines = [f"id \t {task.cs224n_output['header']} \n"]
+                for ex, p in zip(examples, out["pred"]):
+                    value = f"{float(p):.4f}" if task.kind.scores else int(p)
+                    lines.append(f"{ex.id} , {value} \n")
+                text = "".join(lines)
+            else:
+                path = out_dir / f"{name}-{split}-predictions.csv"
+                buf = io.StringIO()
+                records = [_flat({"id": ex.id, **r}) for ex, r in zip(examples, prediction_records(task, out))]
+                writer = csv.DictWriter(buf, fieldnames=list(records[0]) if records else ["id"])
+                writer.writeheader()
+                writer.writerows(records)
+                text = buf.getvalue()
+            atomic_write_text(path, text)
             written.append(path)
     return written
 

@@ -52,6 +52,7 @@ class BasePredictor:
     name: str = ""
     data_dir: str | None = None
     meta: dict = {}
+    scorer = None  # the run's overall score (core.tasks.OVERALL_SCORES); None: auto
 
     @property
     def tasks(self) -> list[str]:
@@ -136,22 +137,28 @@ class EnsemblePredictor(BasePredictor):
 
 # ---------------------------------------------------------------- metrics
 
-def score_outputs(outputs: dict[str, dict], examples: dict[str, list[Example]]) -> dict[str, float]:
-    """Metric per task (+ overall when sst, qqp and sts are all present) from predictor outputs."""
-    metrics = {}
+def score_outputs(outputs: dict[str, dict], examples: dict[str, list[Example]], scorer=None) -> dict[str, float]:
+    """Main metric per task (key: the task), its other metrics (key: "task/metric"), and the
+    overall score where the scorer (default: auto, the CS224N leaderboard) defines one."""
+    metrics, extra = {}, {}
     for name, out in outputs.items():
+        task = get_task(name)
         gold = np.array([e.label for e in examples[name]])
-        metrics[name] = get_task(name).metric(out["pred"], gold)
-    return with_overall(metrics)
+        for m, value in task.all_metrics(out["pred"], gold).items():
+            if m == task.main_metric:
+                metrics[name] = value
+            else:
+                extra[f"{name}/{m}"] = value
+    return {**with_overall(metrics, scorer), **extra}
 
 
 def evaluate_examples(predictor: BasePredictor, examples: dict[str, list[Example]]) -> tuple[dict[str, float], dict]:
     """Metrics and raw outputs of any predictor on labelled examples per task."""
     outputs = {name: predictor.predict(name, ex) for name, ex in examples.items()}
-    return score_outputs(outputs, examples), outputs
+    return score_outputs(outputs, examples, predictor.scorer), outputs
 
 
-def metrics_for(model, datasets: dict[str, EncodedDataset], **kw) -> tuple[dict[str, float], dict]:
+def metrics_for(model, datasets: dict[str, EncodedDataset], scorer=None, **kw) -> tuple[dict[str, float], dict]:
     """Metric per task (+ overall when sst, qqp and sts are all present) and the raw outputs.
     `model` is a MultitaskModel with `datasets` encoded for it (**kw: predict_dataset's batch_size,
     device, amp_dtype, pad_id), or a predictor, which encodes the datasets' examples itself."""
@@ -160,7 +167,7 @@ def metrics_for(model, datasets: dict[str, EncodedDataset], **kw) -> tuple[dict[
                                          for n, d in datasets.items()})
     predictor = Predictor(model, **kw)
     outputs = {name: predictor.predict_encoded(ds) for name, ds in datasets.items()}
-    return score_outputs(outputs, {name: ds.examples for name, ds in datasets.items()}), outputs
+    return score_outputs(outputs, {name: ds.examples for name, ds in datasets.items()}, scorer), outputs
 
 
 def load_examples(tasks, data_dir, split: str, limit=None) -> dict[str, list[Example]]:

@@ -23,7 +23,7 @@ class MultitaskModel(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.tasks = {t.name: t for t in tasks}
-        self.pair_encoding = {t.name: (pair_encoding.get(t.name, "cross") if t.is_pair else "single") for t in tasks}
+        self.pair_encoding = {t.name: (pair_encoding.get(t.name, t.pair_encoding or "cross") if t.is_pair else "single") for t in tasks}
         self.pooling, self.bi_head, self.shared_pair_layer = pooling, bi_head, shared_pair_layer
         hidden = encoder.config.hidden_size
         self.pooler = build_pooler(pooling, hidden)

@@ -26,8 +26,8 @@ from mtbert.core.config import Config, resolve_data_dir
 from mtbert.core.distributed import Dist, process_group
 from mtbert.core.io import atomic_write_text
 from mtbert.core.runtime import autocast, resolve_precision, select_device, set_seed, set_threads
-from mtbert.core.tasks import get_task, selection_score
-from mtbert.data.readers import encode_dataset, load_split
+from mtbert.core.tasks import get_task, overall_scorer, selection_score
+from mtbert.data.readers import check_task_columns, encode_dataset, load_split
 from mtbert.inference.predictor import metrics_for
 from mtbert.modeling.checkpoint import build_model, save_checkpoint
 from mtbert.training import state
@@ -55,6 +55,14 @@ class Trainer:
         self.device = self.dist.device(select_device(tc.device))
         self.amp_dtype = resolve_precision(tc.precision, self.device)
         self.data_dir = resolve_data_dir(cfg.data.data_dir)
+        # the tasks and their files first: a bad definition or file fails before any model loads
+        self.tasks = [get_task(t) for t in cfg.data.tasks]
+        variants = [t.name for t in self.tasks if t.variant_of in cfg.data.tasks]
+        if variants or len(set(cfg.data.tasks)) != len(cfg.data.tasks):
+            raise ValueError(f"data.tasks lists a task twice (or with its variant {variants}): {cfg.data.tasks}")
+        for task in self.tasks:
+            check_task_columns(task, self.data_dir)
+        self.scorer = overall_scorer(cfg.data.overall, cfg.data.overall_weights)
         if cfg.pretrain.enabled and self.dist.world > 1:
             raise ValueError("pretrain.enabled is single-process: run `mtbert pretrain` first, then train from "
                              "it with model.backbone=STAGE_DIR")
@@ -75,10 +83,6 @@ class Trainer:
                 raise ValueError(f"train.compile must be a torch.compile backend ({', '.join(backends)}), "
                                  f"got {tc.compile!r}")
             self.model.encoder.compile(backend=tc.compile, dynamic=True)
-        self.tasks = [get_task(t) for t in cfg.data.tasks]
-        variants = [t.name for t in self.tasks if getattr(t, "variant_of", None) in cfg.data.tasks]
-        if variants or len(set(cfg.data.tasks)) != len(cfg.data.tasks):
-            raise ValueError(f"data.tasks lists a task twice (or with its variant {variants}): {cfg.data.tasks}")
         self.train_sets, self.dev_sets = self._load("train"), self._load("dev")
         self.streams = {t: TaskStream(ds, cfg.data.batch_size, cfg.data.bucket, self.rng, self.tokenizer.pad_id,
                                       self.dist.rank, self.dist.world)
@@ -200,7 +204,7 @@ class Trainer:
         return {t: float(l.detach()) for t, l in losses.items()}
 
     def evaluate(self) -> dict[str, float]:
-        metrics, _ = metrics_for(self.model, self.dev_sets, batch_size=self.cfg.data.eval_batch_size,
+        metrics, _ = metrics_for(self.model, self.dev_sets, self.scorer, batch_size=self.cfg.data.eval_batch_size,
                                  device=self.device, amp_dtype=self.amp_dtype, pad_id=self.tokenizer.pad_id)
         return metrics
 
