@@ -5,6 +5,7 @@ import torch
 
 from mtbert.core.config import load_config, resolve_data_dir
 from mtbert.modeling.encoder import BertConfig, BertModel
+from tests.synthetic import make_cs224n_data
 
 TINY_YAML = Path(__file__).parent / "tiny.yaml"
 TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -21,9 +22,30 @@ def tiny_encoder():
     return BertModel(BertConfig(**TINY)).eval()
 
 
+# The real CS224N data, where this machine has it: only tests marked `real_data` read it. Every
+# other test runs on small synthetic files in the same layout (tests/synthetic.py), so the suite
+# passes without ../shared/data.
+REAL_DATA = resolve_data_dir(None)
+
+
 @pytest.fixture(scope="session")
-def data_dir():
-    d = resolve_data_dir(None)
-    if not (d / "ids-sst-train.csv").exists():
-        pytest.fail(f"shared data not found at {d}; set MTBERT_DATA")
-    return d
+def synthetic_data_dir(tmp_path_factory) -> Path:
+    return make_cs224n_data(tmp_path_factory.mktemp("cs224n-synthetic"))
+
+
+@pytest.fixture(autouse=True)
+def _data_for_this_test(request, synthetic_data_dir):
+    """MTBERT_DATA (inherited by subprocesses) is the real data for `real_data` tests, else the
+    synthetic files. Its own MonkeyPatch: a test's `monkeypatch.undo()` must not reset it."""
+    real = request.node.get_closest_marker("real_data") is not None
+    if real and not (REAL_DATA / "ids-sst-train.csv").exists():
+        pytest.skip(f"real_data test: the CS224N data is not at {REAL_DATA} (set MTBERT_DATA)")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MTBERT_DATA", str(REAL_DATA if real else synthetic_data_dir))
+        yield
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    """The data directory this test reads (see _data_for_this_test)."""
+    return resolve_data_dir(None)

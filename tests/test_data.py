@@ -55,6 +55,7 @@ def test_missing_columns_and_files_are_clear_errors(tmp_path):
         read_task_file(get_task("sts"), tmp_path / "empty.csv")
 
 
+@pytest.mark.real_data
 def test_shared_data_counts(data_dir):
     results = {r["file"]: r for r in check_data_dir(data_dir, [get_task("qqp"), get_task("sst")])}
     assert results["quora-train.csv"]["rows"] == 14000

@@ -15,13 +15,13 @@ TASK_FILES = ("ids-sst", "quora", "sts")
 
 
 @pytest.fixture(scope="module")
-def small_data(tmp_path_factory, data_dir):
+def small_data(tmp_path_factory, synthetic_data_dir):
     """The first rows of each sst / quora / sts file, so evaluate and predict take seconds."""
     d = tmp_path_factory.mktemp("data")
     for stem in TASK_FILES:
         for split, rows in (("train", 60), ("dev", 40), ("test-student", 30)):
             name = f"{stem}-{split}.csv"
-            lines = (data_dir / name).read_text(encoding="utf-8").splitlines(keepends=True)
+            lines = (synthetic_data_dir / name).read_text(encoding="utf-8").splitlines(keepends=True)
             (d / name).write_text("".join(lines[: 1 + rows]), encoding="utf-8")
     return d
 

@@ -29,9 +29,11 @@ def test_readers_skip_and_count_or_fail_clearly(tmp_path_factory, rows, task, la
     assert len(examples) + report.skipped == report.rows
     for ex in examples:
         assert ex.id and all(t.strip() for t in ex.texts)
-        if labeled:
+        if labeled and spec.kind.scores:
             lo, hi = spec.label_range
             assert lo <= ex.label <= hi
+        elif labeled:
+            assert ex.label in range(spec.num_labels)
     # every accepted example goes through tokenization within the length limit
     for mode in ("cross", "bi") if spec.is_pair else ("cross",):
         ds = encode_dataset(spec, examples, TOK, mode)

@@ -11,6 +11,8 @@ import pytest
 from mtbert.core.config import load_config
 from mtbert.training.trainer import Trainer
 
+pytestmark = pytest.mark.real_data  # the pre-redesign numbers were made on the real data
+
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "pre_redesign_tiny.json").read_text())["runs"]
 
 

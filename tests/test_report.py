@@ -26,17 +26,17 @@ def _train(out: Path, data_dir, *extra) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, data_dir):
+def runs(tmp_path_factory, synthetic_data_dir):
     root = tmp_path_factory.mktemp("report-runs")
-    a = _train(root / "run_a", data_dir, "--set", "train.max_steps=4")
-    b = _train(root / "run_b", data_dir, "--set", "train.max_steps=2", "--set", "train.seed=7")
+    a = _train(root / "run_a", synthetic_data_dir, "--set", "train.max_steps=4")
+    b = _train(root / "run_b", synthetic_data_dir, "--set", "train.max_steps=2", "--set", "train.seed=7")
     return a, b
 
 
 @pytest.fixture(scope="module")
-def single(runs, data_dir, tmp_path_factory):
+def single(runs, synthetic_data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("report-single")
-    assert main(["report", str(runs[0]), "--out", str(out), "--data-dir", str(data_dir), "--limit", str(LIMIT),
+    assert main(["report", str(runs[0]), "--out", str(out), "--data-dir", str(synthetic_data_dir), "--limit", str(LIMIT),
                  "--tsne-points", "30"]) == 0
     return out
 

@@ -27,9 +27,9 @@ MAX_ITEMS = 8
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, data_dir):
+def run_dir(tmp_path_factory, synthetic_data_dir):
     run = tmp_path_factory.mktemp("serve") / "run"
-    assert main(["train", "--config", str(TINY_YAML), "--out", str(run), "--data-dir", str(data_dir),
+    assert main(["train", "--config", str(TINY_YAML), "--out", str(run), "--data-dir", str(synthetic_data_dir),
                  "--set", "train.max_steps=4"]) == 0
     return run
 

@@ -19,7 +19,7 @@ from mtbert.core.tasks import TASKS
 from mtbert.data.readers import check_data_dir
 from mtbert.inference.ensemble import build_ensemble, format_summary, parse_thresholds
 from mtbert.inference.loading import load_predictor
-from mtbert.inference.outputs import format_table, write_prediction_files
+from mtbert.inference.outputs import format_table, predict_file, write_prediction_files
 from mtbert.inference.predictor import evaluate_examples, load_examples
 from mtbert.modeling.heads import PAIR_ENCODINGS, PAIR_HEADS
 from mtbert.modeling.poolers import POOLERS
@@ -82,6 +82,16 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    if args.input or args.task:  # any input file -> one prediction file
+        if not (args.input and args.task):
+            raise ConfigError("predict --input FILE needs --task T (and --task needs --input)")
+        predictor = _load_predictor(args)
+        report = predict_file(predictor, args.task, args.input, args.out, fmt=args.format, delimiter=args.delimiter,
+                              text_columns=args.text_column, id_column=args.id_column)
+        print(f"{args.out}: {report.rows - report.skipped} predictions"
+              + (f"; skipped {report.skipped} rows ({', '.join(f'{k}: {v}' for k, v in sorted(report.reasons.items()))})"
+                 if report.skipped else ""))
+        return 0
     predictor = _load_predictor(args)
     paths = write_prediction_files(predictor, _data_dir(args, predictor.data_dir), args.out)
     for p in paths:
@@ -98,6 +108,8 @@ def cmd_ensemble(args) -> int:
 
 def cmd_data_check(args) -> int:
     data_dir = _data_dir(args)
+    if args.config:  # registers the config's own task definitions beside the built-in ones
+        load_config(args.config)
     results = check_data_dir(data_dir, TASKS.values())
     bad = False
     print(f"data directory: {data_dir}")
@@ -205,9 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime(e)
     e.set_defaults(func=cmd_evaluate)
 
-    pr = sub.add_parser("predict", help="CS224N-format prediction files for dev and test-student")
+    pr = sub.add_parser("predict", help="CS224N-format prediction files for dev and test-student, "
+                                        "or predictions for any input file (--task T --input FILE)")
     pr.add_argument("run_dir")
-    pr.add_argument("--out", required=True)
+    pr.add_argument("--out", required=True, help="a directory; with --input, the output file (.csv or .jsonl)")
+    pr.add_argument("--task", help="with --input: the task to predict")
+    pr.add_argument("--input", help="a CSV, TSV or JSONL file of texts (or pairs) to predict")
+    pr.add_argument("--format", choices=["csv", "tsv", "jsonl"], help="the input's format (default: by suffix)")
+    pr.add_argument("--delimiter", help="the input's field separator, if not the format's")
+    pr.add_argument("--text-column", action="append", metavar="COL",
+                    help="the input's text column (twice for a pair; default: the task's own names)")
+    pr.add_argument("--id-column", help="the input's id column (default: row numbers)")
     add_data_dir(pr)
     add_runtime(pr)
     pr.set_defaults(func=cmd_predict)
@@ -225,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="data utilities")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dc = dsub.add_parser("check", help="verify checksums and count rows / malformed rows")
+    dc.add_argument("--config", help="also check the tasks this config declares under `tasks:`")
     add_data_dir(dc)
     dc.set_defaults(func=cmd_data_check)
 
