@@ -63,7 +63,7 @@ log = logging.getLogger("mtbert.serve")
 
 # route -> the model tasks that can answer it, in order of preference
 ROUTE_TASKS = {"sentiment": ("sst", "cfimdb"), "paraphrase": ("qqp",), "similarity": ("sts", "sts_bins")}
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")  # trusted Host headers unless widened
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # trusted Host headers unless widened (IPv6 in brackets)
 WILDCARD_ADDRESSES = ("", "0.0.0.0", "::")
 MAX_DETAIL_CHARS = 500  # an error's "detail" (never a client's whole input echoed back)
 MAX_ERRORS = 10         # validation errors listed per response
@@ -367,9 +367,14 @@ def _validation_message(errors: list[dict]) -> str:
 def _short_errors(errors: list[dict]) -> list[dict]:
     """Pydantic's errors without the offending input (it may be megabytes, bytes or NaN): where,
     what and which kind, each part capped."""
-    return [{"loc": [x if isinstance(x, int) else _cap(str(x), 64) for x in err.get("loc", ())],
-             "msg": _cap(str(err.get("msg", "")), 200), "type": str(err.get("type", ""))}
-            for err in errors[:MAX_ERRORS]]
+    short = []
+    for err in errors[:MAX_ERRORS]:
+        item = {"loc": [x if isinstance(x, int) else _cap(str(x), 64) for x in err.get("loc", ())],
+                "msg": _cap(str(err.get("msg", "")), 200), "type": str(err.get("type", ""))}
+        if "error" in (err.get("ctx") or {}):  # (why the JSON did not parse)
+            item["ctx"] = {"error": _cap(str(err["ctx"]["error"]), 200)}
+        short.append(item)
+    return short
 
 
 def _route_info(route: str, task: str) -> dict:
@@ -485,14 +490,17 @@ def trusted_hosts(host: str, extra: Sequence[str] = ()) -> list[str]:
     """The Host header names to answer: the loopback names, the address served on (unless it is a
     wildcard: then clients on other machines name the server, and those names must be in `extra`),
     and `extra` (names, comma-separated lists, '*.example.com', or '*' for any)."""
-    hosts = list(LOOPBACK_HOSTS) + ([host] if host not in WILDCARD_ADDRESSES else [])
+    def literal(name: str) -> str:  # a Host header writes an IPv6 address in brackets
+        return f"[{name}]" if ":" in name and not name.startswith("[") else name
+
+    hosts = list(LOOPBACK_HOSTS) + ([literal(host)] if host not in WILDCARD_ADDRESSES else [])
     for part in (p.strip() for name in extra for p in str(name).split(",")):
-        if part and ("*" in part[1:] or (part.startswith("*") and part not in ("*",) and not part.startswith("*."))):
+        if part and ("*" in part[1:] or (part.startswith("*") and part != "*" and not part.startswith("*."))):
             raise ValueError(f"allowed host {part!r}: a wildcard must be '*' or like '*.example.com'")
         if part == "*":
             return ["*"]
         if part:
-            hosts.append(part)
+            hosts.append(literal(part))
     return list(dict.fromkeys(hosts))
 
 
