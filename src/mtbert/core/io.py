@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -22,5 +23,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def finite_json(obj):
+    """`obj` with NaN and infinities as None: json.dumps would write bare NaN, which is not JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def to_json(obj, **options) -> str:
+    """Strict JSON text of `obj` (numpy scalars as floats, non-finite numbers as null)."""
+    return json.dumps(finite_json(json.loads(json.dumps(obj, default=float))), allow_nan=False, **options)
+
+
 def write_json(path: str | Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=float))
+    atomic_write_text(path, to_json(obj, indent=2))

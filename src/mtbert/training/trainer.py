@@ -10,7 +10,6 @@ torchrun the ranks share one global batch (see core.distributed and training.str
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -24,7 +23,8 @@ from tqdm.auto import tqdm
 
 from mtbert.core.config import Config, resolve_data_dir
 from mtbert.core.distributed import Dist, process_group
-from mtbert.core.io import atomic_write_text
+from mtbert.core.errors import ConfigError, TrainingDiverged
+from mtbert.core.io import atomic_write_text, to_json
 from mtbert.core.runtime import autocast, resolve_precision, select_device, set_seed, set_threads
 from mtbert.core.tasks import get_task, selection_score
 from mtbert.data.readers import encode_dataset, load_split
@@ -43,11 +43,11 @@ log = logging.getLogger("mtbert")
 
 
 class Trainer:
-    def __init__(self, cfg: Config, out_dir: str | Path, dist: Dist | None = None, resume: bool = False):
+    def __init__(self, cfg: Config, out_dir: str | Path, dist: Dist | None = None, resume: bool = False,
+                 overwrite: bool = False):
         self.cfg, self.out, self.dist = cfg, Path(out_dir), dist or Dist()
         state_dir = state.find_state(self.out) if resume else None
-        if self.dist.main:
-            _ensure_writable(self.out)
+        prepare_run_dir(self.out, resume, overwrite, self.dist.main)
         tc = cfg.train
         set_seed(tc.seed)
         set_threads(tc.threads)
@@ -213,15 +213,17 @@ class Trainer:
         train_loss = self.dist.average_floats({t: sums[t] / counts[t] for t in sums if counts[t]})
         self.loss_sums, self.loss_counts = dict.fromkeys(sums, 0.0), dict.fromkeys(sums, 0)
         score = selection_score(metrics)
+        if not math.isfinite(score):  # (NaN > best is False: the run would end without a model)
+            raise TrainingDiverged(f"dev score is {score} at step {self.step}: the model's outputs are not finite; "
+                                   + _kept(self.best_metrics))
         for tech in self.techniques:
             self.updater.scale_lr(tech.on_eval(score, sum(train_loss.values())))
         row = {"epoch": self.epoch, "step": self.step, "elapsed_s": round(time.time() - self.t0, 1),
                "train_loss": train_loss,
                "lr": self.updater.lr, "task_weights": self.weighting.weights(), "dev": metrics}
         self.history.append(row)
-        if self.dist.main:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+        if self.dist.main:  # the whole log, atomically: no half line after a crash, no bare NaN
+            atomic_write_text(self.out / "metrics.jsonl", "".join(to_json(r) + "\n" for r in self.history))
             if score > self.best_score:
                 save_checkpoint(self.out / "best", self.model, self.tokenizer, self.cfg,
                                 {"step": self.step, "epoch": self.epoch, "dev": metrics})
@@ -243,7 +245,7 @@ class Trainer:
             atomic_write_text(self.out / "config.yaml", _yaml(self.cfg))
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
             if self.history:  # resumed: the saved rows, without any logged after the saved state
-                atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+                atomic_write_text(self.out / "metrics.jsonl", "".join(to_json(r) + "\n" for r in self.history))
         self.t0 = time.time() - self.elapsed
         eval_every, save_every = self.cfg.train.eval_every, self.cfg.train.save_every
         show = self.cfg.train.progress and self.dist.main
@@ -253,7 +255,9 @@ class Trainer:
             plan = self.plans[epoch][self.step - begin: self.total_steps - begin]  # resumed: the rest
             bar = tqdm(plan, desc=f"epoch {epoch}", disable=not show, dynamic_ncols=True)
             for i, tasks in enumerate(bar):
-                for t, l in self.train_step(tasks).items():
+                losses = self.train_step(tasks)
+                check_finite_losses(losses, self.step, self.dist, self.best_metrics)
+                for t, l in losses.items():
                     self.loss_sums[t] += l
                     self.loss_counts[t] += 1
                 sums, counts = self.loss_sums, self.loss_counts
@@ -272,7 +276,7 @@ class Trainer:
                    "train_seconds": round(time.time() - self.t0, 1), "examples_seen": self.examples_seen,
                    **self.parameter_counts()}
         if self.dist.main:
-            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+            atomic_write_text(self.out / "summary.json", to_json(summary, indent=2))
             for d in ("last", "last.old"):  # finished: the resumable state is no longer needed
                 shutil.rmtree(self.out / d, ignore_errors=True)
         return summary
@@ -280,6 +284,45 @@ class Trainer:
 
 def _yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# what a run directory holds; any of these there means a run lives in it
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "best", "best.old", "last", "last.old", "pretrain")
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool, main: bool = True) -> None:
+    """Refuse to train into a directory that holds a run, unless resuming it or told to overwrite
+    it (then its run files are deleted first, so no stale summary or model outlives the new run).
+    Every rank checks, so all refuse together; the main rank deletes and checks it can write."""
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not resume and not overwrite:
+        finished = "finished " if "summary.json" in found else ""
+        raise ConfigError(f"{out} already holds a {finished}run ({', '.join(found)}): continue an unfinished run "
+                          f"with `mtbert train --resume {out}`, replace it with --overwrite (deletes its model "
+                          f"and metrics), or choose another --out")
+    if main:
+        if found and overwrite and not resume:
+            for name in found:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        _ensure_writable(out)
+
+
+def check_finite_losses(losses: dict[str, float], step: int, dist: Dist, best_metrics: dict) -> None:
+    """Stop the run (on every rank) once a training loss is NaN or infinite: the weights are
+    ruined from here on, and best/ still holds the last good model."""
+    bad = {t: v for t, v in losses.items() if not math.isfinite(v)}
+    if dist.any(bool(bad)):
+        where = ", ".join(f"{t} loss {v}" for t, v in bad.items()) or "a loss on another rank is not finite"
+        raise TrainingDiverged(f"training diverged at step {step} ({where}); lower train.lr or set "
+                               f"train.clip_norm; " + _kept(best_metrics))
+
+
+def _kept(best_metrics: dict) -> str:
+    if not best_metrics:
+        return "no model was saved (the run diverged before its first good evaluation)"
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in best_metrics.items())
+    return f"best/ keeps the best model so far (dev {shown})"
 
 
 def _ensure_writable(out: Path) -> None:
@@ -292,7 +335,8 @@ def _ensure_writable(out: Path) -> None:
         raise OSError(f"output directory {out} is not writable: {e}") from e
 
 
-def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
-    """Train (or with `resume`, continue the run in `out_dir`); under torchrun, as one of its ranks."""
+def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train (or with `resume`, continue the run in `out_dir`); under torchrun, as one of its ranks.
+    A directory that holds a run is refused unless `resume` or `overwrite` (which deletes that run)."""
     with process_group(cfg.train.device) as dist:
-        return Trainer(cfg, out_dir, dist, resume).run()
+        return Trainer(cfg, out_dir, dist, resume, overwrite).run()
