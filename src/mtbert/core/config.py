@@ -196,10 +196,11 @@ def _validate(cfg: "Config") -> "Config":
     for key, value in (("train.lr", t.lr), ("pretrain.lr", p.lr), ("pretrain.tau", p.tau)):
         if not value > 0:
             raise ConfigError(f"{key} must be positive, got {value}")
-    for key, value in (("train.head_lr", t.head_lr), ("train.clip_norm", t.clip_norm),
-                       ("train.time_budget_min", t.time_budget_min)):
+    for key, value in (("train.head_lr", t.head_lr), ("train.clip_norm", t.clip_norm)):
         if value is not None and not value > 0:
             raise ConfigError(f"{key} must be positive (or null), got {value}")
+    if t.time_budget_min is not None and t.time_budget_min < 0:  # (0: stop after the first step)
+        raise ConfigError(f"train.time_budget_min must be at least 0 (or null), got {t.time_budget_min}")
     for key, value, lo, hi in (("data.train_fraction", d.train_fraction, 0.0, 1.0),):
         if not lo < value <= hi:
             raise ConfigError(f"{key} must be in ({lo:g}, {hi:g}], got {value}")
@@ -218,7 +219,24 @@ def _validate(cfg: "Config") -> "Config":
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     _validate_tasks(d.tasks)
+    for key, options in (("techniques", cfg.techniques), ("train.schedule_args", t.schedule_args),
+                         ("train.weighting_args", t.weighting_args)):
+        _validate_option_numbers(key, options)
     return cfg
+
+
+def _validate_option_numbers(key: str, value) -> None:
+    """Technique, schedule and weighting options are weights, rates, temperatures, ranks, counts:
+    none can be negative, NaN or infinite (each plug-in checks its own finer limits)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _validate_option_numbers(f"{key}.{k}", v)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _validate_option_numbers(f"{key}[{i}]", v)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{key} must be a finite number of at least 0, got {value}")
 
 
 def _validate_tasks(tasks: list) -> None:
