@@ -564,14 +564,16 @@ def bind_socket(host: str, port: int) -> socket.socket:
     """A socket bound to host:port (an OSError, e.g. address in use, before the model loads)."""
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be 0..65535, got {port}")
-    family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                                         flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
+    sock = None
     try:
+        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
     except OSError as e:
-        sock.close()
+        if sock is not None:
+            sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     return sock
 

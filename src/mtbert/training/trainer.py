@@ -47,6 +47,7 @@ class Trainer:
                  overwrite: bool = False):
         self.cfg, self.out, self.dist = cfg, Path(out_dir), dist or Dist()
         state_dir = state.find_state(self.out) if resume else None
+        select_device(cfg.train.device)  # (an impossible device fails before the run directory is made)
         prepare_run_dir(self.out, resume, overwrite, self.dist.main)
         tc = cfg.train
         set_seed(tc.seed)
@@ -290,16 +291,16 @@ def _yaml(cfg: Config) -> str:
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "best", "best.old", "last", "last.old", "pretrain")
 
 
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool, main: bool = True) -> None:
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool, main: bool = True, resumable: bool = True) -> None:
     """Refuse to train into a directory that holds a run, unless resuming it or told to overwrite
     it (then its run files are deleted first, so no stale summary or model outlives the new run).
     Every rank checks, so all refuse together; the main rank deletes and checks it can write."""
     found = [name for name in RUN_FILES if (out / name).exists()]
     if found and not resume and not overwrite:
         finished = "finished " if "summary.json" in found else ""
-        raise ConfigError(f"{out} already holds a {finished}run ({', '.join(found)}): continue an unfinished run "
-                          f"with `mtbert train --resume {out}`, replace it with --overwrite (deletes its model "
-                          f"and metrics), or choose another --out")
+        resume_it = f"continue an unfinished run with `mtbert train --resume {out}`, " if resumable else ""
+        raise ConfigError(f"{out} already holds a {finished}run ({', '.join(found)}): {resume_it}replace it with "
+                          f"--overwrite (deletes its model and metrics), or choose another --out")
     if main:
         if found and overwrite and not resume:
             for name in found:
