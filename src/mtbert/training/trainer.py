@@ -48,7 +48,7 @@ class Trainer:
         self.cfg, self.out, self.dist = cfg, Path(out_dir), dist or Dist()
         state_dir = state.find_state(self.out) if resume else None
         select_device(cfg.train.device)  # (an impossible device fails before the run directory is made)
-        prepare_run_dir(self.out, resume, overwrite, self.dist.main)
+        prepare_run_dir(self.out, resume, overwrite, self.dist)
         tc = cfg.train
         set_seed(tc.seed)
         set_threads(tc.threads)
@@ -291,22 +291,33 @@ def _yaml(cfg: Config) -> str:
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "best", "best.old", "last", "last.old", "pretrain")
 
 
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool, main: bool = True, resumable: bool = True) -> None:
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool, dist: Dist | None = None,
+                    resumable: bool = True) -> None:
     """Refuse to train into a directory that holds a run, unless resuming it or told to overwrite
     it (then its run files are deleted first, so no stale summary or model outlives the new run).
-    Every rank checks, so all refuse together; the main rank deletes and checks it can write."""
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    if found and not resume and not overwrite:
-        finished = "finished " if "summary.json" in found else ""
-        resume_it = f"continue an unfinished run with `mtbert train --resume {out}`, " if resumable else ""
-        raise ConfigError(f"{out} already holds a {finished}run ({', '.join(found)}): {resume_it}replace it with "
-                          f"--overwrite (deletes its model and metrics), or choose another --out")
-    if main:
-        if found and overwrite and not resume:
-            for name in found:
-                path = out / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-        _ensure_writable(out)
+    The main rank looks and writes; every rank gets its verdict, so all stop together."""
+    dist = dist or Dist()
+    problem = None
+    if dist.main:
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        if found and not resume and not overwrite:
+            finished = "finished " if "summary.json" in found else ""
+            resume_it = f"continue an unfinished run with `mtbert train --resume {out}`, " if resumable else ""
+            problem = (f"{out} already holds a {finished}run ({', '.join(found)}): {resume_it}replace it with "
+                       f"--overwrite (deletes its model and metrics), or choose another --out")
+        else:
+            try:
+                for name in found if overwrite and not resume else []:
+                    path = out / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+                _ensure_writable(out)
+            except OSError as e:
+                problem = ("OSError", str(e))
+        if isinstance(problem, str):
+            problem = ("ConfigError", problem)
+    problem = dist.broadcast_object(problem)
+    if problem:
+        raise (OSError if problem[0] == "OSError" else ConfigError)(problem[1])
 
 
 def check_finite_losses(losses: dict[str, float], step: int, dist: Dist, best_metrics: dict) -> None:
