@@ -226,7 +226,7 @@ def test_serve_refuses_a_directory_without_a_model(tmp_path, capsys):
     assert main(["serve", str(tmp_path)]) == 2
     assert "no mtbert checkpoint" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--max-items", "0"]) == 2
-    assert "must be positive" in capsys.readouterr().err
+    assert "--max-items: must be at least 1" in capsys.readouterr().err
 
 
 @pytest.fixture

@@ -348,7 +348,10 @@ def _resume_hint(args) -> str:
 def main(argv: list[str] | None = None) -> int:
     """The error boundary: an anticipated error is one line on stderr and exit 2, Ctrl-C exit 130
     with how to resume, anything else one line and exit 1; -v adds the traceback."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a usage error (its one line is printed), --help or --version
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     name = f"mtbert {args.command}"
