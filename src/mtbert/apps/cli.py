@@ -31,7 +31,8 @@ from mtbert.training.pretrain import run_pretrain
 from mtbert.training.schedules import SCHEDULES
 from mtbert.training.state import resume_config
 from mtbert.training.techniques import TECHNIQUES
-from mtbert.training.trainer import prepare_run_dir, train
+from mtbert.training.rundir import prepare_run_dir
+from mtbert.training.trainer import train
 from mtbert.training.weightings import WEIGHTINGS
 
 

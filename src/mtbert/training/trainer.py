@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from mtbert.core.config import Config, resolve_data_dir
 from mtbert.core.distributed import Dist, process_group
-from mtbert.core.errors import ConfigError, TrainingDiverged
 from mtbert.core.io import atomic_write_text, to_json
 from mtbert.core.runtime import autocast, resolve_precision, select_device, set_seed, set_threads
 from mtbert.core.tasks import get_task, selection_score
@@ -34,6 +33,7 @@ from mtbert.training import state
 from mtbert.training.gradients import per_task_gradients, set_flat_grad
 from mtbert.training.optimizer import Updater, non_empty, parameter_groups, warmup_linear_decay
 from mtbert.training.pretrain import pretrained_start
+from mtbert.training.rundir import check_finite_losses, check_finite_score, prepare_run_dir
 from mtbert.training.schedules import build_schedule
 from mtbert.training.streams import TaskStream
 from mtbert.training.techniques import StepContext, build_techniques, gradient_combiner
@@ -214,9 +214,7 @@ class Trainer:
         train_loss = self.dist.average_floats({t: sums[t] / counts[t] for t in sums if counts[t]})
         self.loss_sums, self.loss_counts = dict.fromkeys(sums, 0.0), dict.fromkeys(sums, 0)
         score = selection_score(metrics)
-        if not math.isfinite(score):  # (NaN > best is False: the run would end without a model)
-            raise TrainingDiverged(f"dev score is {score} at step {self.step}: the model's outputs are not finite; "
-                                   + _kept(self.best_metrics))
+        check_finite_score(score, self.step, self.best_metrics)
         for tech in self.techniques:
             self.updater.scale_lr(tech.on_eval(score, sum(train_loss.values())))
         row = {"epoch": self.epoch, "step": self.step, "elapsed_s": round(time.time() - self.t0, 1),
@@ -285,66 +283,6 @@ class Trainer:
 
 def _yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-
-
-# what a run directory holds; any of these there means a run lives in it
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "best", "best.old", "last", "last.old", "pretrain")
-
-
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool, dist: Dist | None = None,
-                    resumable: bool = True) -> None:
-    """Refuse to train into a directory that holds a run, unless resuming it or told to overwrite
-    it (then its run files are deleted first, so no stale summary or model outlives the new run).
-    The main rank looks and writes; every rank gets its verdict, so all stop together."""
-    dist = dist or Dist()
-    problem = None
-    if dist.main:
-        found = [name for name in RUN_FILES if (out / name).exists()]
-        if found and not resume and not overwrite:
-            finished = "finished " if "summary.json" in found else ""
-            resume_it = f"continue an unfinished run with `mtbert train --resume {out}`, " if resumable else ""
-            problem = (f"{out} already holds a {finished}run ({', '.join(found)}): {resume_it}replace it with "
-                       f"--overwrite (deletes its model and metrics), or choose another --out")
-        else:
-            try:
-                for name in found if overwrite and not resume else []:
-                    path = out / name
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
-                _ensure_writable(out)
-            except OSError as e:
-                problem = ("OSError", str(e))
-        if isinstance(problem, str):
-            problem = ("ConfigError", problem)
-    problem = dist.broadcast_object(problem)
-    if problem:
-        raise (OSError if problem[0] == "OSError" else ConfigError)(problem[1])
-
-
-def check_finite_losses(losses: dict[str, float], step: int, dist: Dist, best_metrics: dict) -> None:
-    """Stop the run (on every rank) once a training loss is NaN or infinite: the weights are
-    ruined from here on, and best/ still holds the last good model."""
-    bad = {t: v for t, v in losses.items() if not math.isfinite(v)}
-    if dist.any(bool(bad)):
-        where = ", ".join(f"{t} loss {v}" for t, v in bad.items()) or "a loss on another rank is not finite"
-        raise TrainingDiverged(f"training diverged at step {step} ({where}); lower train.lr or set "
-                               f"train.clip_norm; " + _kept(best_metrics))
-
-
-def _kept(best_metrics: dict) -> str:
-    if not best_metrics:
-        return "no model was saved (the run diverged before its first good evaluation)"
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in best_metrics.items())
-    return f"best/ keeps the best model so far (dev {shown})"
-
-
-def _ensure_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise OSError(f"output directory {out} is not writable: {e}") from e
 
 
 def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: bool = False) -> dict:
