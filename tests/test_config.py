@@ -14,7 +14,7 @@ def test_defaults_file_and_overrides(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("train.epoch=2", "unknown config key"),
     ("train.lr=fast", "must be a float"),
-    ("train.epochs=1.5", "must be a int"),
+    ("train.epochs=1.5", "must be a whole number"),
     ("model.max_length=null", "may not be null"),
     ("trainlr", "key=value"),
 ])

@@ -36,7 +36,7 @@ def run_dir(tmp_path_factory, synthetic_data_dir):
 
 @pytest.fixture(scope="module")
 def client(run_dir):
-    with TestClient(create_app(run_dir, max_items=MAX_ITEMS, device="cpu")) as c:
+    with TestClient(create_app(run_dir, max_items=MAX_ITEMS, device="cpu"), base_url="http://localhost") as c:
         yield c
 
 
@@ -133,7 +133,7 @@ def test_serves_an_ensemble_directory(run_dir, tmp_path, data_dir):
     ens = tmp_path / "ens"
     assert main(["ensemble", str(run_dir), str(twin), "--out", str(ens), "--limit", "16",
                  "--data-dir", str(data_dir), "--device", "cpu"]) == 0
-    with TestClient(create_app(ens, device="cpu")) as c:
+    with TestClient(create_app(ens, device="cpu"), base_url="http://localhost") as c:
         info = c.get("/v1/info").json()
         assert info["ensemble"] is True and info["backbone"] == "default" and info["tasks"] == ["sst", "qqp", "sts"]
         r = c.post("/v1/similarity", json={"pairs": PAIRS})
@@ -155,7 +155,7 @@ class PairsOnly(BasePredictor):
 
 
 def test_missing_task_is_404_and_a_failing_model_is_500():
-    with TestClient(create_app(PairsOnly())) as c:
+    with TestClient(create_app(PairsOnly()), base_url="http://localhost") as c:
         r = c.post("/v1/sentiment", json={"texts": ["fine"]})
         assert r.status_code == 404 and "not trained for sentiment" in r.json()["detail"]
         assert "sentiment" not in c.get("/v1/info").json()["routes"]
@@ -197,7 +197,7 @@ def test_concurrent_requests_are_batched_per_task_and_answered_in_their_own_orde
 
     async def scenario():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
             def sim(*ns):  # pairs whose first text has n words
                 return c.post("/v1/similarity", json={"pairs": [[" ".join(["w"] * n), "x"] for n in ns]})
             first = asyncio.create_task(sim(1))
@@ -226,7 +226,7 @@ def test_serve_refuses_a_directory_without_a_model(tmp_path, capsys):
     assert main(["serve", str(tmp_path)]) == 2
     assert "no mtbert checkpoint" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--max-items", "0"]) == 2
-    assert "must be positive" in capsys.readouterr().err
+    assert "--max-items: must be at least 1" in capsys.readouterr().err
 
 
 @pytest.fixture

@@ -81,9 +81,8 @@ def test_llrd_changes_the_update_not_the_gradient(tmp_path, tiny_cfg):
 def test_pcgrad_projects_two_conflicting_task_gradients(tmp_path, tiny_cfg):
     """Real projection: the per-task gradients on the shared encoder conflict (negative inner
     product), and the applied gradient is the projected sum, not the plain sum."""
-    tr = Trainer(tiny_cfg(*NO_DROPOUT, "techniques={pcgrad: {seed: 3}}", "data.tasks=[sst, sts]",
-                          "train.weighting_args={weights: {sts: -1.0}}"), tmp_path / "r")
-    # a negative weight on STS turns its gradient against SST's on most of the encoder
+    tr = Trainer(tiny_cfg(*NO_DROPOUT, "techniques={pcgrad: {seed: 3}}", "data.tasks=[sst, sts]"), tmp_path / "r")
+    tr.weighting.fixed["sts"] = -1.0  # (not a valid config) turns STS's gradient against SST's
     batches = {t: tr.to_device(next(tr.streams[t])) for t in ("sst", "sts")}
     shared = tr.model.shared_parameters()
     per_task = []

@@ -31,14 +31,23 @@ from mtbert.training.trainer import train
 def read_ablation(path: Path) -> dict:
     if not path.exists():
         raise ConfigError(f"ablation file not found: {path}")
-    spec = yaml.safe_load(path.read_text()) or {}
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: an ablation file must be a mapping (config, common, variants), "
+                          f"got {type(spec).__name__}")
     unknown = set(spec) - {"config", "budget", "common", "variants", "description"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
     if not isinstance(spec.get("variants"), dict) or not spec["variants"]:
         raise ConfigError(f"{path}: needs a non-empty `variants` mapping of name -> list of overrides")
-    if "config" not in spec:
+    if not isinstance(spec.get("config"), str):
         raise ConfigError(f"{path}: needs `config`, the base config file (relative to the ablation file)")
+    for name, overrides in [("common", spec.get("common")), *spec["variants"].items()]:
+        if overrides is not None and not (isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)):
+            raise ConfigError(f"{path}: {name} must be a list of KEY=VALUE overrides, got {overrides!r}"[:300])
     return spec
 
 

@@ -2,18 +2,22 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import math
 import os
 import sys
+import traceback
 from pathlib import Path
+
+import yaml
 
 from mtbert import __version__
 from mtbert.apps.ablate import run_ablation
 from mtbert.apps.report import write_report
 from mtbert.apps.serve import serve
 from mtbert.core.config import load_config, resolve_data_dir
-from mtbert.core.errors import CheckpointError, ConfigError, DataError
+from mtbert.core.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+from mtbert.core.io import write_json
 from mtbert.core.registry import STAGES
 from mtbert.core.tasks import TASKS
 from mtbert.data.readers import check_data_dir
@@ -27,6 +31,7 @@ from mtbert.training.pretrain import run_pretrain
 from mtbert.training.schedules import SCHEDULES
 from mtbert.training.state import resume_config
 from mtbert.training.techniques import TECHNIQUES
+from mtbert.training.rundir import prepare_run_dir
 from mtbert.training.trainer import train
 from mtbert.training.weightings import WEIGHTINGS
 
@@ -41,6 +46,8 @@ def cmd_train(args) -> int:
         if args.config or args.set or (args.out and Path(args.out).resolve() != Path(args.resume).resolve()):
             raise ConfigError("--resume RUN_DIR continues with RUN_DIR/config.yaml: "
                               "it takes no --config, --set or other --out")
+        if args.overwrite:
+            raise ConfigError("--resume continues a run and --overwrite replaces one: give only one of them")
         out, cfg = args.resume, resume_config(args.resume, args.data_dir)
     else:
         if not args.out:
@@ -49,7 +56,7 @@ def cmd_train(args) -> int:
         if args.data_dir:
             overrides.append(f"data.data_dir={args.data_dir}")
         out, cfg = args.out, load_config(args.config or "configs/default.yaml", overrides)
-    summary = train(cfg, out, resume=bool(args.resume))
+    summary = train(cfg, out, resume=bool(args.resume), overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one table
         print(format_table(summary["best_dev"], f"best dev metrics ({out}/best)"))
         print(f"train_seconds={summary['train_seconds']} steps={summary['steps']}")
@@ -58,7 +65,9 @@ def cmd_train(args) -> int:
 
 def cmd_pretrain(args) -> int:
     overrides = list(args.set or []) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
-    summary = run_pretrain(load_config(args.config, overrides), args.out)
+    cfg = load_config(args.config, overrides)
+    prepare_run_dir(Path(args.out), resume=False, overwrite=args.overwrite, resumable=False)  # (it holds best/)
+    summary = run_pretrain(cfg, args.out)
     print(f"pretrained {summary['step']} steps in {summary['seconds']}s; final loss {summary['final_loss']}")
     print(f"checkpoint: {summary['checkpoint']}  (fine-tune with --set model.backbone={args.out})")
     return 0
@@ -72,12 +81,12 @@ def _load_predictor(args):
 def cmd_evaluate(args) -> int:
     predictor = _load_predictor(args)
     if args.split == "test":
-        raise SystemExit("the test-student files have no labels; use `mtbert predict` for them")
+        raise ConfigError("the test-student files have no labels; use `mtbert predict` for them")
     examples = load_examples(predictor.tasks, _data_dir(args, predictor.data_dir), args.split, args.limit)
     metrics, _ = evaluate_examples(predictor, examples)
     print(format_table(metrics, f"{args.split} metrics for {args.run_dir}"))
     if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2))
+        write_json(args.json, metrics)
     return 0
 
 
@@ -175,14 +184,52 @@ def cmd_ablate(args) -> int:
 
 def cmd_serve(args) -> int:
     serve(args.run_dir, args.host, args.port, max_items=args.max_items, max_chars=args.max_chars,
-          max_batch_items=args.max_batch_items, device=args.device, precision=args.precision, batch_size=args.batch_size)
+          max_batch_items=args.max_batch_items, device=args.device, precision=args.precision, batch_size=args.batch_size,
+          allowed_hosts=args.allowed_host or (), read_timeout=args.read_timeout,
+          keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections, docs=args.docs)
     return 0
 
 
+# ---------------------------------------------------------------- option checking
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (and exit 2, as argparse's own)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def int_at_least(least: int, most: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < least or (most is not None and value > most):
+            raise argparse.ArgumentTypeError(f"must be {least}..{most}, got {value}" if most is not None
+                                             else f"must be at least {least}, got {value}")
+        return value
+    parse.__name__ = "integer"  # (argparse names the type in its messages)
+    return parse
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+POSITIVE, COUNT = int_at_least(1), int_at_least(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mtbert", description="Multitask BERT fine-tuning toolkit")
+    p = Parser(prog="mtbert", description="Multitask BERT fine-tuning toolkit")
     p.add_argument("--version", action="version", version=f"mtbert {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress; on an error, show its traceback")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add_data_dir(sp):
@@ -191,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add_runtime(sp):
         sp.add_argument("--device", default="auto")
         sp.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16")
-        sp.add_argument("--batch-size", type=int, default=128)
+        sp.add_argument("--batch-size", type=POSITIVE, default=128)
 
     def add_config(sp, out_help, example, out_required=True):
         sp.add_argument("--config", default="configs/default.yaml")
@@ -202,17 +249,20 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model (under torchrun: data-parallel, one process per device)")
     add_config(t, "run directory", "train.epochs=1", out_required=False)
     t.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last saved state (RUN_DIR/last)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="train into an --out that already holds a run, deleting that run (its model and metrics)")
     t.set_defaults(func=cmd_train, config=None)  # None: --resume can tell that no --config was given
 
     pt = sub.add_parser("pretrain", help="contrastive pre-training stage (SimCSE, MNRL) -> OUT/best")
     add_config(pt, "stage directory; train from it with model.backbone=OUT", "pretrain.lr=1e-5")
+    pt.add_argument("--overwrite", action="store_true", help="replace the stage already in --out")
     pt.set_defaults(func=cmd_pretrain)
 
     e = sub.add_parser("evaluate", help="metrics of a run's best checkpoint")
     e.add_argument("run_dir")
     e.add_argument("--split", default="dev", choices=["train", "dev", "test"])
     e.add_argument("--json", help="also write the metrics to this JSON file")
-    e.add_argument("--limit", type=int, help="first N examples per task (default: all)")
+    e.add_argument("--limit", type=POSITIVE, help="first N examples per task (default: all)")
     add_data_dir(e)
     add_runtime(e)
     e.set_defaults(func=cmd_evaluate)
@@ -237,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--out", required=True, help="ensemble directory, usable by evaluate and predict")
     en.add_argument("--threshold", action="append", metavar="TASK=VALUE",
                     help="use a member for TASK only if its dev metric >= VALUE (repeatable), e.g. sst=0.53")
-    en.add_argument("--limit", type=int, help="dev examples per task for thresholds and metrics (default: all)")
+    en.add_argument("--limit", type=POSITIVE, help="dev examples per task for thresholds and metrics (default: all)")
     add_data_dir(en)
     add_runtime(en)
     en.set_defaults(func=cmd_ensemble)
@@ -260,9 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="HTML analysis report: curves, confusion matrices, t-SNE, attention, errors")
     rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="runs (or checkpoints) to analyse and compare")
     rp.add_argument("--out", required=True, help="report directory: index.html, metrics.json and PNG figures")
-    rp.add_argument("--limit", type=int, help="first N dev examples per task (default: all)")
-    rp.add_argument("--tsne-points", type=int, default=500, help="SST sentences in the t-SNE plot (default 500)")
-    rp.add_argument("--top", type=int, default=10, help="largest errors listed per task (default 10)")
+    rp.add_argument("--limit", type=POSITIVE, help="first N dev examples per task (default: all)")
+    rp.add_argument("--tsne-points", type=COUNT, default=500,
+                    help="SST sentences in the t-SNE plot (default 500; below 5: no plot)")
+    rp.add_argument("--top", type=COUNT, default=10, help="largest errors listed per task (default 10)")
     add_data_dir(rp)
     add_runtime(rp)
     rp.set_defaults(func=cmd_report)
@@ -270,11 +321,21 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="HTTP JSON API and web page for a run (or ensemble) directory")
     sv.add_argument("run_dir")
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--max-items", type=int, default=64, help="texts or pairs per request (more: 413)")
-    sv.add_argument("--max-chars", type=int, default=20_000, help="characters per text (more: 413)")
-    sv.add_argument("--max-batch-items", type=int, default=256,
+    sv.add_argument("--port", type=int_at_least(0, 65535), default=8000, help="0: any free port")
+    sv.add_argument("--max-items", type=POSITIVE, default=64, help="texts or pairs per request (more: 413)")
+    sv.add_argument("--max-chars", type=POSITIVE, default=20_000, help="characters per text (more: 413)")
+    sv.add_argument("--max-batch-items", type=POSITIVE, default=256,
                     help="items of concurrent requests run together in one predictor call")
+    sv.add_argument("--allowed-host", action="append", metavar="NAME",
+                    help="also answer requests whose Host header is NAME (repeatable, comma-separated; "
+                         "'*.example.com'; '*' for any). Default: localhost, 127.0.0.1, [::1] and --host")
+    sv.add_argument("--read-timeout", type=positive_float, default=10.0,
+                    help="seconds a client has to send a request's head, and its body (default 10)")
+    sv.add_argument("--keep-alive-timeout", type=positive_float, default=5.0,
+                    help="seconds an idle keep-alive connection stays open (default 5)")
+    sv.add_argument("--max-connections", type=POSITIVE, default=100,
+                    help="concurrent connections; more are answered 503 (default 100)")
+    sv.add_argument("--no-docs", dest="docs", action="store_false", help="no /docs page (/openapi.json stays)")
     add_runtime(sv)
     sv.set_defaults(func=cmd_serve)
 
@@ -283,15 +344,57 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+ANTICIPATED = (ConfigError, DataError, CheckpointError, TrainingDiverged, OSError, ValueError, KeyError,
+               yaml.YAMLError)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+    return text or type(e).__name__
+
+
+def _resume_hint(args) -> str:
+    """What to do after Ctrl-C, for the command that was stopped."""
+    if args.command == "train":
+        run = Path(args.resume or args.out or ".")
+        if (run / "last" / "train_state.pt").exists() or (run / "last.old" / "train_state.pt").exists():
+            return f"continue from the last saved state with: mtbert train --resume {run}"
+        return f"no state was saved yet; start again with --overwrite (or another --out) to replace {run}"
+    if args.command == "ablate":
+        return "run the same command again: finished variants are kept, the interrupted one restarts"
+    if args.command == "pretrain":
+        return "start the stage again with --overwrite"
+    return "run the command again"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The error boundary: an anticipated error is one line on stderr and exit 2, Ctrl-C exit 130
+    with how to resume, anything else one line and exit 1; -v adds the traceback."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a usage error (its one line is printed), --help or --version
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    name = f"mtbert {args.command}"
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError, OSError, ValueError, KeyError) as e:
-        print(f"mtbert {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"\n{name}: interrupted; {_resume_hint(args)}", file=sys.stderr)
+        return 130
+    except ANTICIPATED as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug: still one line, the traceback with -v
+        if args.verbose:
+            traceback.print_exc()
+        print(f"{name}: internal error: {type(e).__name__}: {_one_line(e)} (run with -v for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ numbers and figures, `render_html` writes the page, `write_report` ties them tog
 from __future__ import annotations
 
 import html
+import io
 import json
 import re
 import sys
@@ -24,6 +25,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from mtbert.core.config import resolve_data_dir
+from mtbert.core.io import atomic_write_bytes, atomic_write_text, to_json
 from mtbert.core.runtime import autocast
 from mtbert.core.tasks import TASKS, get_task
 from mtbert.data.readers import Example, collate, pad
@@ -189,7 +191,9 @@ def _figure(w: float, h: float):
 
 
 def _save(fig, path: Path) -> str:
-    fig.savefig(path, format="png")
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    atomic_write_bytes(path, png.getvalue())
     return path.name
 
 
@@ -573,8 +577,8 @@ def write_report(run_dirs: list[str], out: str | Path, data_dir=None, limit=None
     compare_fig = None
     if len(runs) > 1 and any(r.get("curve") for r in runs):
         compare_fig = plot_compare_curves({r["name"]: r.get("curve", []) for r in runs}, out / "compare-overall.png")
-    (out / "metrics.json").write_text(json.dumps(_jsonable(runs, limit), indent=2))
+    atomic_write_text(out / "metrics.json", to_json(_jsonable(runs, limit), indent=2))
     index = out / "index.html"
-    index.write_text(render_html(runs, limit, compare_fig))
+    atomic_write_text(index, render_html(runs, limit, compare_fig))
     log(f"wrote {index}")
     return index

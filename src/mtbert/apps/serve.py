@@ -13,28 +13,46 @@ to fill, so a lone request is answered at once. The predictor runs under torch.i
 (evaluate.predict_dataset).
 
 Limits: at most `max_items` texts or pairs per request (413), at most `max_chars` characters per
-text (413), request bodies of at most `max_body_bytes` (413); empty texts are refused (422).
+text (413), request bodies of at most `max_body_bytes` (413); empty texts, texts that are not valid
+Unicode (lone surrogates) and non-finite numbers (NaN, Infinity, 1e999) are refused (422).
 Texts longer than the model's max_length tokens are truncated as in training and flagged with
-`"truncated": true`. Every error is JSON with a readable "detail" string.
+`"truncated": true`. Every error is JSON with a readable "detail" string of at most
+MAX_DETAIL_CHARS characters (an input is never echoed back whole).
+
+One client cannot fail another: input is validated before it joins a batch, and if a merged batch
+fails anyway, each of its requests is run again on its own, so only the faulty one fails.
+
+Hostile clients (`serve`): a connection must deliver a complete request head within
+`read_timeout` seconds of connecting or of its last response, and a request body within
+`read_timeout` seconds (408); idle keep-alive connections close after `keep_alive_timeout`; at most
+`max_connections` at once (more: 503). Only requests whose Host header names a trusted host are
+answered (400 otherwise: DNS rebinding), by default the loopback names and the address served on.
+/docs works offline (Swagger UI assets from the fastapi-offline package) or is off.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import math
+import socket
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 import yaml
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from mtbert import __version__
 from mtbert.core.tasks import get_task
@@ -47,6 +65,10 @@ log = logging.getLogger("mtbert.serve")
 
 # route -> the model tasks that can answer it, in order of preference
 ROUTE_TASKS = {"sentiment": ("sst", "cfimdb"), "paraphrase": ("qqp",), "similarity": ("sts", "sts_bins")}
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # trusted Host headers unless widened (IPv6 in brackets)
+WILDCARD_ADDRESSES = ("", "0.0.0.0", "::")
+MAX_DETAIL_CHARS = 500  # an error's "detail" (never a client's whole input echoed back)
+MAX_ERRORS = 10         # validation errors listed per response
 
 
 # ---------------------------------------------------------------- request and response bodies
@@ -133,7 +155,7 @@ def describe(predictor: BasePredictor, run_dir: Path | None) -> dict:
     if run_dir and is_ensemble_dir(run_dir):  # an ensemble's members are named; ensemble.json has their paths
         members = json.loads((run_dir / ENSEMBLE_FILE).read_text())["members"]
         checkpoints = [Path(m["checkpoint"]) for m in members if m["name"] in predictor.members]
-    backbones = [str((yaml.safe_load(c.read_text()) or {}).get("model", {}).get("backbone"))
+    backbones = [_public_name((yaml.safe_load(c.read_text()) or {}).get("model", {}).get("backbone"))
                  for c in (ckpt / "config.yaml" for ckpt in checkpoints) if c.exists()]
     max_tokens = [leaf.tokenizer.max_length for leaf in leaf_predictors(predictor) if leaf.tokenizer is not None]
     dev = predictor.meta.get("dev")
@@ -143,6 +165,19 @@ def describe(predictor: BasePredictor, run_dir: Path | None) -> dict:
     return {"backbone": backbones[0] if len(set(backbones)) == 1 else backbones,
             "ensemble": isinstance(predictor, EnsemblePredictor),
             "dev_metrics": dev or {}, "max_tokens": min(max_tokens) if max_tokens else None}
+
+
+def _public_name(value) -> str:
+    """A name for responses: a path (a checkpoint used as backbone, a run directory) by its last
+    part only, so the server's file system layout is never shown."""
+    text = str(value)
+    return Path(text).name or text if ("/" in text or "\\" in text) else text
+
+
+def _cap(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    """`text` short enough for an error response, and encodable (lone surrogates escaped)."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class ModelService:
@@ -175,6 +210,10 @@ class ModelService:
                     raise HTTPException(422, f"{where} is empty")
                 if len(text) > self.max_chars:
                     raise HTTPException(413, f"{where} has {len(text)} characters; the limit is {self.max_chars}")
+                try:  # the tokenizer takes UTF-8: a lone surrogate ("\ud800") would fail the whole batch
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise HTTPException(422, f"{where} is not valid Unicode ({e.reason} at character {e.start})") from None
 
     def _predict(self, task: str, examples: list[Example]) -> tuple[dict, list[bool]]:
         return self.predictor.predict(task, examples), truncation_flags(self.predictor, task, examples)
@@ -191,12 +230,11 @@ class ModelService:
             out, truncated = await answer
         except Exception as e:  # a failed prediction is this request's 500, never the server's end
             log.error("prediction failed for %s: %s: %s", route, type(e).__name__, e)
-            raise HTTPException(500, f"prediction failed: {type(e).__name__}: {e}") from e
+            raise HTTPException(500, _cap(f"prediction failed: {type(e).__name__}: {e}", 200)) from e
         return task, out, truncated
 
     async def _drain(self) -> None:
         """Run the waiting requests, those of one task together, until none is left."""
-        loop = asyncio.get_running_loop()
         while self.waiting:
             task, group, items = self.waiting[0][0], [], 0
             for req in [r for r in self.waiting if r[0] == task]:
@@ -206,42 +244,66 @@ class ModelService:
                 items += len(req[1])
             taken = {id(r) for r in group}
             self.waiting = [r for r in self.waiting if id(r) not in taken]
-            examples = [ex for _, exs, _ in group for ex in exs]
-            self.batch_sizes.append(len(group))
-            try:
-                out, truncated = await loop.run_in_executor(self.worker, self._predict, task, examples)
-            except Exception as e:
-                for *_, answer in group:
-                    if not answer.done():
-                        answer.set_exception(e)
-                continue
-            start = 0
-            for _, exs, answer in group:  # each request its own slice of the arrays
-                end = start + len(exs)
-                if not answer.done():  # (a client that went away cancels its future)
-                    answer.set_result(({k: v[start:end] for k, v in out.items()}, truncated[start:end]))
-                start = end
+            if not await self._answer(task, group) and len(group) > 1:
+                # one request may have failed them all: run each on its own, so only the faulty one fails
+                log.warning("a batch of %d requests failed; answering them one by one", len(group))
+                for req in group:
+                    await self._answer(task, [req])
+
+    async def _answer(self, task: str, group: list) -> bool:
+        """Run `group`'s requests in one predictor call and give each its slice of the result.
+        False if the call failed: with one request, that request gets the error."""
+        group = [req for req in group if not req[2].done()]  # (a client that went away cancels its future)
+        if not group:
+            return True
+        examples = [ex for _, exs, _ in group for ex in exs]
+        self.batch_sizes.append(len(group))
+        try:
+            out, truncated = await asyncio.get_running_loop().run_in_executor(self.worker, self._predict, task,
+                                                                              examples)
+        except Exception as e:
+            if len(group) == 1 and not group[0][2].done():
+                group[0][2].set_exception(e)
+            return False
+        start = 0
+        for _, exs, answer in group:  # each request its own slice of the arrays
+            end = start + len(exs)
+            if not answer.done():
+                answer.set_result(({k: v[start:end] for k, v in out.items()}, truncated[start:end]))
+            start = end
+        return True
 
 
 # ---------------------------------------------------------------- the app
 
-class BodyLimit:
-    """ASGI middleware: refuse request bodies over `max_bytes` with 413 before they are parsed.
-    The body is read here (at most max_bytes of it) and replayed to the app."""
+def error_response(status: int, detail: str, headers: dict | None = None, **extra) -> JSONResponse:
+    return JSONResponse({"detail": _cap(detail), **extra}, status_code=status, headers=headers)
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over `max_bytes` with 413 before they are parsed, and
+    bodies that do not arrive within `read_timeout` seconds with 408 (a slow client holds no
+    request open for long). The body is read here (at most max_bytes of it) and replayed to the app."""
+
+    def __init__(self, app, max_bytes: int, read_timeout: float = 10.0):
+        self.app, self.max_bytes, self.read_timeout = app, max_bytes, read_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        messages, size = [], 0
+        loop = asyncio.get_running_loop()
+        messages, size, deadline = [], 0, loop.time() + self.read_timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except TimeoutError:
+                response = error_response(408, f"request body not received within {self.read_timeout:g} s",
+                                          headers={"connection": "close"})
+                return await response(scope, receive, send)
             messages.append(message)
             size += len(message.get("body", b""))
             if size > self.max_bytes:
-                response = JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, status_code=413)
+                response = error_response(413, f"request body over {self.max_bytes} bytes")
                 return await response(scope, receive, send)
             if message["type"] != "http.request" or not message.get("more_body", False):
                 break
@@ -251,6 +313,45 @@ class BodyLimit:
             return next(pending, None) or await receive()
 
         await self.app(scope, replay, send)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a finite number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+class StrictJSONRequest(Request):
+    """A request whose JSON body may hold finite numbers only (Python's json accepts NaN, Infinity
+    and 1e999 -> inf), and whose every parse failure (bad UTF-8, a 5,000-digit integer, nesting too
+    deep) is a JSON decode error, so it becomes a 422 like any other invalid JSON."""
+
+    async def json(self):
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+            except json.JSONDecodeError:
+                raise
+            except (ValueError, RecursionError) as e:  # (UnicodeDecodeError is a ValueError)
+                raise json.JSONDecodeError(str(e) if not isinstance(e, RecursionError) else "nested too deeply",
+                                           "", 0) from None
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def strict(request: Request):
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict
 
 
 def _validation_message(errors: list[dict]) -> str:
@@ -265,45 +366,83 @@ def _validation_message(errors: list[dict]) -> str:
     return "; ".join(parts)
 
 
+def _short_errors(errors: list[dict]) -> list[dict]:
+    """Pydantic's errors without the offending input (it may be megabytes, bytes or NaN): where,
+    what and which kind, each part capped."""
+    short = []
+    for err in errors[:MAX_ERRORS]:
+        item = {"loc": [x if isinstance(x, int) else _cap(str(x), 64) for x in err.get("loc", ())],
+                "msg": _cap(str(err.get("msg", "")), 200), "type": str(err.get("type", ""))}
+        if "error" in (err.get("ctx") or {}):  # (why the JSON did not parse)
+            item["ctx"] = {"error": _cap(str(err["ctx"]["error"]), 200)}
+        short.append(item)
+    return short
+
+
 def _route_info(route: str, task: str) -> dict:
     spec = get_task(task)
     extra = {"range": list(spec.label_range)} if spec.kind.scores else {"labels": list(spec.label_names or ())}
     return {"path": f"/v1/{route}", "task": task, **extra}
 
 
+def _new_app(docs: bool) -> FastAPI:
+    """The FastAPI app, with /docs served from the fastapi-offline package's Swagger UI files (no
+    CDN), or without /docs where that package is missing or `docs` is False. No /redoc."""
+    options = dict(title="mtbert", version=__version__,
+                   description="Sentiment (SST-5), paraphrase (Quora) and similarity (STS-B) from one multitask BERT.")
+    if docs:
+        try:
+            from fastapi_offline import FastAPIOffline
+        except ImportError:
+            log.warning("/docs is off: install fastapi-offline for API docs that work offline")
+        else:
+            return FastAPIOffline(redoc_url=None, **options)
+    return FastAPI(docs_url=None, redoc_url=None, **options)
+
+
 def create_app(predictor_or_run_dir: BasePredictor | str | Path, *, max_items: int = 64, max_chars: int = 20_000,
                max_body_bytes: int = 2 * 1024 * 1024, device: str = "auto", precision: str = "auto",
-               batch_size: int = 128, max_batch_items: int = 256) -> FastAPI:
-    """The FastAPI app serving a predictor, or the run / checkpoint / ensemble directory it loads from."""
-    if min(max_items, max_chars, max_body_bytes) < 1:
-        raise ValueError("max_items, max_chars and max_body_bytes must be positive")
+               batch_size: int = 128, max_batch_items: int = 256, read_timeout: float = 10.0,
+               allowed_hosts: Sequence[str] = LOOPBACK_HOSTS, docs: bool = True) -> FastAPI:
+    """The FastAPI app serving a predictor, or the run / checkpoint / ensemble directory it loads from.
+    `allowed_hosts`: the Host header names answered ("*": any)."""
+    if min(max_items, max_chars, max_body_bytes, batch_size, max_batch_items) < 1:
+        raise ValueError("max_items, max_chars, max_body_bytes, batch_size and max_batch_items must be positive")
+    if not (math.isfinite(read_timeout) and read_timeout > 0):
+        raise ValueError(f"read_timeout must be a positive number of seconds, got {read_timeout}")
     if isinstance(predictor_or_run_dir, BasePredictor):
         predictor, run_dir = predictor_or_run_dir, None
     else:
         run_dir = Path(predictor_or_run_dir)
         predictor = load_predictor(run_dir, device, precision, batch_size)
     service = ModelService(predictor, max_items, max_chars, max_batch_items)
-    info = {"mtbert_version": __version__, "run": str(run_dir or predictor.name), "tasks": predictor.tasks,
+    run_name = run_dir.resolve().name if run_dir else predictor.name
+    info = {"mtbert_version": __version__, "run": _public_name(run_name), "tasks": predictor.tasks,
             **describe(predictor, run_dir)}
     info["routes"] = {route: _route_info(route, task) for route, task in service.routes.items()}
     info["limits"] = {"max_items": max_items, "max_batch_items": service.max_batch_items, "max_chars": max_chars,
                       "max_body_bytes": max_body_bytes,
                       "max_tokens": info.pop("max_tokens")}
 
-    app = FastAPI(title="mtbert", version=__version__,
-                  description="Sentiment (SST-5), paraphrase (Quora) and similarity (STS-B) from one multitask BERT.")
+    app = _new_app(docs)
+    app.router.route_class = StrictJSONRoute  # (for the routes added below)
     app.state.service = service
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, read_timeout=read_timeout)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts), www_redirect=False)  # outermost
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
-        errors = jsonable_encoder(exc.errors())
-        return JSONResponse({"detail": _validation_message(errors), "errors": errors}, status_code=422)
+        errors = _short_errors(exc.errors())
+        return error_response(422, _validation_message(errors), errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+        return error_response(500, f"internal error: {type(exc).__name__}")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
@@ -347,8 +486,111 @@ def create_app(predictor_or_run_dir: BasePredictor | str | Path, *, max_items: i
     return app
 
 
-def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, **app_options) -> None:
+# ---------------------------------------------------------------- the server
+
+def trusted_hosts(host: str, extra: Sequence[str] = ()) -> list[str]:
+    """The Host header names to answer: the loopback names, the address served on (unless it is a
+    wildcard: then clients on other machines name the server, and those names must be in `extra`),
+    and `extra` (names, comma-separated lists, '*.example.com', or '*' for any)."""
+    def literal(name: str) -> str:  # a Host header writes an IPv6 address in brackets
+        return f"[{name}]" if ":" in name and not name.startswith("[") else name
+
+    hosts = list(LOOPBACK_HOSTS) + ([literal(host)] if host not in WILDCARD_ADDRESSES else [])
+    for part in (p.strip() for name in extra for p in str(name).split(",")):
+        if part and ("*" in part[1:] or (part.startswith("*") and part != "*" and not part.startswith("*."))):
+            raise ValueError(f"allowed host {part!r}: a wildcard must be '*' or like '*.example.com'")
+        if part == "*":
+            return ["*"]
+        if part:
+            hosts.append(literal(part))
+    return list(dict.fromkeys(hosts))
+
+
+def read_deadline_protocol(read_timeout: float) -> type:
+    """uvicorn's HTTP protocol, closing a connection that has not sent a complete request head within
+    `read_timeout` seconds of connecting or of its last response. (uvicorn's keep-alive timer
+    restarts on every byte received, so a client sending its head a byte at a time would hold the
+    connection for ever; the body has BodyLimit's deadline.)"""
+    class ReadDeadlineProtocol(AutoHTTPProtocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._disarm()  # a complete head: the request is the app's now
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(read_timeout, self._expire)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expire(self) -> None:
+            self._deadline = None
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+    return ReadDeadlineProtocol
+
+
+def server_config(app: FastAPI, *, read_timeout: float = 10.0, keep_alive_timeout: float = 5.0,
+                  max_connections: int = 100, log_level: str = "info"):
+    """uvicorn's settings against slow and numerous clients."""
+    if not all(math.isfinite(t) and t > 0 for t in (read_timeout, keep_alive_timeout)):
+        raise ValueError("read_timeout and keep_alive_timeout must be positive numbers of seconds")
+    if max_connections < 1:
+        raise ValueError(f"max_connections must be at least 1, got {max_connections}")
+    return uvicorn.Config(app, http=read_deadline_protocol(read_timeout), timeout_keep_alive=keep_alive_timeout,
+                          limit_concurrency=max_connections, log_level=log_level, server_header=False)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (an OSError, e.g. address in use, before the model loads)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be 0..65535, got {port}")
+    sock = None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        if sock is not None:
+            sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, allowed_hosts: Sequence[str] = (),
+          read_timeout: float = 10.0, keep_alive_timeout: float = 5.0, max_connections: int = 100,
+          **app_options) -> None:
     """Load the model, then serve it with uvicorn until interrupted."""
-    app = create_app(run_dir, **app_options)
-    print(f"serving {run_dir} on http://{host}:{port}/  (API docs: /docs)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    hosts = trusted_hosts(host, allowed_hosts)
+    sock = bind_socket(host, port)
+    try:
+        app = create_app(run_dir, read_timeout=read_timeout, allowed_hosts=hosts, **app_options)
+        config = server_config(app, read_timeout=read_timeout, keep_alive_timeout=keep_alive_timeout,
+                               max_connections=max_connections)
+        port = sock.getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"serving {run_dir} on http://{shown}:{port}/  (API docs: /docs; answering Host "
+              f"{', '.join(hosts)})", flush=True)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()

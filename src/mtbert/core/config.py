@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import yaml
 
 from mtbert.core.errors import ConfigError
-from mtbert.core.tasks import OVERALL_SCORES, register_tasks
+from mtbert.core.tasks import OVERALL_SCORES, TASKS, register_tasks
 
 
 @dataclass
@@ -125,13 +127,16 @@ def _coerce(value, annotation: str, key: str):
     base = annotation.split("|")[0].strip()
     try:
         if base == "float" and not isinstance(value, bool):
+            if not math.isfinite(float(value)):  # NaN or inf would train nonsense or divide by zero
+                raise ValueError
             return float(value)
         if base == "int" and not isinstance(value, bool):
             if float(value) != int(float(value)):
                 raise ValueError
             return int(float(value))
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} must be a {base}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        what = {"float": "float (a finite number)", "int": "whole number"}.get(base, base)
+        raise ConfigError(f"{key} must be a {what}, got {value!r}") from None
     if base == "bool" and not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if base in ("dict", "list") and not isinstance(value, {"dict": dict, "list": list}[base]):
@@ -152,14 +157,19 @@ def _set_path(d: dict, dotted: str, value: Any) -> None:
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    if "=" not in item:
+    if "=" not in item or not item.split("=", 1)[0].strip():
         raise ConfigError(f"--set expects key=value, got {item!r}")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw != "" else None
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key.strip()}: value is not valid YAML ({_yaml_problem(e)})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
     """YAML file (may name `base: other.yaml` to inherit) + dotted overrides -> Config."""
+    if base is not None and not isinstance(base, dict):
+        raise ConfigError(f"a saved config must be a mapping of sections, got {type(base).__name__}")
     raw = dict(base or {})
     if path is not None:
         raw = _merge(raw, _read_yaml(Path(path)))
@@ -168,9 +178,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         _set_path(raw, k, v)
     if isinstance(raw.get("tasks"), str):  # --set tasks=path/to/tasks.yaml
         raw["tasks"] = _task_file(Path(raw["tasks"]))
-    cfg = _validate(_fill(Config, raw, ""))
-    import_plugins(cfg.plugins)
+    cfg = _fill(Config, raw, "")
+    import_plugins(cfg.plugins)  # they may register tasks, schedules, ... that the checks look up
     register_tasks(cfg.tasks)  # paths were resolved where each definition was read
+    cfg = _validate(cfg)
     if cfg.data.overall not in OVERALL_SCORES:
         raise ConfigError(f"data.overall must be one of {sorted(OVERALL_SCORES)}, got {cfg.data.overall!r}")
     return cfg
@@ -214,30 +225,116 @@ def import_plugins(modules: list[str]) -> None:
             raise ConfigError(f"plugins: cannot import {name!r} ({e}); is it on PYTHONPATH?") from e
 
 
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
 def _validate(cfg: "Config") -> "Config":
-    for key, value, least in (("data.batch_size", cfg.data.batch_size, 1),
-                              ("data.eval_batch_size", cfg.data.eval_batch_size, 1),
-                              ("train.epochs", cfg.train.epochs, 1), ("model.max_length", cfg.model.max_length, 3)):
+    """Refuse values no run can use, each with its key (before anything is loaded or trained)."""
+    m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.pretrain
+    at_least = [("data.batch_size", d.batch_size, 1), ("data.eval_batch_size", d.eval_batch_size, 1),
+                ("train.epochs", t.epochs, 1), ("model.max_length", m.max_length, 3),
+                ("model.shared_pair_layer", m.shared_pair_layer, 0), ("train.weight_decay", t.weight_decay, 0),
+                ("pretrain.epochs", p.epochs, 1), ("pretrain.batch_size", p.batch_size, 2),
+                ("train.seed", t.seed, 0)]
+    for key, value, least in at_least:
         if value < least:
             raise ConfigError(f"{key} must be at least {least}, got {value}")
-    if not 0.0 < cfg.data.train_fraction <= 1.0:
-        raise ConfigError("data.train_fraction must be in (0, 1]")
-    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
-        raise ConfigError("train.max_steps must be at least 1 (or null)")
-    if cfg.train.save_every is not None and cfg.train.save_every < 1:
-        raise ConfigError("train.save_every must be at least 1 (or null)")
+    optional_at_least = [("data.limit", d.limit, 1), ("train.max_steps", t.max_steps, 1),
+                         ("train.eval_every", t.eval_every, 1), ("train.save_every", t.save_every, 1),
+                         ("train.threads", t.threads, 1), ("pretrain.max_steps", p.max_steps, 1)]
+    for key, value, least in optional_at_least:
+        if value is not None and value < least:
+            raise ConfigError(f"{key} must be at least {least} (or null), got {value}")
+    for key, value in (("train.lr", t.lr), ("pretrain.lr", p.lr), ("pretrain.tau", p.tau)):
+        if not value > 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    for key, value in (("train.head_lr", t.head_lr), ("train.clip_norm", t.clip_norm)):
+        if value is not None and not value > 0:
+            raise ConfigError(f"{key} must be positive (or null), got {value}")
+    if t.time_budget_min is not None and t.time_budget_min < 0:  # (0: stop after the first step)
+        raise ConfigError(f"train.time_budget_min must be at least 0 (or null), got {t.time_budget_min}")
+    for key, value, lo, hi in (("data.train_fraction", d.train_fraction, 0.0, 1.0),):
+        if not lo < value <= hi:
+            raise ConfigError(f"{key} must be in ({lo:g}, {hi:g}], got {value}")
+    for key, value in (("train.warmup_ratio", t.warmup_ratio), ("pretrain.warmup_ratio", p.warmup_ratio)):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key} must be in [0, 1], got {value}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if t.seed >= 2 ** 32:
+        raise ConfigError(f"train.seed must be below 2**32, got {t.seed}")
+    max_threads = max(256, 4 * (os.cpu_count() or 1))
+    if t.threads is not None and t.threads > max_threads:
+        raise ConfigError(f"train.threads must be at most {max_threads}, got {t.threads}")
+    if not DEVICE.fullmatch(t.device):
+        raise ConfigError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+    _validate_tasks(d.tasks)
+    for key, options in (("techniques", cfg.techniques), ("train.schedule_args", t.schedule_args),
+                         ("train.weighting_args", t.weighting_args)):
+        _validate_option_numbers(key, options)
     return cfg
 
 
-def _read_yaml(path: Path) -> dict:
-    if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
-    d = yaml.safe_load(path.read_text()) or {}
-    if isinstance(d, dict) and "tasks" in d:  # relative task paths belong to the file that names them
+def _validate_option_numbers(key: str, value) -> None:
+    """Technique, schedule and weighting options are weights, rates, temperatures, ranks, counts:
+    none can be negative, NaN or infinite (each plug-in checks its own finer limits)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _validate_option_numbers(f"{key}.{k}", v)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _validate_option_numbers(f"{key}[{i}]", v)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{key} must be a finite number of at least 0, got {value}")
+
+
+def _validate_tasks(tasks: list) -> None:
+    if not tasks:
+        raise ConfigError("data.tasks must name at least one task")
+    unknown = [t for t in tasks if not isinstance(t, str) or t not in TASKS]
+    if unknown:
+        raise ConfigError(f"data.tasks: unknown task(s) {unknown}; choose from {sorted(TASKS)}")
+    variants = [t for t in tasks if getattr(TASKS[t], "variant_of", None) in tasks]
+    if variants or len(set(tasks)) != len(tasks):
+        raise ConfigError(f"data.tasks lists a task twice (or with its variant {variants}): {tasks}")
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: what and where."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or type(e).__name__}{where}"
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in chain:
+        raise ConfigError("config files inherit in a cycle: " + " -> ".join(p.name for p in (*chain, path)))
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" + (f" (the base of {chain[-1]})" if chain else ""))
+    try:
+        d = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections (model:, data:, train:, ...), "
+                          f"got {type(d).__name__}")
+    if "tasks" in d:  # relative task paths belong to the file that names them
         d["tasks"] = _task_file((path.parent / d["tasks"]).resolve()) if isinstance(d["tasks"], str) \
             else _resolve_task_paths(d["tasks"], path.parent)
     if "base" in d:  # inheritance keeps technique presets small
-        parent = _read_yaml((path.parent / d.pop("base")).resolve())
+        base = d.pop("base")
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"{path}: base must be a file name, got {base!r}")
+        parent = _read_yaml(path.parent / base, (*chain, path))
         d = _merge(parent, d)
     return d
 

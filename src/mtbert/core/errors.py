@@ -16,3 +16,7 @@ class DataError(RuntimeError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint or backbone directory is missing, incomplete or does not match the model."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A training loss or dev score became NaN or infinite: the run stops, its last good best/ is kept."""

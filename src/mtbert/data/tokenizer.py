@@ -7,6 +7,8 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from tokenizers.implementations import BertWordPieceTokenizer
 
+from mtbert.core.errors import CheckpointError
+
 
 class BertTokenizer:
     def __init__(self, tok: Tokenizer, max_length: int = 128):
@@ -25,15 +27,25 @@ class BertTokenizer:
     @classmethod
     def from_dir(cls, directory: str | Path, max_length: int = 128) -> "BertTokenizer":
         d = Path(directory)
-        if (d / "tokenizer.json").exists():
-            return cls(Tokenizer.from_file(str(d / "tokenizer.json")), max_length)
-        if (d / "vocab.txt").exists():
-            lower = True
-            tc = d / "tokenizer_config.json"
-            if tc.exists():
-                lower = json.loads(tc.read_text()).get("do_lower_case", True)
-            return cls(BertWordPieceTokenizer(str(d / "vocab.txt"), lowercase=lower)._tokenizer, max_length)
-        raise FileNotFoundError(f"no tokenizer.json or vocab.txt in {d}")
+        if not (d / "tokenizer.json").exists() and not (d / "vocab.txt").exists():
+            raise FileNotFoundError(f"no tokenizer.json or vocab.txt in {d}")
+        try:
+            if (d / "tokenizer.json").exists():
+                tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+            else:
+                lower = True
+                tc = d / "tokenizer_config.json"
+                if tc.exists():
+                    lower = json.loads(tc.read_text()).get("do_lower_case", True)
+                tok = BertWordPieceTokenizer(str(d / "vocab.txt"), lowercase=lower)._tokenizer
+            tokenizer = cls(tok, max_length)
+            tokenizer.encode_pairs(["A probe, 123."], ["Ünïcode ünknown wörds"])  # fails now, not per request
+            return tokenizer
+        except Exception as e:  # the tokenizers library raises plain Exceptions for unreadable files
+            if isinstance(e, ValueError) and "max_length" in str(e):
+                raise
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise CheckpointError(f"corrupt or unreadable tokenizer in {d}: {reason}") from None
 
     def save(self, directory: str | Path) -> None:
         self.tok.save(str(Path(directory) / "tokenizer.json"))

@@ -20,6 +20,7 @@ can be moved freely. `mtbert evaluate`, `mtbert predict` (and every caller of
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import time
 from pathlib import Path
@@ -53,7 +54,7 @@ def parse_thresholds(items: list[str] | None) -> dict[str, float]:
     for item in items or []:
         task, sep, value = item.partition("=")
         try:
-            if not sep or not task.strip():
+            if not sep or not task.strip() or not math.isfinite(float(value)):
                 raise ValueError
             out[task.strip()] = float(value)
         except ValueError:

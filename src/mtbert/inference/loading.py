@@ -14,6 +14,8 @@ from mtbert.modeling.checkpoint import find_checkpoint, load_checkpoint
 
 def load_predictor(path: str | Path, device="auto", precision: str = "auto", batch_size: int = 128) -> BasePredictor:
     """A Predictor for a run directory or checkpoint, an EnsemblePredictor for an ensemble directory."""
+    if not isinstance(batch_size, int) or batch_size < 1:  # 0 would score nothing; negatives slice wrongly
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
     device = select_device(device) if isinstance(device, str) else torch.device(device)
     amp = resolve_precision(precision, device)
     if is_ensemble_dir(path):

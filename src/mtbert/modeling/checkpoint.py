@@ -143,4 +143,13 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
         model.extensions[name] = ext
     load_state_checked(model, state, str(ckpt))
     tokenizer = BertTokenizer.from_dir(ckpt, max_length=cfg.model.max_length)
+    check_vocab(tokenizer, encoder, ckpt)
     return model.to(device).eval(), tokenizer, cfg, meta
+
+
+def check_vocab(tokenizer: BertTokenizer, encoder: BertModel, where: Path) -> None:
+    """A tokenizer whose ids run past the encoder's embeddings would fail on the first text that uses them."""
+    size, rows = max(tokenizer.tok.get_vocab(with_added_tokens=True).values()) + 1, encoder.config.vocab_size
+    if size > rows:
+        raise CheckpointError(f"tokenizer in {where} has token ids up to {size - 1} but the encoder embeds only "
+                              f"{rows}: they do not belong together")

@@ -10,7 +10,6 @@ torchrun the ranks share one global batch (see core.distributed and training.str
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 
 from mtbert.core.config import Config, resolve_data_dir
 from mtbert.core.distributed import Dist, process_group
-from mtbert.core.io import atomic_write_text
+from mtbert.core.io import atomic_write_text, to_json
 from mtbert.core.runtime import autocast, resolve_precision, select_device, set_seed, set_threads
 from mtbert.core.tasks import get_task, overall_scorer, selection_score
 from mtbert.data.readers import check_task_columns, encode_dataset, load_split
@@ -34,6 +33,7 @@ from mtbert.training import state
 from mtbert.training.gradients import per_task_gradients, set_flat_grad
 from mtbert.training.optimizer import Updater, non_empty, parameter_groups, warmup_linear_decay
 from mtbert.training.pretrain import pretrained_start
+from mtbert.training.rundir import check_finite_losses, check_finite_score, prepare_run_dir
 from mtbert.training.schedules import build_schedule
 from mtbert.training.streams import TaskStream
 from mtbert.training.techniques import StepContext, build_techniques, gradient_combiner
@@ -43,11 +43,12 @@ log = logging.getLogger("mtbert")
 
 
 class Trainer:
-    def __init__(self, cfg: Config, out_dir: str | Path, dist: Dist | None = None, resume: bool = False):
+    def __init__(self, cfg: Config, out_dir: str | Path, dist: Dist | None = None, resume: bool = False,
+                 overwrite: bool = False):
         self.cfg, self.out, self.dist = cfg, Path(out_dir), dist or Dist()
         state_dir = state.find_state(self.out) if resume else None
-        if self.dist.main:
-            _ensure_writable(self.out)
+        select_device(cfg.train.device)  # (an impossible device fails before the run directory is made)
+        prepare_run_dir(self.out, resume, overwrite, self.dist)
         tc = cfg.train
         set_seed(tc.seed)
         set_threads(tc.threads)
@@ -217,15 +218,15 @@ class Trainer:
         train_loss = self.dist.average_floats({t: sums[t] / counts[t] for t in sums if counts[t]})
         self.loss_sums, self.loss_counts = dict.fromkeys(sums, 0.0), dict.fromkeys(sums, 0)
         score = selection_score(metrics)
+        check_finite_score(score, self.step, self.best_metrics)
         for tech in self.techniques:
             self.updater.scale_lr(tech.on_eval(score, sum(train_loss.values())))
         row = {"epoch": self.epoch, "step": self.step, "elapsed_s": round(time.time() - self.t0, 1),
                "train_loss": train_loss,
                "lr": self.updater.lr, "task_weights": self.weighting.weights(), "dev": metrics}
         self.history.append(row)
-        if self.dist.main:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+        if self.dist.main:  # the whole log, atomically: no half line after a crash, no bare NaN
+            atomic_write_text(self.out / "metrics.jsonl", "".join(to_json(r) + "\n" for r in self.history))
             if score > self.best_score:
                 save_checkpoint(self.out / "best", self.model, self.tokenizer, self.cfg,
                                 {"step": self.step, "epoch": self.epoch, "dev": metrics})
@@ -247,7 +248,7 @@ class Trainer:
             atomic_write_text(self.out / "config.yaml", _yaml(self.cfg))
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
             if self.history:  # resumed: the saved rows, without any logged after the saved state
-                atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+                atomic_write_text(self.out / "metrics.jsonl", "".join(to_json(r) + "\n" for r in self.history))
         self.t0 = time.time() - self.elapsed
         eval_every, save_every = self.cfg.train.eval_every, self.cfg.train.save_every
         show = self.cfg.train.progress and self.dist.main
@@ -257,7 +258,9 @@ class Trainer:
             plan = self.plans[epoch][self.step - begin: self.total_steps - begin]  # resumed: the rest
             bar = tqdm(plan, desc=f"epoch {epoch}", disable=not show, dynamic_ncols=True)
             for i, tasks in enumerate(bar):
-                for t, l in self.train_step(tasks).items():
+                losses = self.train_step(tasks)
+                check_finite_losses(losses, self.step, self.dist, self.best_metrics)
+                for t, l in losses.items():
                     self.loss_sums[t] += l
                     self.loss_counts[t] += 1
                 sums, counts = self.loss_sums, self.loss_counts
@@ -276,7 +279,7 @@ class Trainer:
                    "train_seconds": round(time.time() - self.t0, 1), "examples_seen": self.examples_seen,
                    **self.parameter_counts()}
         if self.dist.main:
-            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+            atomic_write_text(self.out / "summary.json", to_json(summary, indent=2))
             for d in ("last", "last.old"):  # finished: the resumable state is no longer needed
                 shutil.rmtree(self.out / d, ignore_errors=True)
         return summary
@@ -286,17 +289,8 @@ def _yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def _ensure_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise OSError(f"output directory {out} is not writable: {e}") from e
-
-
-def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
-    """Train (or with `resume`, continue the run in `out_dir`); under torchrun, as one of its ranks."""
+def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train (or with `resume`, continue the run in `out_dir`); under torchrun, as one of its ranks.
+    A directory that holds a run is refused unless `resume` or `overwrite` (which deletes that run)."""
     with process_group(cfg.train.device) as dist:
-        return Trainer(cfg, out_dir, dist, resume).run()
+        return Trainer(cfg, out_dir, dist, resume, overwrite).run()

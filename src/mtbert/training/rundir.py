@@ -1,0 +1,81 @@
+"""The run directory's guards: never train over a run by accident, and stop a run that diverges.
+
+A run directory holds a trained model and its results; training into one that holds a run is
+refused unless the run is resumed or explicitly overwritten. A NaN or infinite loss or dev score
+ends training with TrainingDiverged, before it can replace the last good best/ or write bare NaN.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+from mtbert.core.distributed import Dist
+from mtbert.core.errors import ConfigError, TrainingDiverged
+
+# what a run directory holds; any of these there means a run lives in it
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "best", "best.old", "last", "last.old", "pretrain")
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool, dist: Dist | None = None,
+                    resumable: bool = True) -> None:
+    """Refuse to train into a directory that holds a run, unless resuming it or told to overwrite
+    it (then its run files are deleted first, so no stale summary or model outlives the new run).
+    The main rank looks and writes; every rank gets its verdict, so all stop together."""
+    dist = dist or Dist()
+    problem = None
+    if dist.main:
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        if found and not resume and not overwrite:
+            finished = "finished " if "summary.json" in found else ""
+            resume_it = f"continue an unfinished run with `mtbert train --resume {out}`, " if resumable else ""
+            problem = (f"{out} already holds a {finished}run ({', '.join(found)}): {resume_it}replace it with "
+                       f"--overwrite (deletes its model and metrics), or choose another --out")
+        else:
+            try:
+                for name in found if overwrite and not resume else []:
+                    path = out / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+                _ensure_writable(out)
+            except OSError as e:
+                problem = ("OSError", str(e))
+        if isinstance(problem, str):
+            problem = ("ConfigError", problem)
+    problem = dist.broadcast_object(problem)
+    if problem:
+        raise (OSError if problem[0] == "OSError" else ConfigError)(problem[1])
+
+
+def check_finite_losses(losses: dict[str, float], step: int, dist: Dist, best_metrics: dict) -> None:
+    """Stop the run (on every rank) once a training loss is NaN or infinite: the weights are
+    ruined from here on, and best/ still holds the last good model."""
+    bad = {t: v for t, v in losses.items() if not math.isfinite(v)}
+    if dist.any(bool(bad)):
+        where = ", ".join(f"{t} loss {v}" for t, v in bad.items()) or "a loss on another rank is not finite"
+        raise TrainingDiverged(f"training diverged at step {step} ({where}); lower train.lr or set "
+                               f"train.clip_norm; " + _kept(best_metrics))
+
+
+def check_finite_score(score: float, step: int, best_metrics: dict) -> None:
+    """A NaN dev score means the model outputs NaN (and NaN > best is False: the run would end
+    without a model)."""
+    if not math.isfinite(score):
+        raise TrainingDiverged(f"dev score is {score} at step {step}: the model's outputs are not finite; "
+                               + _kept(best_metrics))
+
+
+def _kept(best_metrics: dict) -> str:
+    if not best_metrics:
+        return "no model was saved (the run diverged before its first good evaluation)"
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in best_metrics.items())
+    return f"best/ keeps the best model so far (dev {shown})"
+
+
+def _ensure_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"output directory {out} is not writable: {e}") from e
