@@ -88,8 +88,8 @@ ALL_MPNET_BASE_V2 = SplitArchive(
 # name -> () -> checkpoint directory (raising CheckpointError with the fix when it is not there)
 BACKBONES: Registry[Callable[[], Path]] = Registry("backbone", hint="or give a checkpoint directory")
 BACKBONES.register(default_backbone_dir, name="default")
-BACKBONES.register(lambda: installed(ALL_MPNET_BASE_V2), name="mpnet-base")
-ARCHIVES = {"mpnet-base": ALL_MPNET_BASE_V2}
+ARCHIVES = {"mpnet-base": ALL_MPNET_BASE_V2}  # opt-in backbones that `mtbert install-backbone` installs
+BACKBONES.register(lambda: installed(ARCHIVES["mpnet-base"]), name="mpnet-base")
 
 
 def resolve(backbone: str | None) -> Path:
