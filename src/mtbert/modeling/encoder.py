@@ -40,18 +40,20 @@ class Family:
     relative_bias: bool        # bucketed relative-position attention bias, shared by all layers
     pair_style: str            # how the tokenizer joins a pair: "bert" or "roberta" (data.tokenizer)
     hf_prefix: str             # the base model's prefix inside a Hugging Face task model ("bert.")
-    hf_attention: tuple        # HF names under encoder.layer.i.attention. of Q, K, V, output, LayerNorm
+    # Hugging Face names under encoder.layer.i.attention. of Q, K, V, the output projection and its LayerNorm
+    hf_qkv: tuple = ("self.query", "self.key", "self.value")
+    hf_attention_out: str = "output.dense"
+    hf_attention_norm: str = "output.LayerNorm"
 
 
 FAMILIES: Registry[Family] = Registry("encoder family", hint="config.json's model_type")
 FAMILIES.register(Family("bert", position_offset=False, token_types=True, relative_bias=False, pair_style="bert",
-                         hf_prefix="bert.", hf_attention=("self.query", "self.key", "self.value",
-                                                          "output.dense", "output.LayerNorm")))
+                         hf_prefix="bert."))
 FAMILIES.register(Family("roberta", position_offset=True, token_types=True, relative_bias=False,
-                         pair_style="roberta", hf_prefix="roberta.",
-                         hf_attention=("self.query", "self.key", "self.value", "output.dense", "output.LayerNorm")))
+                         pair_style="roberta", hf_prefix="roberta."))
 FAMILIES.register(Family("mpnet", position_offset=True, token_types=False, relative_bias=True, pair_style="roberta",
-                         hf_prefix="mpnet.", hf_attention=("attn.q", "attn.k", "attn.v", "attn.o", "LayerNorm")))
+                         hf_prefix="mpnet.", hf_qkv=("attn.q", "attn.k", "attn.v"), hf_attention_out="attn.o",
+                         hf_attention_norm="LayerNorm"))
 
 
 def get_family(model_type: str) -> Family:
@@ -143,10 +145,13 @@ class Embeddings(nn.Module):
             return mask.cumsum(1) * mask + self.pad_token_id
         return torch.arange(attention_mask.shape[1], device=attention_mask.device)[None]
 
-    def forward(self, input_ids, token_type_ids, attention_mask, inputs_embeds=None):
-        """`inputs_embeds` replaces the word embeddings (adversarial training perturbs them)."""
+    def forward(self, input_ids, token_type_ids, inputs_embeds=None, attention_mask=None):
+        """`inputs_embeds` replaces the word embeddings (adversarial training perturbs them);
+        `attention_mask` (None: no padding) places the positions of offset families."""
         if inputs_embeds is None:
             inputs_embeds = self.word(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
         x = inputs_embeds + self.position(self.positions(attention_mask))
         if self.token_type is not None:
             x = x + self.token_type(token_type_ids)
@@ -249,7 +254,7 @@ class BertModel(nn.Module):
         """Returns dict(last_hidden_state [B,T,H], pooler_output [B,H], attentions list|None)."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        x = self.embeddings(input_ids, token_type_ids, attention_mask, inputs_embeds)
+        x = self.embeddings(input_ids, token_type_ids, inputs_embeds, attention_mask)
         attn_mask = self.attention_mask(attention_mask)
         attentions = [] if output_attentions else None
         for layer in self.layers:
@@ -293,7 +298,7 @@ def hf_names(cfg: BertConfig) -> dict[str, str]:
         names["embeddings.token_type.weight"] = "embeddings.token_type_embeddings.weight"
     if fam.relative_bias:
         names["relative_bias.weight"] = "encoder.relative_attention_bias.weight"
-    out_name, norm_name = fam.hf_attention[3], fam.hf_attention[4]
+    out_name, norm_name = fam.hf_attention_out, fam.hf_attention_norm
     for i in range(cfg.num_hidden_layers):
         hf, me = f"encoder.layer.{i}.", f"layers.{i}."
         for kind in ("weight", "bias"):
@@ -313,7 +318,7 @@ def convert_hf_state_dict(sd: dict[str, torch.Tensor], cfg: BertConfig) -> dict[
     fam = cfg.family
     prefix = fam.hf_prefix if any(k.startswith(fam.hf_prefix) for k in sd) else ""
     names = hf_names(cfg)
-    qkv = {i: [f"encoder.layer.{i}.attention.{part}" for part in fam.hf_attention[:3]]
+    qkv = {i: [f"encoder.layer.{i}.attention.{part}" for part in fam.hf_qkv]
            for i in range(cfg.num_hidden_layers)}
     missing = [prefix + v for v in names.values() if prefix + v not in sd]
     missing += [f"{prefix}{part}.{kind}" for parts in qkv.values() for part in parts for kind in ("weight", "bias")
