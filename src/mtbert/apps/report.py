@@ -534,7 +534,7 @@ def render_run(r: dict) -> str:
         parts.append(f"<h3>Attention ({esc(a['task'])} pair {esc(a['id'])})</h3>")
         parts.append("<p>" + "<br>".join(esc(x) for x in a["texts"]) + "</p>")
         parts.append(_img(a["figure"], "first head, layers " + ", ".join(map(str, a["layers"]))
-                          + ": [CLS] a [SEP] b [SEP] cross-encoded"))
+                          + ": the pair cross-encoded as one sequence"))
     parts.append("</section>")
     return "\n".join(parts)
 

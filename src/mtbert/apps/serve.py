@@ -130,7 +130,8 @@ def leaf_predictors(predictor: BasePredictor, task: str | None = None) -> list[P
 
 def truncation_flags(predictor: BasePredictor, task: str, examples: list[Example]) -> list[bool]:
     """Per example: does any model of `predictor` cut it to fit max_length? Mirrors BertTokenizer:
-    [CLS] text [SEP] for one text or a bi-encoded side, [CLS] a [SEP] b [SEP] for a cross-encoded pair."""
+    [CLS] text [SEP] for one text or a bi-encoded side, [CLS] a [SEP] b [SEP] for a cross-encoded pair
+    (<s> text </s> and <s> a </s></s> b </s> for RoBERTa and MPNet: the tokenizer's overheads)."""
     flags = [False] * len(examples)
     for leaf in leaf_predictors(predictor, task):
         if leaf.tokenizer is None:
@@ -140,8 +141,8 @@ def truncation_flags(predictor: BasePredictor, task: str, examples: list[Example
                    for col in zip(*(ex.texts for ex in examples))]
         for i in range(len(examples)):
             sides = [col[i] for col in columns]
-            alone = any(n + 2 > tok.max_length for n in sides)
-            together = sum(sides) + 3 > tok.max_length
+            alone = any(n + tok.single_overhead > tok.max_length for n in sides)
+            together = sum(sides) + tok.pair_overhead > tok.max_length
             if len(sides) == 1 or mode == "bi":
                 flags[i] |= alone
             else:

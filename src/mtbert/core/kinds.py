@@ -58,6 +58,20 @@ class OutputKind:
         """Combine ensemble members' `prob` outputs into pred / prob / logits (/ score)."""
         raise NotImplementedError
 
+    def soft_target(self, logits: torch.Tensor) -> torch.Tensor:
+        """What a student learns from a teacher's output (distillation): its log class
+        distribution [B, K]; the score [B] for regression. An ensemble's `logits` (the log of its
+        averaged probabilities) give the ensemble's distribution."""
+        return self.log_probs(logits)
+
+    def distillation_loss(self, logits: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+        """T² · KL(teacher ‖ student), both distributions at temperature T (Hinton et al., 2015),
+        averaged over the batch; `target` is soft_target() of the teacher. The T² keeps the
+        gradient's size independent of T."""
+        teacher = (target.float() / temperature).log_softmax(-1)
+        student = self.log_probs(logits.float() / temperature)
+        return temperature ** 2 * (teacher.exp() * (teacher - student)).sum(-1).mean()
+
     def with_score(self, out: dict) -> dict:
         """Predictor outputs, with "score" (= pred) added for score kinds."""
         if self.scores:
@@ -152,6 +166,12 @@ class Regression(OutputKind):
 
     def divergence(self, a, b):  # squared error: scores have no distribution
         return F.mse_loss(a.float().view(-1), b.float().view(-1))
+
+    def soft_target(self, logits):  # the teacher's score
+        return logits.float().view(-1)
+
+    def distillation_loss(self, logits, target, temperature):  # squared error to the teacher's score
+        return F.mse_loss(logits.float().view(-1), target.float().view(-1))
 
     def average(self, probs):  # mean score
         score = _mean_prob(probs).astype(np.float32)

@@ -24,19 +24,19 @@ from mtbert.core.errors import CheckpointError
 from mtbert.core.tasks import get_task
 from mtbert.data.tokenizer import BertTokenizer
 from mtbert.modeling.adapters import EXTENSIONS, merge_lora
-from mtbert.modeling.encoder import BertConfig, BertModel, default_backbone_dir, load_hf_bert, load_state_checked
+from mtbert.modeling.backbones import ARCHIVES, BACKBONES
+from mtbert.modeling.backbones import resolve as resolve_backbone
+from mtbert.modeling.encoder import BertConfig, BertModel, load_hf_encoder, load_state_checked
 from mtbert.modeling.model import MultitaskModel
 
 
-def resolve_backbone(name: str) -> Path:
-    return default_backbone_dir() if name in ("default", "", None) else Path(name)
-
-
 def load_encoder(backbone: str) -> tuple[BertModel, Path]:
-    """A Hugging Face BERT directory, or one of our checkpoints (its encoder weights are reused)."""
+    """A named backbone, a Hugging Face BERT / RoBERTa / MPNet directory, or one of our
+    checkpoints (its encoder weights are reused)."""
     path = resolve_backbone(backbone)
     if not path.exists():
-        raise CheckpointError(f"backbone not found: {path}")
+        raise CheckpointError(f"backbone not found: {path} (give a checkpoint directory or one of the named "
+                              f"backbones {', '.join(BACKBONES.names())})")
     ours = find_checkpoint(path, required=False)
     if ours is not None:
         model, _, _, _ = load_checkpoint(ours)
@@ -45,7 +45,12 @@ def load_encoder(backbone: str) -> tuple[BertModel, Path]:
         if "lora" in model.extensions:  # fold the adapters in: the new run starts from W0 + (α/r) B A
             merge_lora(model.encoder)
         return model.encoder.requires_grad_(True), ours
-    return load_hf_bert(path), path
+    try:
+        return load_hf_encoder(path), path
+    except CheckpointError as e:
+        if backbone in ARCHIVES:  # an installed named backbone that does not load: say how to repair it
+            raise CheckpointError(f"{e}; reinstall it: {ARCHIVES[backbone].install_hint} --force") from e
+        raise
 
 
 def build_model(cfg: Config) -> tuple[MultitaskModel, BertTokenizer]:
@@ -56,10 +61,10 @@ def build_model(cfg: Config) -> tuple[MultitaskModel, BertTokenizer]:
         tok_dir = backbone_dir
     else:
         encoder, tok_dir = load_encoder(cfg.model.backbone)
-    tokenizer = BertTokenizer.from_dir(tok_dir, max_length=cfg.model.max_length)
-    if cfg.model.max_length > encoder.config.max_position_embeddings:
+    tokenizer = BertTokenizer.from_dir(tok_dir, max_length=cfg.model.max_length, style=encoder.family.pair_style)
+    if cfg.model.max_length > encoder.config.max_tokens:
         raise ValueError(f"model.max_length {cfg.model.max_length} exceeds the encoder's "
-                         f"{encoder.config.max_position_embeddings} positions")
+                         f"{encoder.config.max_tokens} positions")
     model = MultitaskModel(encoder, tasks, cfg.model.pair_encoding, cfg.model.bi_head,
                            cfg.model.pooling, cfg.model.dropout, cfg.model.shared_pair_layer)
     return model, tokenizer
@@ -133,7 +138,10 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
         raise
     except Exception as e:
         raise CheckpointError(f"corrupt checkpoint {ckpt}: {e}") from e
-    encoder = BertModel(BertConfig.from_dict(spec["encoder"]))
+    try:  # model.json without model_type (written before RoBERTa and MPNet): BERT
+        encoder = BertModel(BertConfig.from_dict(spec["encoder"]))
+    except CheckpointError as e:
+        raise CheckpointError(f"{ckpt}/model.json: {e}") from e
     model = MultitaskModel(encoder, [get_task(t) for t in spec["tasks"]], spec["pair_encoding"],
                            spec["bi_head"], spec["pooling"], spec["dropout"], spec.get("shared_pair_layer", 0))
     for name, ext in spec.get("extensions", {}).items():
@@ -142,7 +150,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
         EXTENSIONS[name](model, ext)
         model.extensions[name] = ext
     load_state_checked(model, state, str(ckpt))
-    tokenizer = BertTokenizer.from_dir(ckpt, max_length=cfg.model.max_length)
+    tokenizer = BertTokenizer.from_dir(ckpt, max_length=cfg.model.max_length, style=encoder.family.pair_style)
     check_vocab(tokenizer, encoder, ckpt)
     return model.to(device).eval(), tokenizer, cfg, meta
 

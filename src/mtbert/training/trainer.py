@@ -123,7 +123,7 @@ class Trainer:
         if self.dist.world > 1:  # same weights on every rank, but each its own dropout masks
             torch.manual_seed(tc.seed + self.dist.rank)
         self.ctx = StepContext(self.model, self.total_steps, self.device, self.tokenizer, self.train_sets,
-                               tc.seed, self.autocast)
+                               tc.seed, self.autocast, out_dir=self.out, dist=self.dist)
         for tech in self.techniques:
             tech.setup(self.ctx)
         if state_dir is not None:

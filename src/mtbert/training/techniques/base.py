@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, ContextManager
 
 import torch
 
+from mtbert.core.distributed import Dist
 from mtbert.core.registry import Registry
 
 TECHNIQUES: Registry[type] = Registry("technique", hint="see `mtbert techniques`")
@@ -34,6 +36,8 @@ class StepContext:
     autocast: Callable[[], ContextManager] = contextlib.nullcontext
     step: int = 0                                # optimizer steps taken so far
     loss_scale: float = 1.0                      # fp16 loss scale (1.0 when loss scaling is off)
+    out_dir: Path | None = None                  # the run directory (caches beside the run)
+    dist: Dist = field(default_factory=Dist)     # this process's place under torchrun
 
     def kind(self, task: str):
         return self.model.tasks[task].kind

@@ -7,11 +7,12 @@ from mtbert.training.techniques.base import TECHNIQUES, Technique
 
 
 def layer_depth(name: str, num_layers: int) -> int:
-    """0 for embeddings, i + 1 for transformer layer i, num_layers + 1 for the pooler."""
+    """0 for embeddings (and MPNet's relative-position bias, an input to every layer), i + 1 for
+    transformer layer i, num_layers + 1 for the pooler."""
     m = re.match(r"layers\.(\d+)\.", name)
     if m:
         return int(m.group(1)) + 1
-    return 0 if name.startswith("embeddings.") else num_layers + 1
+    return 0 if name.startswith(("embeddings.", "relative_bias.")) else num_layers + 1
 
 
 @TECHNIQUES.register
