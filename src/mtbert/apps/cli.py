@@ -5,11 +5,13 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
 from mtbert import __version__
 from mtbert.apps.ablate import run_ablation
+from mtbert.apps.export import FORMATS, QUANTIZE, export_run
 from mtbert.apps.report import write_report
 from mtbert.apps.serve import serve
 from mtbert.core.config import load_config, resolve_data_dir
@@ -49,6 +51,9 @@ def cmd_train(args) -> int:
         if args.data_dir:
             overrides.append(f"data.data_dir={args.data_dir}")
         out, cfg = args.out, load_config(args.config or "configs/default.yaml", overrides)
+        if os.environ.get("RANK", "0") == "0":  # for the model card of an export
+            Path(out).mkdir(parents=True, exist_ok=True)
+            (Path(out) / "command.txt").write_text(shlex.join(["mtbert", *args.argv]) + "\n")
     summary = train(cfg, out, resume=bool(args.resume))
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one table
         print(format_table(summary["best_dev"], f"best dev metrics ({out}/best)"))
@@ -151,6 +156,11 @@ def cmd_report(args) -> int:
     index = write_report(args.run_dirs, args.out, args.data_dir, args.limit, args.device, args.precision,
                          args.batch_size, args.tsne_points, args.top)
     print(index)
+    return 0
+
+
+def cmd_export(args) -> int:
+    print(export_run(args.run_dir, args.format, args.out, force=args.force, quantize=args.quantize))
     return 0
 
 
@@ -257,6 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime(sv)
     sv.set_defaults(func=cmd_serve)
 
+    ex = sub.add_parser("export", help="the best checkpoint as a Hugging Face, sentence-transformers or ONNX "
+                                       "model, with a model card (README.md)")
+    ex.add_argument("run_dir", help="run directory (its best/) or checkpoint directory")
+    ex.add_argument("--format", required=True, choices=FORMATS)
+    ex.add_argument("--out", required=True, help="export directory (refused if it exists, unless --force)")
+    ex.add_argument("--force", action="store_true", help="replace an existing --out")
+    ex.add_argument("--quantize", choices=QUANTIZE, help="onnx: also write dynamically quantised graphs")
+    ex.set_defaults(func=cmd_export)
+
     tq = sub.add_parser("techniques", help="list the available training techniques")
     tq.set_defaults(func=cmd_techniques)
     return p
@@ -264,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

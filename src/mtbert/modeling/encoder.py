@@ -80,8 +80,9 @@ class SelfAttention(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x, attn_mask, return_probs: bool = False):
-        B, T, H = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, H // self.n_heads).permute(2, 0, 3, 1, 4)
+        # Shape-agnostic reshapes (no sizes read from x.shape): an exported or traced graph then
+        # works for every batch size and length, not only the example's. Views, as fast as before.
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, nh, T, hd]
         p = self.attn_dropout if self.training else 0.0
         if return_probs:  # explicit path, only for analysis plots
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
@@ -91,7 +92,7 @@ class SelfAttention(nn.Module):
         else:
             probs = None
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-        ctx = ctx.transpose(1, 2).reshape(B, T, H)
+        ctx = ctx.transpose(1, 2).flatten(2)  # [B, T, nh * hd]
         return self.norm(x + self.dropout(self.out(ctx))), probs
 
 
