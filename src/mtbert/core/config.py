@@ -60,6 +60,9 @@ class TrainConfig:
     eval_every: int | None = None      # evaluate every N steps as well as each epoch end
     save_every: int | None = None      # also save the resumable state (RUN_DIR/last) every N steps; always at each evaluation
     time_budget_min: float | None = None  # stop (after a final evaluation) once training has run this long
+    grad_accum: int = 1                # micro-batches per optimizer step, per task: effective batch = batch_size x this
+    early_stopping: dict | None = None  # {patience, min_delta, metric}: stop after `patience` evaluations without gain
+    report_to: list = field(default_factory=list)  # also log metrics.jsonl's rows to: tensorboard | mlflow
     progress: bool = True
 
 
@@ -173,6 +176,8 @@ def _validate(cfg: "Config") -> "Config":
         raise ConfigError("train.max_steps must be at least 1 (or null)")
     if cfg.train.save_every is not None and cfg.train.save_every < 1:
         raise ConfigError("train.save_every must be at least 1 (or null)")
+    if cfg.train.grad_accum < 1:
+        raise ConfigError(f"train.grad_accum must be at least 1, got {cfg.train.grad_accum}")
     return cfg
 
 
