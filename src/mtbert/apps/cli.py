@@ -14,6 +14,7 @@ from mtbert.apps.ablate import run_ablation
 from mtbert.apps.export import FORMATS, QUANTIZE, export_run
 from mtbert.apps.report import write_report
 from mtbert.apps.serve import serve
+from mtbert.apps.tune import run_tune
 from mtbert.core.config import load_config, resolve_data_dir
 from mtbert.core.errors import CheckpointError, ConfigError, DataError
 from mtbert.core.registry import STAGES
@@ -164,6 +165,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    extra = [f"data.data_dir={args.data_dir}"] if args.data_dir else []
+    table = run_tune(args.space, args.n_trials, args.timeout, args.runs_dir, args.results_dir, extra + list(args.set or []))
+    print(Path(table).read_text())
+    return 0
+
+
 def cmd_ablate(args) -> int:
     extra = [f"data.data_dir={args.data_dir}"] if args.data_dir else []
     table = run_ablation(args.file, args.runs_dir, args.results_dir, extra + list(args.set or []))
@@ -275,6 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--force", action="store_true", help="replace an existing --out")
     ex.add_argument("--quantize", choices=QUANTIZE, help="onnx: also write dynamically quantised graphs")
     ex.set_defaults(func=cmd_export)
+
+    tu = sub.add_parser("tune", help="hyperparameter search with Optuna over a YAML search space")
+    tu.add_argument("space", help="search space file, e.g. configs/tune/small.yaml")
+    tu.add_argument("--n-trials", type=int, required=True, help="finished trials the study should hold")
+    tu.add_argument("--timeout", type=float, help="start no new trial after this many seconds")
+    tu.add_argument("--runs-dir", default="runs/tune", help="trials go to RUNS_DIR/NAME/trial-NNN, the study to study.db")
+    tu.add_argument("--results-dir", default="results/tune", help="results table: RESULTS_DIR/NAME.md")
+    tu.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every trial")
+    add_data_dir(tu)
+    tu.set_defaults(func=cmd_tune)
 
     tq = sub.add_parser("techniques", help="list the available training techniques")
     tq.set_defaults(func=cmd_techniques)
