@@ -170,17 +170,18 @@ class Trainer:
             loss = tech.task_loss(self.ctx, task, batch, logits, loss)
         return loss
 
-    def backward(self, weighted: dict[str, torch.Tensor], acc: torch.Tensor | None = None,
-                 last: bool = True) -> torch.Tensor | None:
+    def backward(self, weighted: dict[str, torch.Tensor], total: torch.Tensor | None = None,
+                 acc: torch.Tensor | None = None, last: bool = True) -> torch.Tensor | None:
         """Back-propagate one micro-batch's weighted task losses; gradients add up over the step's
         `grad_accum` micro-batches, and after the last one they are averaged across ranks. With a
         gradient combiner and several tasks, the shared parameters get the combination of the
         per-task gradients (summed over the micro-batches, global ones under torchrun, so every rank
-        combines the same), the rest the ordinary gradient of the total. Returns the per-task
-        gradients accumulated so far (combiner, before the last micro-batch) or None."""
+        combines the same), the rest the ordinary gradient of the total (`weighting(weighted)`
+        unless given). Returns the per-task gradients accumulated so far (combiner, before the last
+        micro-batch) or None."""
         n = self.grad_accum
         if self.combiner is None or len(weighted) < 2:
-            total = self.weighting(weighted)
+            total = self.weighting(weighted) if total is None else total
             self.updater.scale(total if n == 1 else total / n).backward()
             if last and self.dist.world > 1:
                 self.dist.average_grads(self.grad_params)
@@ -226,7 +227,7 @@ class Trainer:
             for t, loss in losses.items():
                 share = n * sizes[t][i] / sum(sizes[t]) * batches[t].get("share", 1.0)
                 weighted[t] = loss if share == 1.0 else loss * share
-            acc = self.backward(weighted, acc, last=i == n - 1)
+            acc = self.backward(weighted, acc=acc, last=i == n - 1)
             for t, loss in losses.items():
                 step_losses[t] += float(loss.detach()) * (sizes[t][i] / sum(sizes[t]) if n > 1 else 1.0)
         self.updater.step()
