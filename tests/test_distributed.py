@@ -40,8 +40,8 @@ def test_two_cpu_processes_match_one(tmp_path, tiny_cfg, data_dir, extra):
 
     single = Trainer(tiny_cfg(*sets, f"data.data_dir={data_dir}"), tmp_path / "single")
     summary = single.run()
-    # only rank 0 writes: the same files, one metrics row per evaluation
-    assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
+    # only rank 0 writes: the same files (and the command line), one metrics row per evaluation
+    assert sorted(p.name for p in ddp.iterdir()) == sorted(["command.txt", *(p.name for p in (tmp_path / "single").iterdir())])
     a, b = _rows(ddp), _rows(tmp_path / "single")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [4, 7]
     for ra, rb in zip(a, b):

@@ -161,7 +161,7 @@ def test_full_disk_while_saving_state_keeps_the_previous_one(tmp_path, tiny_cfg,
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "could not save checkpoint" in err and "No space left" in err and "previous last/ is kept" in err
-    assert sorted(p.name for p in run.iterdir()) == ["best", "config.yaml", "last", "metrics.jsonl"]  # no temp dirs
+    assert sorted(p.name for p in run.iterdir()) == ["best", "command.txt", "config.yaml", "last", "metrics.jsonl"]  # no temp dirs
     assert json.loads((run / "last" / "meta.json").read_text())["step"] == 3
     load_checkpoint(run)  # best/ intact
     monkeypatch.undo()

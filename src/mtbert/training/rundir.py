@@ -14,7 +14,8 @@ from mtbert.core.distributed import Dist
 from mtbert.core.errors import ConfigError, TrainingDiverged
 
 # what a run directory holds; any of these there means a run lives in it
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "best", "best.old", "last", "last.old", "pretrain")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "best", "best.old", "last", "last.old", "pretrain",
+             "command.txt")
 
 
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool, dist: Dist | None = None,

@@ -35,6 +35,7 @@ def capture(trainer) -> dict:
             **trainer.updater.state_dict(), "weighting": trainer.weighting.state_dict(),
             "data_rng": trainer.rng.getstate(), "streams": {t: s.state_dict() for t, s in trainer.streams.items()},
             "techniques": {tech.name: tech.state_dict() for tech in trainer.techniques},
+            "early_stopping": trainer.early_stopping.state_dict() if trainer.early_stopping else {},
             "rng": trainer.dist.gather_objects(rng_state())}  # per rank: each draws its own dropout masks
 
 
@@ -59,6 +60,8 @@ def restore(trainer, directory: Path) -> None:
         tech.load_state_dict(state["techniques"].get(tech.name, {}))
     for t, s in trainer.streams.items():
         s.load_state_dict(state["streams"][t])
+    if trainer.early_stopping and state.get("early_stopping"):
+        trainer.early_stopping.load_state_dict(state["early_stopping"])
     trainer.rng.setstate(state["data_rng"])
     for key in COUNTERS:
         setattr(trainer, key, state[key])

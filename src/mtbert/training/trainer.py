@@ -30,6 +30,7 @@ from mtbert.data.readers import check_task_columns, encode_dataset, load_split
 from mtbert.inference.predictor import metrics_for
 from mtbert.modeling.checkpoint import build_model, save_checkpoint
 from mtbert.training import state
+from mtbert.training.early_stopping import EarlyStopping
 from mtbert.training.gradients import per_task_gradients, set_flat_grad
 from mtbert.training.optimizer import Updater, non_empty, parameter_groups, warmup_linear_decay
 from mtbert.training.pretrain import pretrained_start
@@ -37,6 +38,7 @@ from mtbert.training.rundir import check_finite_losses, check_finite_score, prep
 from mtbert.training.schedules import build_schedule
 from mtbert.training.streams import TaskStream
 from mtbert.training.techniques import StepContext, build_techniques, gradient_combiner
+from mtbert.training.tracking import build_trackers, check_trackers
 from mtbert.training.weightings import build_weighting
 
 log = logging.getLogger("mtbert")
@@ -44,11 +46,12 @@ log = logging.getLogger("mtbert")
 
 class Trainer:
     def __init__(self, cfg: Config, out_dir: str | Path, dist: Dist | None = None, resume: bool = False,
-                 overwrite: bool = False):
+                 overwrite: bool = False, command: str | None = None):
         self.cfg, self.out, self.dist = cfg, Path(out_dir), dist or Dist()
         state_dir = state.find_state(self.out) if resume else None
         select_device(cfg.train.device)  # (an impossible device fails before the run directory is made)
         prepare_run_dir(self.out, resume, overwrite, self.dist)
+        self.command = command  # how the run was started, for an export's model card
         tc = cfg.train
         set_seed(tc.seed)
         set_threads(tc.threads)
@@ -90,8 +93,12 @@ class Trainer:
                         for t, ds in self.train_sets.items()}
         self.schedule = build_schedule(tc.schedule, **tc.schedule_args)
         self.weighting = build_weighting(tc.weighting, self.tasks, **tc.weighting_args).to(self.device)
-        self.plans = [self.schedule.plan({t: s.batches_per_pass for t, s in self.streams.items()},
-                                         e, tc.epochs, self.rng) for e in range(tc.epochs)]
+        # Gradient accumulation: a step takes grad_accum batches of each of its tasks, so schedules
+        # plan in batches of batch_size x grad_accum (an epoch is still one pass over the data).
+        self.grad_accum = tc.grad_accum
+        self.plans = [self.schedule.plan({t: math.ceil(s.batches_per_pass / tc.grad_accum)
+                                          for t, s in self.streams.items()}, e, tc.epochs, self.rng)
+                      for e in range(tc.epochs)]
         self.total_steps = sum(len(p) for p in self.plans)
         if tc.max_steps:
             self.total_steps = min(self.total_steps, tc.max_steps)
@@ -115,6 +122,11 @@ class Trainer:
             shared_ids = {id(p) for p in self.shared}
             self.private = [p for p in self.grad_params if id(p) not in shared_ids]
         self.step, self.epoch, self.best_score, self.best_metrics, self.last_recorded_step = 0, 0, -math.inf, {}, None
+        check_trackers(tc.report_to)
+        self.early_stopping = EarlyStopping.from_config(tc.early_stopping, cfg.data.tasks)
+        self.stop_reason: str | None = None  # set at an evaluation that ends the run early
+        self.eval_callbacks: list = []  # f(metrics row) -> reason to stop or None, after each evaluation (tune)
+        self.trackers, self.resumed = [], state_dir is not None
         self.examples_seen, self.elapsed, self.history = 0, 0.0, []
         self.loss_sums = {t.name: 0.0 for t in self.tasks}  # training losses since the last evaluation
         self.loss_counts = dict.fromkeys(self.loss_sums, 0)
@@ -164,45 +176,72 @@ class Trainer:
             loss = tech.task_loss(self.ctx, task, batch, logits, loss)
         return loss
 
-    def backward(self, weighted: dict[str, torch.Tensor], total: torch.Tensor) -> None:
-        """Back-propagate the step's loss and average the gradients across ranks. With a gradient
-        combiner and several tasks, the shared parameters get the combination of the per-task
-        gradients (global ones under torchrun, so every rank combines the same), the rest the
-        ordinary gradient of the total."""
+    def backward(self, weighted: dict[str, torch.Tensor], total: torch.Tensor | None = None,
+                 acc: torch.Tensor | None = None, last: bool = True) -> torch.Tensor | None:
+        """Back-propagate one micro-batch's weighted task losses; gradients add up over the step's
+        `grad_accum` micro-batches, and after the last one they are averaged across ranks. With a
+        gradient combiner and several tasks, the shared parameters get the combination of the
+        per-task gradients (summed over the micro-batches, global ones under torchrun, so every rank
+        combines the same), the rest the ordinary gradient of the total (`weighting(weighted)`
+        unless given). Returns the per-task gradients accumulated so far (combiner, before the last
+        micro-batch) or None."""
+        n = self.grad_accum
         if self.combiner is None or len(weighted) < 2:
-            self.updater.scale(total).backward()
-            if self.dist.world > 1:
+            total = self.weighting(weighted) if total is None else total
+            self.updater.scale(total if n == 1 else total / n).backward()
+            if last and self.dist.world > 1:
                 self.dist.average_grads(self.grad_params)
-            return
+            return None
         terms = [self.weighting({t: l}) for t, l in weighted.items()]  # every weighting is a sum of these
+        if n > 1:
+            terms = [term / n for term in terms]
         flat = per_task_gradients([self.updater.scale(term) for term in terms], self.shared)
-        if self.dist.world > 1:
-            flat = self.dist.average_(flat)
-        combined = self.combiner.combine(list(flat))
+        acc = flat if acc is None else acc.add_(flat)
         del flat
         private = [p for p in self.private if p.requires_grad]
         if private:
             torch.autograd.backward(self.updater.scale(sum(terms)), inputs=private)
+        if not last:
+            return acc
+        if self.dist.world > 1:
+            acc = self.dist.average_(acc)
+        combined = self.combiner.combine(list(acc))
+        del acc
         set_flat_grad(self.shared, combined)
         if self.dist.world > 1:
             self.dist.average_grads(self.private)
+        return None
 
     def train_step(self, tasks: list[str]) -> dict[str, float]:
+        """One optimizer step: `grad_accum` micro-batches of each task in `tasks`, back-propagated one
+        after another, then one update. Returns each task's mean training loss over the step."""
         self.model.train()
         self.ctx.loss_scale = self.updater.loss_scale
-        batches = {t: self.to_device(next(self.streams[t])) for t in tasks}
-        self.examples_seen += sum(b.get("global_size", len(b["labels"])) for b in batches.values())
-        losses = {t: self.task_loss(t, b) for t, b in batches.items()}
-        weighted = losses
-        if self.dist.world > 1:  # see TaskStream; every weighting is affine in each task loss
-            weighted = {t: l * batches[t]["share"] for t, l in losses.items()}
-        self.backward(weighted, self.weighting(weighted))
+        n = self.grad_accum
+        micro = [{t: next(self.streams[t]) for t in tasks} for _ in range(n)]  # drawn first: sizes weight losses
+        sizes = {t: [m[t].get("global_size", len(m[t]["labels"])) for m in micro] for t in tasks}
+        self.examples_seen += sum(sum(v) for v in sizes.values())
+        step_losses, acc = dict.fromkeys(tasks, 0.0), None
+        for i, drawn in enumerate(micro):
+            batches = {t: self.to_device(b) for t, b in drawn.items()}
+            losses = {t: self.task_loss(t, b) for t, b in batches.items()}
+            # A micro-batch's mean loss times n and its share of the step's examples (under torchrun
+            # also this rank's share of the micro-batch, see TaskStream): the objective weighting(.) / n
+            # summed over micro-batches (and averaged over ranks) is then the weighting of the mean
+            # loss over all the step's examples, as every weighting is affine in each task loss.
+            weighted = {}
+            for t, loss in losses.items():
+                share = n * sizes[t][i] / sum(sizes[t]) * batches[t].get("share", 1.0)
+                weighted[t] = loss if share == 1.0 else loss * share
+            acc = self.backward(weighted, acc=acc, last=i == n - 1)
+            for t, loss in losses.items():
+                step_losses[t] += float(loss.detach()) * (sizes[t][i] / sum(sizes[t]) if n > 1 else 1.0)
         self.updater.step()
         self.step += 1
         self.ctx.step = self.step
         for tech in self.techniques:
             tech.after_step(self.ctx)
-        return {t: float(l.detach()) for t, l in losses.items()}
+        return step_losses
 
     def evaluate(self) -> dict[str, float]:
         metrics, _ = metrics_for(self.model, self.dev_sets, self.scorer, batch_size=self.cfg.data.eval_batch_size,
@@ -227,13 +266,20 @@ class Trainer:
         self.history.append(row)
         if self.dist.main:  # the whole log, atomically: no half line after a crash, no bare NaN
             atomic_write_text(self.out / "metrics.jsonl", "".join(to_json(r) + "\n" for r in self.history))
+            for tracker in self.trackers:
+                tracker.log(row)
             if score > self.best_score:
                 save_checkpoint(self.out / "best", self.model, self.tokenizer, self.cfg,
                                 {"step": self.step, "epoch": self.epoch, "dev": metrics})
             log.info("epoch %d step %d dev %s", self.epoch, self.step, {k: round(v, 4) for k, v in metrics.items()})
         if score > self.best_score:
             self.best_score, self.best_metrics = score, metrics
-        if self.step < self.total_steps:  # the final state is never resumed: the run is over
+        reasons = [self.early_stopping.update(metrics)] if self.early_stopping else []
+        reasons += [callback(row) for callback in self.eval_callbacks]
+        self.stop_reason = self.stop_reason or next((r for r in reasons if r), None)
+        if self.stop_reason:
+            log.info("stopping at step %d: %s", self.step, self.stop_reason)
+        elif self.step < self.total_steps:  # the final state is never resumed: the run is over
             state.save(self)
         return row
 
@@ -244,8 +290,24 @@ class Trainer:
         return self.dist.any(time.time() - self.t0 > 60 * budget)  # ranks must stop together
 
     def run(self) -> dict:
+        """Train to the end (or the time budget, or early stopping); returns the summary."""
+        if self.dist.main:  # trackers continue their logs after the restored state's step
+            self.trackers = build_trackers(self.cfg.train.report_to, self.out, self.cfg.to_dict(),
+                                           self.step if self.resumed else None)
+        ok = False
+        try:
+            summary = self._run()
+            ok = True
+            return summary
+        finally:
+            for tracker in self.trackers:
+                tracker.close(ok)
+
+    def _run(self) -> dict:
         if self.dist.main:
             atomic_write_text(self.out / "config.yaml", _yaml(self.cfg))
+            if self.command:
+                atomic_write_text(self.out / "command.txt", self.command + "\n")
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
             if self.history:  # resumed: the saved rows, without any logged after the saved state
                 atomic_write_text(self.out / "metrics.jsonl", "".join(to_json(r) + "\n" for r in self.history))
@@ -269,15 +331,15 @@ class Trainer:
                     self._record()
                 elif save_every and self.step % save_every == 0 and i < len(plan) - 1:  # (epoch ends record)
                     state.save(self)
-                if self._over_budget():
+                if self.stop_reason or self._over_budget():
                     break
             if self.last_recorded_step != self.step:
                 self._record()
-            if self.step >= self.total_steps or self._over_budget():
+            if self.stop_reason or self.step >= self.total_steps or self._over_budget():
                 break
         summary = {"best_dev": self.best_metrics, "steps": self.step,
                    "train_seconds": round(time.time() - self.t0, 1), "examples_seen": self.examples_seen,
-                   **self.parameter_counts()}
+                   **self.parameter_counts(), **({"stopped": self.stop_reason} if self.stop_reason else {})}
         if self.dist.main:
             atomic_write_text(self.out / "summary.json", to_json(summary, indent=2))
             for d in ("last", "last.old"):  # finished: the resumable state is no longer needed
@@ -289,8 +351,9 @@ def _yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: bool = False) -> dict:
+def train(cfg: Config, out_dir: str | Path, resume: bool = False, overwrite: bool = False,
+          command: str | None = None) -> dict:
     """Train (or with `resume`, continue the run in `out_dir`); under torchrun, as one of its ranks.
     A directory that holds a run is refused unless `resume` or `overwrite` (which deletes that run)."""
     with process_group(cfg.train.device) as dist:
-        return Trainer(cfg, out_dir, dist, resume, overwrite).run()
+        return Trainer(cfg, out_dir, dist, resume, overwrite, command).run()

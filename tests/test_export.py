@@ -1,0 +1,228 @@
+"""`mtbert export`: Hugging Face, sentence-transformers and ONNX round trips, model cards, refusals."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from mtbert.apps.cli import main
+from mtbert.core.config import load_config
+from mtbert.data.readers import pad
+from mtbert.inference.ensemble import ENSEMBLE_FILE
+from mtbert.inference.loading import load_predictor
+from mtbert.inference.predictor import evaluate_examples, load_examples
+from mtbert.modeling.checkpoint import build_model, load_checkpoint, save_checkpoint
+from mtbert.training.techniques import build_techniques
+from tests.conftest import TINY_YAML
+
+# Every input slot an ONNX graph can have: single sentences, bi-encoded and cross+cos pairs.
+RUN = ["train.max_steps=2", "data.limit=16", "model.pooling=mean", "model.pair_encoding={qqp: bi, sts: cross+cos}"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, synthetic_data_dir):
+    out = tmp_path_factory.mktemp("export") / "run"
+    args = ["train", "--config", str(TINY_YAML), "--out", str(out), "--data-dir", str(synthetic_data_dir)]
+    assert main(args + [a for s in RUN for a in ("--set", s)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def dev(run, synthetic_data_dir):
+    return load_examples(["sst", "qqp", "sts"], synthetic_data_dir, "dev", 23)
+
+
+def _checkpoint(tmp_path, *overrides, tweak=None):
+    """A checkpoint of an untrained tiny model (fast) with these config overrides."""
+    cfg = load_config(TINY_YAML, list(overrides))
+    model, tok = build_model(cfg)
+    for tech in build_techniques(cfg.techniques):
+        tech.prepare_model(model, cfg.model.finetune)
+    if tweak:
+        tweak(model)
+    return save_checkpoint(tmp_path / "ckpt", model, tok, cfg, {"step": 0, "dev": {"sst": 0.25}})
+
+
+def our_embeddings(run_dir, texts) -> np.ndarray:
+    """The run's pooled sentence vectors, computed directly. (Issue 12 adds the public API:
+    this becomes `mtbert.load(run_dir).embed(texts)`.)"""
+    predictor = load_predictor(run_dir, device="cpu", precision="fp32")
+    batch = pad(predictor.tokenizer.encode(texts), predictor.pad_id)
+    with torch.inference_mode():
+        return predictor.model.embed(batch).numpy()
+
+
+def _card(out):
+    text = (out / "README.md").read_text()
+    _, header, body = text.split("---\n", 2)
+    return yaml.safe_load(header), body
+
+
+# ---------------------------------------------------------------- hf
+
+def test_hf_export_loads_in_transformers_with_our_hidden_states_and_heads(run, dev, tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+    from mtbert.modeling.hf_format import load_hf_export
+
+    out = tmp_path / "hf"
+    assert main(["export", str(run), "--format", "hf", "--out", str(out)]) == 0
+    model, tok, cfg, meta = load_checkpoint(run)
+    theirs, their_tok = AutoModel.from_pretrained(str(out)).eval(), AutoTokenizer.from_pretrained(str(out))
+    texts = [e.texts[0] for e in dev["sst"]] + ["word " * 100]  # one truncated at max_length
+    ours = pad(tok.encode(texts), tok.pad_id)
+    enc = their_tok(texts, padding=True, truncation=True, max_length=cfg.model.max_length, return_tensors="pt")
+    assert torch.equal(enc["input_ids"], ours["input_ids"]) and torch.equal(enc["attention_mask"], ours["attention_mask"])
+    a, b = [e.texts[0] for e in dev["qqp"]], [e.texts[1] for e in dev["qqp"]]
+    pairs = their_tok(a, b, truncation=True, max_length=cfg.model.max_length)  # one is truncated
+    assert pairs["input_ids"] == [ids for ids, _ in tok.encode_pairs(a, b)]
+    with torch.inference_mode():
+        got = theirs(**enc).last_hidden_state
+        ref = model.encoder(ours["input_ids"], ours["attention_mask"], ours["token_type_ids"])["last_hidden_state"]
+    real = ours["attention_mask"].bool()
+    assert (got[real] - ref[real]).abs().max() < 1e-4
+
+    # the heads file + loader give back the whole multitask model
+    loaded, loaded_tok = load_hf_export(out)
+    from mtbert.inference.predictor import Predictor
+    for task, examples in dev.items():
+        x = Predictor(model, tok).predict(task, examples)["logits"]
+        y = Predictor(loaded, loaded_tok).predict(task, examples)["logits"]
+        assert np.abs(x - y).max() < 1e-4, task
+
+    header, body = _card(out)
+    assert header["library_name"] == "transformers"
+    results = {r["dataset"]["type"]: r["metrics"][0]["value"] for r in header["model-index"][0]["results"]}
+    assert results == {t: round(meta["dev"][t], 4) for t in ("sst", "qqp", "sts")}
+    assert "Quora duplicate-question pairs" in body and "all-mpnet-base-v2" in body
+    assert "mtbert train --config" in body and f"--out {run}" in body  # the recorded command
+    assert "pair_encoding:" in body  # the training config
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
+
+
+# ---------------------------------------------------------------- sentence-transformers
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_sentence_transformers_encode_equals_our_embeddings(run, dev, tmp_path, pooling):
+    from sentence_transformers import SentenceTransformer
+
+    src = run if pooling == "mean" else _checkpoint(tmp_path, "model.pooling=cls")
+    out = tmp_path / "st"
+    assert main(["export", str(src), "--format", "sentence-transformers", "--out", str(out)]) == 0
+    texts = [e.texts[0] for e in dev["sst"]] + ["word " * 100]
+    got = SentenceTransformer(str(out), device="cpu").encode(texts, batch_size=7)  # other batches than ours
+    ref = our_embeddings(src, texts)
+    cos = (got * ref).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(ref, axis=-1)
+    assert cos.min() >= 0.9999
+    assert _card(out)[0]["library_name"] == "sentence-transformers"
+
+
+# ---------------------------------------------------------------- onnx
+
+def test_onnx_graphs_equal_pytorch_on_several_batch_sizes_and_lengths(run, dev, tmp_path, data_dir):
+    from mtbert.inference.onnx_predictor import OnnxPredictor
+    from mtbert.inference.onnx_runner import OnnxModel, Tokenizer, pad as runner_pad
+
+    out = tmp_path / "onnx"
+    assert main(["export", str(run), "--format", "onnx", "--out", str(out), "--quantize", "int8"]) == 0
+    manifest = json.loads((out / "mtbert_onnx.json").read_text())
+    assert manifest["tasks"]["qqp"]["slots"] == ["a", "b"] and manifest["tasks"]["sts"]["slots"] == ["pair", "a", "b"]
+    predictor = load_predictor(run, device="cpu", precision="fp32")
+    runner = OnnxModel(out)
+    for task, examples in dev.items():
+        ref = predictor.predict(task, examples)
+        items = [e.texts[0] if len(e.texts) == 1 else tuple(e.texts) for e in examples]
+        for batch_size in (1, 4, 23):  # export example: batch 2; lengths vary with every batch
+            runner.batch_size = batch_size
+            got = runner.predict(task, items)
+            assert np.abs(got["logits"] - ref["logits"]).max() < 1e-4, (task, batch_size)
+            assert np.allclose(got["pred"], ref["pred"], atol=1e-4) and np.allclose(got["prob"], ref["prob"], atol=1e-4)
+
+    # the runner tokenizes exactly as mtbert does, truncation included
+    _, tok, _, _ = load_checkpoint(run)
+    short_ours = type(tok)(tok.tok, max_length=12)
+    short_theirs = Tokenizer(out / "tokenizer.json", 12)
+    a, b = [e.texts[0] for e in dev["qqp"]], [e.texts[1] for e in dev["qqp"]]
+    assert [s[0] for s in short_theirs.encode(a)] == [ids for ids, _ in short_ours.encode(a)]
+    theirs_pairs = [runner_pad([s], 0) for s in short_theirs.encode_pairs(a, b)]
+    ours_pairs = [pad([s], 0) for s in short_ours.encode_pairs(a, b)]
+    assert all(torch.equal(torch.as_tensor(x["input_ids"]), y["input_ids"])
+               and torch.equal(torch.as_tensor(x["token_type_ids"]), y["token_type_ids"])
+               for x, y in zip(theirs_pairs, ours_pairs))
+
+    # int8: smaller files, usable through the predictor interface (dev metrics for RESULTS.md)
+    for task, files in manifest["variants"]["int8"].items():
+        assert (out / files).stat().st_size < 0.6 * (out / manifest["variants"]["fp32"][task]).stat().st_size
+    fp32, _ = evaluate_examples(OnnxPredictor(out), dev)
+    ours, _ = evaluate_examples(predictor, dev)
+    assert fp32 == pytest.approx(ours, abs=1e-6)
+    int8, _ = evaluate_examples(OnnxPredictor(out, "int8"), dev)
+    assert set(int8) == set(ours) and all(np.isfinite(v) for v in int8.values())
+
+    # runner.py in the export needs neither mtbert nor torch on the path
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "runner.py", ".", "sts", "A man plays.", "A man is playing."], cwd=out,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["task"] == "sts"
+    assert _card(out)[0]["library_name"] == "onnx"
+
+
+def test_onnx_export_of_per_task_lora_experts(tmp_path, data_dir):
+    """One graph per task can hold what one encoder cannot: each graph runs its task's adapters."""
+    def randomise_b(model):  # B starts at zero (adapters inert); make each task's experts differ
+        torch.manual_seed(1)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.5)
+    ckpt = _checkpoint(tmp_path, "data.tasks=[sst, cfimdb]", "techniques={lora_experts: {rank: 2}}", tweak=randomise_b)
+    assert main(["export", str(ckpt), "--format", "sentence-transformers", "--out", str(tmp_path / "st")]) == 2
+    assert not (tmp_path / "st").exists()
+    out = tmp_path / "onnx"
+    assert main(["export", str(ckpt), "--format", "onnx", "--out", str(out)]) == 0
+    from mtbert.inference.onnx_runner import OnnxModel
+    predictor = load_predictor(ckpt, device="cpu", precision="fp32")
+    texts = ["A gripping film.", "Dull and far too long for what it has to say."]
+    for task in ("sst", "cfimdb"):
+        from mtbert.data.readers import Example
+        ref = predictor.predict(task, [Example(str(i), (t,), None) for i, t in enumerate(texts)])["logits"]
+        assert np.abs(OnnxModel(out).predict(task, texts)["logits"] - ref).max() < 1e-4
+
+
+# ---------------------------------------------------------------- refusals
+
+def test_existing_output_is_refused_unless_force(run, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["export", str(run), "--format", "hf", "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert main(["export", str(run), "--format", "hf", "--out", str(out), "--force"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # neither the temporary nor the old copy left
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--format", "sentence-transformers"], "cls` or `mean` pooling"),
+    (["--format", "onnx"], "bilstm"),
+    (["--format", "hf", "--quantize", "int8"], "--format onnx only"),
+])
+def test_formats_refuse_what_they_cannot_hold(tmp_path, capsys, args, message):
+    ckpt = _checkpoint(tmp_path, "model.pooling=cnn+bilstm", "data.tasks=[sst]")
+    assert main(["export", str(ckpt), *args, "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_ensembles_and_self_overwrites_are_refused(run, tmp_path, capsys):
+    ens = tmp_path / "ens"
+    ens.mkdir()
+    (ens / ENSEMBLE_FILE).write_text("{}")
+    assert main(["export", str(ens), "--format", "hf", "--out", str(tmp_path / "out")]) == 2
+    assert "ensemble" in capsys.readouterr().err
+    assert main(["export", str(run), "--format", "hf", "--out", str(run), "--force"]) == 2
+    assert "would replace the checkpoint" in capsys.readouterr().err
+    assert (run / "best" / "model.safetensors").exists()
