@@ -59,6 +59,8 @@ from mtbert.core.tasks import get_task
 from mtbert.data.readers import Example
 from mtbert.inference.ensemble import ENSEMBLE_FILE, is_ensemble_dir
 from mtbert.inference.loading import load_predictor
+from mtbert.inference.api import describe_task
+from mtbert.inference.outputs import prediction_records
 from mtbert.inference.predictor import BasePredictor, EnsemblePredictor, Predictor
 
 log = logging.getLogger("mtbert.serve")
@@ -82,6 +84,19 @@ class PairsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     pairs: list[tuple[str, str]] = Field(min_length=1, examples=[[["How do I learn Python?",
                                                                   "What is the best way to learn Python?"]]])
+
+
+class TaskRequest(BaseModel):
+    """Any task of the run: `texts` for a single-sentence task, `pairs` for a pair task."""
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str] | None = Field(default=None, min_length=1, examples=[["A gripping, funny and moving film."]])
+    pairs: list[tuple[str, str]] | None = Field(default=None, min_length=1)
+
+
+class TaskResponse(BaseModel):
+    task: str
+    results: list[dict] = Field(description="per item: label, label_index and probabilities (or probability, "
+                                            "binary), or score; and truncated")
 
 
 class SentimentResult(BaseModel):
@@ -220,7 +235,11 @@ class ModelService:
         return self.predictor.predict(task, examples), truncation_flags(self.predictor, task, examples)
 
     async def predict(self, route: str, field: str, items: list[tuple[str, ...]]) -> tuple[str, dict, list[bool]]:
-        task = self.task_for(route)
+        return await self.predict_task(self.task_for(route), field, items, route)
+
+    async def predict_task(self, task: str, field: str, items: list[tuple[str, ...]],
+                           route: str | None = None) -> tuple[str, dict, list[bool]]:
+        route = route or f"tasks/{task}"
         self.check_items(field, items)
         examples = [Example(str(i), tuple(texts), None) for i, texts in enumerate(items)]
         answer = asyncio.get_running_loop().create_future()
@@ -390,7 +409,7 @@ def _new_app(docs: bool) -> FastAPI:
     """The FastAPI app, with /docs served from the fastapi-offline package's Swagger UI files (no
     CDN), or without /docs where that package is missing or `docs` is False. No /redoc."""
     options = dict(title="mtbert", version=__version__,
-                   description="Sentiment (SST-5), paraphrase (Quora) and similarity (STS-B) from one multitask BERT.")
+                   description="Every task of a multitask BERT run (/v1/tasks/{task}), and sentiment, paraphrase and similarity routes for the CS224N tasks.")
     if docs:
         try:
             from fastapi_offline import FastAPIOffline
@@ -421,6 +440,7 @@ def create_app(predictor_or_run_dir: BasePredictor | str | Path, *, max_items: i
     info = {"mtbert_version": __version__, "run": _public_name(run_name), "tasks": predictor.tasks,
             **describe(predictor, run_dir)}
     info["routes"] = {route: _route_info(route, task) for route, task in service.routes.items()}
+    info["task_info"] = {t: {**describe_task(t), "path": f"/v1/tasks/{t}"} for t in predictor.tasks}
     info["limits"] = {"max_items": max_items, "max_batch_items": service.max_batch_items, "max_chars": max_chars,
                       "max_body_bytes": max_body_bytes,
                       "max_tokens": info.pop("max_tokens")}
@@ -456,6 +476,23 @@ def create_app(predictor_or_run_dir: BasePredictor | str | Path, *, max_items: i
     @app.get("/v1/info")
     async def model_info():
         return info
+
+    @app.post("/v1/tasks/{task}", response_model=TaskResponse)
+    async def any_task(task: str, body: TaskRequest):
+        if task not in predictor.tasks:
+            raise HTTPException(404, _cap(f"this model has no task {task!r}; it has {predictor.tasks}"))
+        spec = get_task(task)
+        field, given = ("pairs", body.pairs) if spec.is_pair else ("texts", body.texts)
+        other = body.texts if spec.is_pair else body.pairs
+        if given is None or other is not None:
+            raise HTTPException(422, f"task {task} takes {{\"{field}\": [...]}}"
+                                     f" ({'pairs of sentences' if spec.is_pair else 'single sentences'})")
+        items = [tuple(p) for p in given] if spec.is_pair else [(t,) for t in given]
+        _, out, truncated = await service.predict_task(task, field, items)
+        if spec.kind.scores and spec.label_range:  # a regression head can overshoot its declared range
+            out = {**out, "pred": np.clip(np.asarray(out["pred"], dtype=np.float64), *spec.label_range)}
+        return TaskResponse(task=task, results=[{**rec, "truncated": cut} for rec, cut in
+                                                zip(prediction_records(spec, out), truncated)])
 
     @app.post("/v1/sentiment", response_model=SentimentResponse)
     async def sentiment(body: TextsRequest):

@@ -194,7 +194,10 @@ def _task_file(path: Path) -> dict:
     """The definitions in a task file, their relative paths resolved against its folder."""
     if not path.exists():
         raise ConfigError(f"task file not found: {path}")
-    d = yaml.safe_load(path.read_text()) or {}
+    try:
+        d = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: a task file maps task names to definitions")
     return _resolve_task_paths(d.get("tasks", d), path.parent)
@@ -306,6 +309,25 @@ def _validate_tasks(tasks: list) -> None:
         raise ConfigError(f"data.tasks lists a task twice (or with its variant {variants}): {tasks}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last silently:
+    two tasks with one name, or a setting overridden by accident)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def _yaml_problem(e: yaml.YAMLError) -> str:
     """A YAML error on one line: what and where."""
     mark = getattr(e, "problem_mark", None)
@@ -320,7 +342,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}" + (f" (the base of {chain[-1]})" if chain else ""))
     try:
-        d = yaml.safe_load(path.read_text(encoding="utf-8"))
+        d = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
     except (OSError, UnicodeDecodeError) as e:

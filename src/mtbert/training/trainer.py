@@ -66,6 +66,7 @@ class Trainer:
             raise ValueError(f"data.tasks lists a task twice (or with its variant {variants}): {cfg.data.tasks}")
         for task in self.tasks:
             check_task_columns(task, self.data_dir)
+        examples = {split: self._read(split) for split in ("train", "dev")}
         self.scorer = overall_scorer(cfg.data.overall, cfg.data.overall_weights)
         if cfg.pretrain.enabled and self.dist.world > 1:
             raise ValueError("pretrain.enabled is single-process: run `mtbert pretrain` first, then train from "
@@ -87,7 +88,7 @@ class Trainer:
                 raise ValueError(f"train.compile must be a torch.compile backend ({', '.join(backends)}), "
                                  f"got {tc.compile!r}")
             self.model.encoder.compile(backend=tc.compile, dynamic=True)
-        self.train_sets, self.dev_sets = self._load("train"), self._load("dev")
+        self.train_sets, self.dev_sets = self._encode(examples["train"]), self._encode(examples["dev"])
         self.streams = {t: TaskStream(ds, cfg.data.batch_size, cfg.data.bucket, self.rng, self.tokenizer.pad_id,
                                       self.dist.rank, self.dist.world)
                         for t, ds in self.train_sets.items()}
@@ -148,8 +149,10 @@ class Trainer:
         return {"trainable_params": sum(p.numel() for p in params if p.requires_grad),
                 "total_params": sum(p.numel() for p in params)}
 
-    def _load(self, split):
-        sets = {}
+    def _read(self, split: str) -> dict[str, list]:
+        """Every task's usable examples of `split` (read before the model is built, so bad data
+        fails first)."""
+        out = {}
         for task in self.tasks:
             examples, _ = load_split(task, self.data_dir, split, self.cfg.data.limit)
             if split == "train" and self.cfg.data.train_fraction < 1.0:
@@ -158,8 +161,12 @@ class Trainer:
                 examples = random.Random(self.cfg.train.seed).sample(examples, keep)
             if not examples:
                 raise ValueError(f"task {task.name}: no usable {split} examples")
-            sets[task.name] = encode_dataset(task, examples, self.tokenizer, self.model.pair_encoding[task.name])
-        return sets
+            out[task.name] = examples
+        return out
+
+    def _encode(self, examples: dict[str, list]) -> dict:
+        return {name: encode_dataset(get_task(name), exs, self.tokenizer, self.model.pair_encoding[name])
+                for name, exs in examples.items()}
 
     def to_device(self, batch):
         return {**batch, "inputs": [{k: v.to(self.device) for k, v in x.items()} for x in batch["inputs"]],
