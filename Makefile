@@ -1,6 +1,8 @@
 # The two set-up commands of the README: `make train` (main job) and `make test`.
 PY := .venv/bin/python
 RUN ?= runs/default
+# OVERWRITE=1 replaces a run already in $(RUN) (otherwise training into it is refused)
+TRAIN_FLAGS := $(if $(filter 1,$(OVERWRITE)),--overwrite,)
 
 .venv/.installed: pyproject.toml scripts/install.sh
 	bash scripts/install.sh
@@ -15,7 +17,7 @@ install: .venv/.installed
 install-test: .venv/.installed-test
 
 train: install
-	.venv/bin/mtbert train --config configs/default.yaml --out $(RUN)
+	.venv/bin/mtbert train --config configs/default.yaml --out $(RUN) $(TRAIN_FLAGS)
 
 test: install-test
 	$(PY) -m pytest

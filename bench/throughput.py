@@ -13,18 +13,18 @@ The last line reads `train_ratio=X infer_ratio=Y` (ours over transformers, best 
 from __future__ import annotations
 
 import argparse
-import copy
 import contextlib
+import copy
 import random
 import time
 
 import torch
 
-from mtbert.modeling.checkpoint import build_model
 from mtbert.core.config import load_config, resolve_data_dir
-from mtbert.data.readers import collate, encode_dataset, load_split
-from mtbert.modeling.encoder import default_backbone_dir
 from mtbert.core.tasks import get_task
+from mtbert.data.readers import collate, encode_dataset, load_split
+from mtbert.modeling.checkpoint import build_model
+from mtbert.modeling.encoder import default_backbone_dir
 
 
 class HFEncoder(torch.nn.Module):

@@ -10,7 +10,15 @@ import pytest
 from mtbert.apps.cli import main
 from mtbert.core.errors import CheckpointError
 from mtbert.modeling import backbones
-from mtbert.modeling.backbones import ARCHIVES, MARKER, Piece, SplitArchive, install, installed, resolve
+from mtbert.modeling.backbones import (
+    ARCHIVES,
+    MARKER,
+    Piece,
+    SplitArchive,
+    install,
+    installed,
+    resolve,
+)
 from tests.conftest import TINY_YAML
 from tests.hf_tiny import write_hf_dir
 

@@ -5,9 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from mtbert.modeling.checkpoint import build_model, find_checkpoint, load_checkpoint, save_checkpoint
-from mtbert.modeling.encoder import CheckpointError
 from mtbert.inference.predictor import encode_split, predict_dataset
+from mtbert.modeling.checkpoint import (
+    build_model,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from mtbert.modeling.encoder import CheckpointError
 
 
 def _model(tiny_cfg, *overrides):

@@ -17,7 +17,13 @@ from mtbert.apps.cli import main
 from mtbert.apps.serve import create_app
 from mtbert.core.config import ConfigError, load_config
 from mtbert.core.errors import DataError
-from mtbert.core.tasks import TASKS, get_task, overall_scorer, task_from_definition, with_overall
+from mtbert.core.tasks import (
+    TASKS,
+    get_task,
+    overall_scorer,
+    task_from_definition,
+    with_overall,
+)
 from mtbert.training import trainer as trainer_module
 from mtbert.training.trainer import Trainer
 from tests.conftest import TINY_YAML

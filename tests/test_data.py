@@ -3,10 +3,19 @@ import random
 import pytest
 import torch
 
-from mtbert.data.readers import DataError, check_data_dir, collate, encode_dataset, load_split, make_batches, pad, read_task_file
-from mtbert.modeling.encoder import default_backbone_dir
 from mtbert.core.tasks import get_task
+from mtbert.data.readers import (
+    DataError,
+    check_data_dir,
+    collate,
+    encode_dataset,
+    load_split,
+    make_batches,
+    pad,
+    read_task_file,
+)
 from mtbert.data.tokenizer import BertTokenizer
+from mtbert.modeling.encoder import default_backbone_dir
 
 QQP_ROWS = (
     "\tid\tsentence1\tsentence2\tis_duplicate\n"

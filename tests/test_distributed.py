@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mtbert.modeling.checkpoint import resolve_backbone
-from mtbert.data.readers import encode_dataset, load_split
 from mtbert.core.tasks import get_task
+from mtbert.data.readers import encode_dataset, load_split
 from mtbert.data.tokenizer import BertTokenizer
+from mtbert.modeling.checkpoint import resolve_backbone
 from mtbert.training.trainer import TaskStream, Trainer
 from tests.conftest import TINY_YAML
 

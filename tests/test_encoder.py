@@ -4,7 +4,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mtbert.modeling.encoder import BertConfig, BertModel, CheckpointError, default_backbone_dir, load_hf_bert
+from mtbert.modeling.encoder import (
+    BertConfig,
+    BertModel,
+    CheckpointError,
+    default_backbone_dir,
+    load_hf_bert,
+)
 from tests.conftest import TINY
 
 
@@ -58,7 +64,8 @@ def _write_tiny_checkpoint(path, sd):
 
 def _hf_like_state(model: BertModel):
     """Produce HF key names from our model (inverse of the loader's mapping)."""
-    from transformers import BertConfig as HFConfig, BertModel as HFModel
+    from transformers import BertConfig as HFConfig
+    from transformers import BertModel as HFModel
     return {k: v.contiguous() for k, v in HFModel(HFConfig(**TINY)).state_dict().items()}
 
 

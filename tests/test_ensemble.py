@@ -5,10 +5,16 @@ import numpy as np
 import pytest
 
 from mtbert.apps.cli import main
-from mtbert.inference.ensemble import build_ensemble, parse_thresholds
-from mtbert.inference.predictor import EnsemblePredictor, Predictor, average_outputs, evaluate_examples, load_examples
-from mtbert.inference.loading import load_predictor
 from mtbert.core.tasks import TASKS, get_task
+from mtbert.inference.ensemble import build_ensemble, parse_thresholds
+from mtbert.inference.loading import load_predictor
+from mtbert.inference.predictor import (
+    EnsemblePredictor,
+    Predictor,
+    average_outputs,
+    evaluate_examples,
+    load_examples,
+)
 from tests.conftest import TINY_YAML
 
 TASK_FILES = ("ids-sst", "quora", "sts")

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+import mtbert
 from mtbert.apps.cli import main
 from mtbert.core.config import load_config
 from mtbert.data.readers import pad
@@ -48,12 +49,8 @@ def _checkpoint(tmp_path, *overrides, tweak=None):
 
 
 def our_embeddings(run_dir, texts) -> np.ndarray:
-    """The run's pooled sentence vectors, computed directly. (Issue 12 adds the public API:
-    this becomes `mtbert.load(run_dir).embed(texts)`.)"""
-    predictor = load_predictor(run_dir, device="cpu", precision="fp32")
-    batch = pad(predictor.tokenizer.encode(texts), predictor.pad_id)
-    with torch.inference_mode():
-        return predictor.model.embed(batch).numpy()
+    """The run's pooled sentence vectors through the public API."""
+    return mtbert.load(run_dir, device="cpu", precision="fp32").embed(texts)
 
 
 def _card(out):
@@ -66,6 +63,7 @@ def _card(out):
 
 def test_hf_export_loads_in_transformers_with_our_hidden_states_and_heads(run, dev, tmp_path):
     from transformers import AutoModel, AutoTokenizer
+
     from mtbert.modeling.hf_format import load_hf_export
 
     out = tmp_path / "hf"
@@ -124,7 +122,8 @@ def test_sentence_transformers_encode_equals_our_embeddings(run, dev, tmp_path, 
 
 def test_onnx_graphs_equal_pytorch_on_several_batch_sizes_and_lengths(run, dev, tmp_path, data_dir):
     from mtbert.inference.onnx_predictor import OnnxPredictor
-    from mtbert.inference.onnx_runner import OnnxModel, Tokenizer, pad as runner_pad
+    from mtbert.inference.onnx_runner import OnnxModel, Tokenizer
+    from mtbert.inference.onnx_runner import pad as runner_pad
 
     out = tmp_path / "onnx"
     assert main(["export", str(run), "--format", "onnx", "--out", str(out), "--quantize", "int8"]) == 0

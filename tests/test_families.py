@@ -8,7 +8,12 @@ import torch
 from mtbert.core.errors import CheckpointError
 from mtbert.data.tokenizer import BertTokenizer
 from mtbert.modeling.checkpoint import load_checkpoint
-from mtbert.modeling.encoder import BertConfig, BertModel, load_hf_encoder, relative_position_bucket
+from mtbert.modeling.encoder import (
+    BertConfig,
+    BertModel,
+    load_hf_encoder,
+    relative_position_bucket,
+)
 from tests.hf_tiny import hf_model, sst_texts, tiny_tokenizer, write_hf_dir
 
 transformers = pytest.importorskip("transformers")
@@ -127,8 +132,8 @@ def test_bert_tokenizer_format_unchanged():
 def test_train_checkpoint_predict_on_each_family(tmp_path, tiny_cfg, data_dir, family):
     """A non-BERT backbone trains with SMART and LLRD (word embeddings, positions from the mask,
     relative-bias depth), and its checkpoint restores the family, tokenizer style and outputs."""
-    from mtbert.inference.loading import load_predictor
     from mtbert.apps.report import attention_maps
+    from mtbert.inference.loading import load_predictor
     from mtbert.training.trainer import Trainer
     hf = write_hf_dir(tmp_path / "hf", family, data_dir)
     cfg = tiny_cfg("model.tiny=null", f"model.backbone={hf}", "data.limit=16", "train.max_steps=2",

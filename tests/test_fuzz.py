@@ -5,10 +5,10 @@ import string
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mtbert.data.readers import DataError, encode_dataset, read_task_file
-from mtbert.modeling.encoder import default_backbone_dir
 from mtbert.core.tasks import get_task
+from mtbert.data.readers import DataError, encode_dataset, read_task_file
 from mtbert.data.tokenizer import BertTokenizer
+from mtbert.modeling.encoder import default_backbone_dir
 
 TOK = BertTokenizer.from_dir(default_backbone_dir(), max_length=32)
 field = st.one_of(st.text(max_size=40), st.sampled_from(["", "0", "1.0", "4", "5.5", "nan", '"', '""x"', "\t"]),

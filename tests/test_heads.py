@@ -2,11 +2,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtbert.modeling.checkpoint import build_model, load_checkpoint, save_checkpoint
 from mtbert.inference.predictor import encode_split, predict_dataset
+from mtbert.modeling.checkpoint import build_model, load_checkpoint, save_checkpoint
 from mtbert.modeling.heads import AttentionPairHead
-from mtbert.modeling.poolers import BiLSTMPool, CNNPool
 from mtbert.modeling.model import CrossPlusCosineHead, Rep, build_pooler
+from mtbert.modeling.poolers import BiLSTMPool, CNNPool
 from mtbert.training.trainer import Trainer
 
 

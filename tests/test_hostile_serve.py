@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mtbert.apps.serve import create_app, server_config, trusted_hosts
+from mtbert.core.config import load_config
 from mtbert.data.readers import Example
 from mtbert.inference.predictor import BasePredictor, Predictor
 from mtbert.modeling.checkpoint import build_model
 from tests.conftest import TINY_YAML
-from mtbert.core.config import load_config
 
 GOOD = ["A gripping, funny and moving film.", "Dull."]
 PAIR = ["How do I learn Python?", "What is the best way to learn Python?"]

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from mtbert.modeling.checkpoint import build_model, load_checkpoint, save_checkpoint
 from mtbert.inference.predictor import encode_split, predict_dataset
-from mtbert.training.techniques import TECHNIQUES, build_techniques
 from mtbert.modeling.adapters import SHARED, LoRALinear, lora_layers, merge_lora
+from mtbert.modeling.checkpoint import build_model, load_checkpoint, save_checkpoint
+from mtbert.training.techniques import TECHNIQUES, build_techniques
 from mtbert.training.trainer import Trainer
 
 NO_DROPOUT = ("model.dropout=0", "model.tiny={hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, "

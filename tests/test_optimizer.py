@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtbert.training.optimizer import Updater, non_empty, parameter_groups, warmup_linear_decay
+from mtbert.training.optimizer import (
+    Updater,
+    non_empty,
+    parameter_groups,
+    warmup_linear_decay,
+)
 
 
 class Tiny(torch.nn.Module):

@@ -6,14 +6,24 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from mtbert.modeling.checkpoint import build_model
 from mtbert.apps.cli import main
 from mtbert.core.config import ConfigError
-from mtbert.data.readers import load_split
-from mtbert.modeling.model import MultitaskModel
-from mtbert.training.pretrain import MultipleNegativesRankingLoss, SimCSESupLoss, SimCSEUnsupLoss, info_nce, labeled_positives, labeled_sentences, run_pretrain, same_label_batches, unsup_sentences
 from mtbert.core.runtime import set_seed
 from mtbert.core.tasks import get_task
+from mtbert.data.readers import load_split
+from mtbert.modeling.checkpoint import build_model
+from mtbert.modeling.model import MultitaskModel
+from mtbert.training.pretrain import (
+    MultipleNegativesRankingLoss,
+    SimCSESupLoss,
+    SimCSEUnsupLoss,
+    info_nce,
+    labeled_positives,
+    labeled_sentences,
+    run_pretrain,
+    same_label_batches,
+    unsup_sentences,
+)
 from mtbert.training.trainer import Trainer
 from tests.conftest import TINY_YAML
 

@@ -13,7 +13,7 @@ from mtbert.core.registry import Registry
 from mtbert.training.schedules import SCHEDULES
 from mtbert.training.techniques import TECHNIQUES, GradientCombiner, build_techniques
 from mtbert.training.trainer import Trainer
-from mtbert.training.weightings import WEIGHTINGS, Weighting
+from mtbert.training.weightings import WEIGHTINGS
 
 
 def test_register_get_build_and_errors():

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from mtbert.apps import report as R
-from mtbert.modeling.checkpoint import load_checkpoint
 from mtbert.apps.cli import main
-from mtbert.data.readers import pad
 from mtbert.core.tasks import get_task
+from mtbert.data.readers import pad
+from mtbert.modeling.checkpoint import load_checkpoint
 from tests.conftest import TINY_YAML
 
 LIMIT = 40

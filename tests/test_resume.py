@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
-from mtbert.modeling.checkpoint import load_checkpoint
 from mtbert.apps.cli import main
-from mtbert.training.trainer import Trainer
+from mtbert.modeling.checkpoint import load_checkpoint
 from mtbert.training.state import find_state
+from mtbert.training.trainer import Trainer
 from tests.conftest import TINY_YAML
 
 # 3 epochs of 6 steps; evaluations at 4, 6, 8, 12 (and 12 = the end), saves also at 3 and 9.

@@ -1,6 +1,6 @@
 """`mtbert serve`: the JSON API (TestClient), its refusals, the web page in a real browser, the CLI."""
-import re
 import os
+import re
 import shutil
 import socket
 import threading
@@ -12,11 +12,11 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from mtbert.apps.cli import main
-from mtbert.data.readers import Example
-from mtbert.inference.predictor import BasePredictor
-from mtbert.inference.loading import load_predictor
 from mtbert.apps.serve import create_app
 from mtbert.core.tasks import get_task
+from mtbert.data.readers import Example
+from mtbert.inference.loading import load_predictor
+from mtbert.inference.predictor import BasePredictor
 from tests.conftest import TINY_YAML
 
 TEXTS = ["A gripping, funny and moving film.", "Dull.", "The plot never quite comes together, sadly."]

@@ -11,7 +11,6 @@ from mtbert.training.techniques.pcgrad import project_conflicting
 from mtbert.training.techniques.smart import Smart, project_to_ball
 from mtbert.training.trainer import Trainer
 
-
 # ---------------------------------------------------------------- PCGrad
 
 def test_pcgrad_matches_hand_computation():

@@ -6,16 +6,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtbert.data.augment import AUGMENTATIONS, MASK, augment_texts, read_augment_file
-from mtbert.modeling.checkpoint import load_checkpoint, save_checkpoint
-from mtbert.data.readers import DataError, encode_dataset, pad
-from mtbert.inference.predictor import predict_dataset
 from mtbert.core.kinds import BINARY, BINNED_STS, CLASSIFICATION
 from mtbert.core.tasks import get_task, overall_score
+from mtbert.data.augment import AUGMENTATIONS, MASK, augment_texts, read_augment_file
+from mtbert.data.readers import DataError, pad
+from mtbert.inference.predictor import predict_dataset
+from mtbert.modeling.checkpoint import load_checkpoint, save_checkpoint
 from mtbert.training.techniques import build_techniques
-from mtbert.training.techniques.uda import confidence_mask, consistency_loss, sharpen, tsa_loss, tsa_threshold
+from mtbert.training.techniques.uda import (
+    confidence_mask,
+    consistency_loss,
+    sharpen,
+    tsa_loss,
+    tsa_threshold,
+)
 from mtbert.training.trainer import Trainer
-
 
 # ---------------------------------------------------------------- TSA
 

@@ -35,10 +35,10 @@ from mtbert.modeling.encoder import load_hf_encoder, read_encoder_config
 from mtbert.modeling.heads import PAIR_ENCODINGS, PAIR_HEADS
 from mtbert.modeling.poolers import POOLERS
 from mtbert.training.pretrain import run_pretrain
+from mtbert.training.rundir import prepare_run_dir
 from mtbert.training.schedules import SCHEDULES
 from mtbert.training.state import resume_config
 from mtbert.training.techniques import TECHNIQUES
-from mtbert.training.rundir import prepare_run_dir
 from mtbert.training.trainer import train
 from mtbert.training.weightings import WEIGHTINGS
 

@@ -124,7 +124,11 @@ def write_sentence_transformers(out: Path, model: MultitaskModel, tokenizer: Ber
     model = single_encoder(model)
     _require("sentence_transformers")
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Dense, Pooling, Transformer
+    from sentence_transformers.sentence_transformer.modules import (
+        Dense,
+        Pooling,
+        Transformer,
+    )
     hidden = model.encoder.config.hidden_size
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".hf-") as scratch:
         hf_format.save_hf_encoder(scratch, model.encoder, tokenizer)

@@ -69,7 +69,7 @@ def render(fmt: str, name: str, cfg: dict, tasks: dict, meta: dict, summary: dic
              f"# {name}", "",
              f"A multitask BERT encoder fine-tuned with mtbert {__version__} on "
              f"{', '.join(TASK_TITLES.get(t, (t,))[0] for t in tasks)}: one shared encoder "
-             + (f"(random-initialised, `model.tiny`), " if model.get("tiny") is not None else
+             + ("(random-initialised, `model.tiny`), " if model.get("tiny") is not None else
                 f"(backbone `{model.get('backbone')}`{f' = {base}' if base else ''}), ") +
              f"{model.get('pooling')} pooling, one small head per task. Exported as `{fmt}`.", "",
              "## Tasks and labels", "",

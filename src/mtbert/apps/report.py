@@ -30,7 +30,12 @@ from mtbert.core.runtime import autocast
 from mtbert.core.tasks import TASKS, get_task
 from mtbert.data.readers import Example, collate, pad
 from mtbert.inference.loading import load_predictor
-from mtbert.inference.predictor import BasePredictor, Predictor, load_examples, score_outputs
+from mtbert.inference.predictor import (
+    BasePredictor,
+    Predictor,
+    load_examples,
+    score_outputs,
+)
 
 
 def log(msg: str) -> None:

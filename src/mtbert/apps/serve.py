@@ -44,7 +44,6 @@ from pathlib import Path
 
 import numpy as np
 import uvicorn
-from uvicorn.protocols.http.auto import AutoHTTPProtocol
 import yaml
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -53,13 +52,14 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from mtbert import __version__
 from mtbert.core.tasks import get_task
 from mtbert.data.readers import Example
+from mtbert.inference.api import describe_task
 from mtbert.inference.ensemble import ENSEMBLE_FILE, is_ensemble_dir
 from mtbert.inference.loading import load_predictor
-from mtbert.inference.api import describe_task
 from mtbert.inference.outputs import prediction_records
 from mtbert.inference.predictor import BasePredictor, EnsemblePredictor, Predictor
 

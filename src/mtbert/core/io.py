@@ -1,11 +1,32 @@
-"""Atomic file writes: a reader never sees a half-written file, a crash never leaves one."""
+"""File writes that are atomic (a reader never sees a half-written file, a crash never leaves
+one), strict JSON, and file checksums."""
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
 import tempfile
 from pathlib import Path
+from typing import IO, Iterator
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | Path, mode: str = "w", newline: str | None = None) -> Iterator[IO]:
+    """A file opened beside `path`; on success it is fsynced and renamed over `path`, on any error
+    it is deleted and `path` is left as it was."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": newline, "encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -15,17 +36,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary sibling, fsync, then rename over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path, "wb") as f:
+        f.write(data)
 
 
 def finite_json(obj):
@@ -46,3 +58,12 @@ def to_json(obj, **options) -> str:
 
 def write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, to_json(obj, indent=2))
+
+
+def sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fp:
+        for chunk in iter(lambda: fp.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

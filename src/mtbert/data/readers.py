@@ -11,7 +11,6 @@ may hold a newline). A byte-order mark before the header is dropped.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -24,6 +23,7 @@ from typing import Iterator
 import torch
 
 from mtbert.core.errors import DataError
+from mtbert.core.io import sha256
 from mtbert.core.tasks import FORMATS, TaskSpec
 
 log = logging.getLogger("mtbert")
@@ -276,14 +276,6 @@ def read_task_file(task: TaskSpec, path: str | Path, labeled: bool = True) -> tu
 
 def load_split(task: TaskSpec, data_dir: Path, split: str, limit: int | None = None):
     return read_task_split(task, split, data_dir, limit)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fp:
-        for chunk in iter(lambda: fp.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def require_columns(task: TaskSpec, path: Path, labeled: bool) -> None:

@@ -29,12 +29,17 @@ import yaml
 
 from mtbert.core.config import resolve_data_dir
 from mtbert.core.errors import CheckpointError
-from mtbert.core.io import atomic_write_text
+from mtbert.core.io import atomic_write_text, sha256
 from mtbert.core.registry import register_stage
 from mtbert.core.runtime import resolve_precision, select_device
 from mtbert.core.tasks import get_task
-from mtbert.data.readers import sha256
-from mtbert.inference.predictor import EnsemblePredictor, Predictor, average_outputs, load_examples, score_outputs
+from mtbert.inference.predictor import (
+    EnsemblePredictor,
+    Predictor,
+    average_outputs,
+    load_examples,
+    score_outputs,
+)
 from mtbert.modeling.checkpoint import find_checkpoint, load_checkpoint
 
 ENSEMBLE_FILE = "ensemble.json"

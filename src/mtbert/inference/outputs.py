@@ -8,8 +8,6 @@ import csv
 import dataclasses
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -17,11 +15,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mtbert.core.errors import DataError
-from mtbert.core.io import atomic_write_text
+from mtbert.core.io import atomic_write_text, atomic_writer
 from mtbert.core.tasks import TaskSpec, get_task
 from mtbert.data.readers import Example, ReadReport, example_from_row, read_rows
 from mtbert.inference.predictor import BasePredictor, load_examples
-
 
 # ---------------------------------------------------------------- records
 
@@ -73,31 +70,23 @@ def predict_file(predictor: BasePredictor, task_name: str, input_path: str | Pat
     report = ReadReport(str(input_path))
     rows = read_rows(input_path, fmt, delimiter, report=report)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = None
-            bar = tqdm(desc=f"predict {task_name}", unit=" rows", disable=not progress)
-            for examples in _chunks(_examples(reading, rows, report), chunk):
-                out = predictor.predict(task_name, examples)
-                for ex, rec in zip(examples, prediction_records(task, out)):
-                    rec = {"id": ex.id, **rec}
-                    if out_fmt == "jsonl":
-                        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                        continue
-                    rec = _flat(rec)
-                    if writer is None:
-                        writer = csv.DictWriter(f, fieldnames=list(rec))
-                        writer.writeheader()
-                    writer.writerow(rec)
-                bar.update(len(examples))
-            bar.close()
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(out_path, newline="") as f:  # the previous file stays until this one is whole
+        writer = None
+        bar = tqdm(desc=f"predict {task_name}", unit=" rows", disable=not progress)
+        for examples in _chunks(_examples(reading, rows, report), chunk):
+            out = predictor.predict(task_name, examples)
+            for ex, rec in zip(examples, prediction_records(task, out)):
+                rec = {"id": ex.id, **rec}
+                if out_fmt == "jsonl":
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    continue
+                rec = _flat(rec)
+                if writer is None:
+                    writer = csv.DictWriter(f, fieldnames=list(rec))
+                    writer.writeheader()
+                writer.writerow(rec)
+            bar.update(len(examples))
+        bar.close()
     return report
 
 

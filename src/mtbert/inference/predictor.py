@@ -7,14 +7,18 @@ inference.ensemble). inference.loading opens either kind of run directory.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from mtbert.data.readers import EncodedDataset, Example, collate, encode_dataset, load_split
 from mtbert.core.runtime import autocast
 from mtbert.core.tasks import TaskSpec, get_task, with_overall
+from mtbert.data.readers import (
+    EncodedDataset,
+    Example,
+    collate,
+    encode_dataset,
+    load_split,
+)
 
 
 @torch.inference_mode()

@@ -126,14 +126,6 @@ def installed(archive: SplitArchive, cache: Path | None = None) -> Path:
 
 # ---------------------------------------------------------------- installing
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fp:
-        for chunk in iter(lambda: fp.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def locate_piece(piece: Piece) -> Path | None:
     """The piece's file inside its installed package; None when the package is not installed."""
     try:

@@ -26,7 +26,12 @@ from mtbert.data.tokenizer import BertTokenizer
 from mtbert.modeling.adapters import EXTENSIONS, merge_lora
 from mtbert.modeling.backbones import ARCHIVES, BACKBONES
 from mtbert.modeling.backbones import resolve as resolve_backbone
-from mtbert.modeling.encoder import BertConfig, BertModel, load_hf_encoder, load_state_checked
+from mtbert.modeling.encoder import (
+    BertConfig,
+    BertModel,
+    load_hf_encoder,
+    load_state_checked,
+)
 from mtbert.modeling.model import MultitaskModel
 
 

@@ -12,7 +12,13 @@ import torch.nn as nn
 
 from mtbert.core.tasks import TaskSpec
 from mtbert.modeling.encoder import BertModel
-from mtbert.modeling.heads import PAIR_ENCODINGS, PAIR_HEADS, CrossPlusCosineHead, LinearHead, Rep
+from mtbert.modeling.heads import (
+    PAIR_ENCODINGS,
+    PAIR_HEADS,
+    CrossPlusCosineHead,
+    LinearHead,
+    Rep,
+)
 from mtbert.modeling.poolers import build_pooler
 
 

@@ -25,13 +25,23 @@ from tqdm.auto import tqdm
 
 from mtbert.core.config import Config, resolve_data_dir
 from mtbert.core.registry import register_stage
-from mtbert.core.runtime import autocast, resolve_precision, select_device, set_seed, set_threads
+from mtbert.core.runtime import (
+    autocast,
+    resolve_precision,
+    select_device,
+    set_seed,
+    set_threads,
+)
 from mtbert.core.tasks import get_task
 from mtbert.data.readers import load_split, pad
 from mtbert.modeling.checkpoint import build_model, save_checkpoint
 from mtbert.modeling.model import MultitaskModel
-from mtbert.training.optimizer import Updater, non_empty, parameter_groups, warmup_linear_decay
-
+from mtbert.training.optimizer import (
+    Updater,
+    non_empty,
+    parameter_groups,
+    warmup_linear_decay,
+)
 
 # ---------------------------------------------------------------- losses
 

@@ -24,7 +24,13 @@ from tqdm.auto import tqdm
 from mtbert.core.config import Config, resolve_data_dir
 from mtbert.core.distributed import Dist, process_group
 from mtbert.core.io import atomic_write_text, to_json
-from mtbert.core.runtime import autocast, resolve_precision, select_device, set_seed, set_threads
+from mtbert.core.runtime import (
+    autocast,
+    resolve_precision,
+    select_device,
+    set_seed,
+    set_threads,
+)
 from mtbert.core.tasks import get_task, overall_scorer, selection_score
 from mtbert.data.readers import check_task_columns, encode_dataset, load_split
 from mtbert.inference.predictor import metrics_for
@@ -32,9 +38,18 @@ from mtbert.modeling.checkpoint import build_model, save_checkpoint
 from mtbert.training import state
 from mtbert.training.early_stopping import EarlyStopping
 from mtbert.training.gradients import per_task_gradients, set_flat_grad
-from mtbert.training.optimizer import Updater, non_empty, parameter_groups, warmup_linear_decay
+from mtbert.training.optimizer import (
+    Updater,
+    non_empty,
+    parameter_groups,
+    warmup_linear_decay,
+)
 from mtbert.training.pretrain import pretrained_start
-from mtbert.training.rundir import check_finite_losses, check_finite_score, prepare_run_dir
+from mtbert.training.rundir import (
+    check_finite_losses,
+    check_finite_score,
+    prepare_run_dir,
+)
 from mtbert.training.schedules import build_schedule
 from mtbert.training.streams import TaskStream
 from mtbert.training.techniques import StepContext, build_techniques, gradient_combiner

@@ -5,8 +5,14 @@ Every module in this folder is imported here, so a new technique is one new file
 import importlib
 import pkgutil
 
-from mtbert.training.techniques.base import (TECHNIQUES, GradientCombiner, StepContext, Technique,  # noqa: F401
-                                             build_techniques, gradient_combiner)
+from mtbert.training.techniques.base import (  # noqa: F401
+    TECHNIQUES,
+    GradientCombiner,
+    StepContext,
+    Technique,
+    build_techniques,
+    gradient_combiner,
+)
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")  # registers its techniques

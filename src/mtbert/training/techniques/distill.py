@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from mtbert.core.io import sha256
 from mtbert.core.runtime import resolve_precision
-from mtbert.data.readers import sha256
 from mtbert.inference.ensemble import ENSEMBLE_FILE, is_ensemble_dir
 from mtbert.inference.loading import load_predictor
 from mtbert.modeling.checkpoint import find_checkpoint
