@@ -150,7 +150,10 @@ def header_of(path: str | Path, fmt: str, delimiter: str | None = None) -> list[
     if fmt == "jsonl":
         return None
     with open(path, "rb") as fp:
-        first = fp.readline().decode("utf-8", errors="replace").removeprefix("\ufeff")
+        try:
+            first = fp.readline().decode("utf-8").removeprefix("\ufeff")
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: the first line is not UTF-8 text") from None
     try:
         return [h.strip() for h in next(csv.reader(io.StringIO(first), delimiter=delimiter or FORMATS[fmt]), [])]
     except csv.Error as e:
