@@ -218,6 +218,9 @@ def test_prediction_is_streamed_in_chunks(tmp_path, topic_config):
         tasks = ["topic"]
         sizes: list[int] = []
 
+        def task_spec(self, task):
+            return get_task(task)
+
         def predict(self, task, examples):
             self.sizes.append(len(examples))
             n = len(examples)
@@ -250,3 +253,53 @@ tasks:
     examples, report = read_task_split(get_task("hf_topic"), "dev", tmp_path)
     assert len(examples) == 6 and report.rows == 6
     assert examples[0].texts == (rows[0]["text"],) and examples[0].label == ["sports", "politics", "tech"].index(rows[0]["topic"])
+
+
+def test_row_number_ids_count_skipped_rows_and_csv_quotes_never_merge_rows(tmp_path):
+    spec = task_from_definition("rows", {"files": {"train": "x.csv"}, "text": "x",
+                                         "label": {"column": "y", "kind": "binary"}})
+    path = tmp_path / "x.csv"
+    path.write_text('x,y\nhello,1\nbad,extra,1\n"unclosed,0\nfine,0\nlast,1\n')
+    from mtbert.data.readers import read_task_file
+    examples, report = read_task_file(spec, path)
+    assert [(e.id, e.texts[0]) for e in examples] == [("0", "hello"), ("3", "fine"), ("4", "last")]
+    assert report.rows == 5 and report.reasons == {"extra fields": 1, "unparseable row": 1}
+
+
+def test_overflowing_labels_are_invalid_not_crashes():
+    cls = get_task("sst")
+    for raw in ("inf", "1e400", "nan"):
+        with pytest.raises(ValueError):
+            cls.parse_label(raw)
+    free = task_from_definition("free", {"files": {"train": "t.csv"}, "text": "x",
+                                         "label": {"column": "y", "kind": "regression"}})
+    with pytest.raises(ValueError):
+        free.parse_label("inf")
+
+
+def test_each_loaded_model_keeps_its_own_task_definition(tmp_path, topic_config):
+    """Two runs declaring `topic` with different labels, loaded in one process."""
+    run_a = tmp_path / "a"
+    assert main(["train", "--config", str(topic_config), "--out", str(run_a), "--set", "train.max_steps=2"]) == 0
+    other = tmp_path / "other.yaml"
+    other.write_text(topic_config.read_text().replace("names: [sports, politics, tech]", "names: [sports, politics, tech, misc]"))
+    (tmp_path / "data" / "topic-train.csv").write_text((tmp_path / "data" / "topic-train.csv").read_text() + "x y,misc\n")
+    run_b = tmp_path / "b"
+    assert main(["train", "--config", str(other), "--out", str(run_b), "--set", "train.max_steps=2"]) == 0
+    a, b = mtbert.load(run_a), mtbert.load(run_b)
+    assert a.tasks["topic"]["labels"] == ["sports", "politics", "tech"]
+    assert b.tasks["topic"]["labels"] == ["sports", "politics", "tech", "misc"]
+    assert set(a.predict("topic", ["a goal"])[0]["probabilities"]) == {"sports", "politics", "tech"}
+
+
+def test_bad_overall_weights_and_input_columns_fail_before_training(tmp_path, topic_config, capsys):
+    with pytest.raises(ConfigError, match="not in data.tasks"):
+        load_config(topic_config, ["data.overall_weights={tpoic: 2}"])
+    with pytest.raises(ConfigError, match="go with data.overall: mean"):
+        load_config(topic_config, ["data.overall=auto", "data.overall_weights={topic: 2}"])
+    src = tmp_path / "in.csv"
+    src.write_text("body\nhello\n")
+    assert main(["predict", str(tmp_path / "no-run"), "--task", "topic", "--input", str(src),
+                 "--out", str(tmp_path / "o.csv"), "--text-column", "headline"]) == 2
+    assert "has no column(s) ['headline']" in capsys.readouterr().err  # checked before the (missing) model loads
+    assert not (tmp_path / "o.csv").exists()

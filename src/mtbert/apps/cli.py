@@ -27,7 +27,12 @@ from mtbert.core.tasks import TASKS
 from mtbert.data.readers import NOT_CHECKED, check_data_dir
 from mtbert.inference.ensemble import build_ensemble, format_summary, parse_thresholds
 from mtbert.inference.loading import load_predictor
-from mtbert.inference.outputs import format_table, predict_file, write_prediction_files
+from mtbert.inference.outputs import (
+    check_input_columns,
+    format_table,
+    predict_file,
+    write_prediction_files,
+)
 from mtbert.inference.predictor import evaluate_examples, load_examples
 from mtbert.modeling.backbones import ARCHIVES
 from mtbert.modeling.backbones import install as install_archive
@@ -102,6 +107,7 @@ def cmd_predict(args) -> int:
     if args.input or args.task:  # any input file -> one prediction file
         if not (args.input and args.task):
             raise ConfigError("predict --input FILE needs --task T (and --task needs --input)")
+        check_input_columns(args.input, args.format, args.delimiter, args.text_column, args.id_column)
         predictor = _load_predictor(args)
         report = predict_file(predictor, args.task, args.input, args.out, fmt=args.format, delimiter=args.delimiter,
                               text_columns=args.text_column, id_column=args.id_column)
@@ -124,9 +130,8 @@ def cmd_ensemble(args) -> int:
 
 
 def cmd_data_check(args) -> int:
-    data_dir = _data_dir(args)
-    if args.config:  # registers the config's own task definitions beside the built-in ones
-        load_config(args.config)
+    cfg = load_config(args.config) if args.config else None  # registers the config's own tasks too
+    data_dir = _data_dir(args, cfg.data.data_dir if cfg else None)
     results = check_data_dir(data_dir, TASKS.values())
     bad = False
     print(f"data directory: {data_dir}")

@@ -440,7 +440,7 @@ def create_app(predictor_or_run_dir: BasePredictor | str | Path, *, max_items: i
     info = {"mtbert_version": __version__, "run": _public_name(run_name), "tasks": predictor.tasks,
             **describe(predictor, run_dir)}
     info["routes"] = {route: _route_info(route, task) for route, task in service.routes.items()}
-    info["task_info"] = {t: {**describe_task(t), "path": f"/v1/tasks/{t}"} for t in predictor.tasks}
+    info["task_info"] = {t: {**describe_task(predictor.task_spec(t)), "path": f"/v1/tasks/{t}"} for t in predictor.tasks}
     info["limits"] = {"max_items": max_items, "max_batch_items": service.max_batch_items, "max_chars": max_chars,
                       "max_body_bytes": max_body_bytes,
                       "max_tokens": info.pop("max_tokens")}
@@ -481,7 +481,7 @@ def create_app(predictor_or_run_dir: BasePredictor | str | Path, *, max_items: i
     async def any_task(task: str, body: TaskRequest):
         if task not in predictor.tasks:
             raise HTTPException(404, _cap(f"this model has no task {task!r}; it has {predictor.tasks}"))
-        spec = get_task(task)
+        spec = predictor.task_spec(task)
         field, given = ("pairs", body.pairs) if spec.is_pair else ("texts", body.texts)
         other = body.texts if spec.is_pair else body.pairs
         if given is None or other is not None:

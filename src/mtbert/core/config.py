@@ -187,7 +187,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     cfg = _validate(cfg)
     if cfg.data.overall not in OVERALL_SCORES:
         raise ConfigError(f"data.overall must be one of {sorted(OVERALL_SCORES)}, got {cfg.data.overall!r}")
+    _validate_overall_weights(cfg.data)
     return cfg
+
+
+def _validate_overall_weights(d) -> None:
+    weights = d.overall_weights or {}
+    if weights and d.overall != "mean":
+        raise ConfigError("data.overall_weights go with data.overall: mean")
+    unknown = sorted(set(weights) - set(d.tasks))
+    if unknown:
+        raise ConfigError(f"data.overall_weights names tasks not in data.tasks: {unknown}")
+    for task, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ConfigError(f"data.overall_weights.{task} must be a finite number of at least 0, got {w!r}")
+    if weights and not any(weights.get(t, 1.0) for t in d.tasks):
+        raise ConfigError("data.overall_weights may not all be zero")
 
 
 def _task_file(path: Path) -> dict:

@@ -67,6 +67,11 @@ class TaskSpec:
             raise ConfigError(f"task {self.name} declares no {split!r} file (it has {sorted(self.files)})")
         return Path(str(self.files[split]).replace("{data_dir}", str(data_dir)))
 
+    def has_split(self, split: str) -> bool:
+        if self.dataset is not None:
+            return split in (self.dataset.get("splits") or {"train": 1, "dev": 1, "test": 1})
+        return split in self.files
+
     def file(self, split: str) -> str:
         """The file name of a split (for messages and data check)."""
         return Path(str(self.files.get(split, "")).replace("{data_dir}/", "")).name
@@ -80,7 +85,7 @@ class TaskSpec:
         if self.kind.scores:
             value = float(text)
             lo, hi = self.label_range if self.label_range else (-math.inf, math.inf)
-            if math.isnan(value) or not lo <= value <= hi:
+            if not math.isfinite(value) or not lo <= value <= hi:
                 raise ValueError(f"label {text!r} outside [{lo}, {hi}]")
             return value
         if self.label_names and text in self.label_names:
@@ -89,7 +94,7 @@ class TaskSpec:
             value = float(text)
         except ValueError:
             raise ValueError(f"label {text!r} is not one of {list(self.label_names or [])}") from None
-        if value != int(value) or not 0 <= value < self.num_labels:
+        if not math.isfinite(value) or value != int(value) or not 0 <= value < self.num_labels:
             raise ValueError(f"label {text!r} is not a class index in [0, {self.num_labels - 1}]")
         return int(value)
 
@@ -129,7 +134,7 @@ def task_from_definition(name: str, d: dict, base_dir: Path | None = None, built
     if dataset is not None and (not isinstance(dataset, dict) or not ({"path", "name"} & set(dataset))):
         fail("dataset must be a mapping with `path` (a saved dataset) or `name` (a hub dataset), and `splits`")
     fmt = d.get("format") or _format_of(files, dataset)
-    if fmt not in FORMATS:
+    if not isinstance(fmt, str) or fmt not in FORMATS:
         fail(f"format must be one of {sorted(FORMATS)}, got {fmt!r}")
     header = d.get("header", True)
     if not (header is True or (isinstance(header, list) and header and all(isinstance(h, str) for h in header))):
@@ -151,6 +156,8 @@ def task_from_definition(name: str, d: dict, base_dir: Path | None = None, built
     if kind_name not in KINDS:
         fail(f"label.kind must be one of {list(KINDS)}, got {kind_name!r}")
     if names is not None:
+        if not isinstance(names, list):
+            fail("label.names must be a list of class names")
         names = tuple(str(n) for n in names)
         if len(set(names)) != len(names) or len(names) < 2:
             fail("label.names must be at least two distinct names, in class order")
@@ -179,6 +186,8 @@ def task_from_definition(name: str, d: dict, base_dir: Path | None = None, built
     metrics = d.get("metrics") or (["pearson"] if kind.scores else ["accuracy"])
     if isinstance(metrics, str):
         metrics = [metrics]
+    if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
+        fail("metrics must be a list of metric names")
     for m in metrics:
         if m not in METRICS:
             fail(f"unknown metric {m!r}; choose from {sorted(METRICS)}")
@@ -186,6 +195,15 @@ def task_from_definition(name: str, d: dict, base_dir: Path | None = None, built
             fail(f"metric {m!r} does not apply to a {kind_name} task "
                  f"({'score' if kind.scores else 'class'} metrics: "
                  f"{sorted(n for n, f in METRICS.items() if f.for_scores == kind.scores)})")
+    if "f1" in metrics and num_labels != 2:
+        fail("metric 'f1' is the positive class's F1, for two-class tasks; use macro_f1")
+    if not isinstance(label["column"], str) or not label["column"]:
+        fail("label.column must be a column name")
+    if label["column"] in text_columns:
+        fail(f"the label column {label['column']!r} is also a text column")
+    delimiter = d.get("delimiter")
+    if delimiter is not None and (not isinstance(delimiter, str) or len(delimiter) != 1):
+        fail("delimiter must be one character")
     main = d.get("main_metric", metrics[0])
     if main not in metrics:
         fail(f"main_metric {main!r} is not among its metrics {metrics}")

@@ -5,8 +5,10 @@ Reading never stops at a bad row: it is skipped and counted by reason (ReadRepor
 as bad: undecodable bytes, an unparseable line, missing or extra fields, an empty or over-long
 text, an invalid label. Tab-separated files are read one line per record: a quoted field (the
 CS224N files use "" escapes) cannot run past the end of its line, so a stray quote costs at most
-its own row, counted, and never merges rows. Comma-separated files follow RFC 4180 (a quoted field
-may hold a newline). A byte-order mark before the header is dropped.
+its own row, counted, and never merges rows. Comma-separated files are read the same way (RFC 4180
+quoting within a line; a field holding a newline is an unparseable row, counted). A byte-order
+mark before the header is dropped. Ids of files without an id column are row numbers, counting
+skipped rows too, so they match the file's lines.
 """
 from __future__ import annotations
 
@@ -124,7 +126,7 @@ def read_rows(path: str | Path, fmt: str, delimiter: str | None = None, columns:
                 yield row
             return
         sep = delimiter or FORMATS[fmt]
-        rows = _split_lines(lines, sep, report, one_line_records=fmt == "tsv")
+        rows = _split_lines(lines, sep, report, one_line_records=True)
         header = list(columns) if columns else next(rows, [])
         if header is None:
             raise DataError(f"{path}: unreadable header")
@@ -245,8 +247,8 @@ def read_task_split(task: TaskSpec, split: str, data_dir: str | Path, limit: int
     labeled = split != "test" if labeled is None else labeled
     check_task_columns(task, data_dir, (split,))
     report, examples = ReadReport(task.name), []
-    for number, row in enumerate(task_rows(task, split, data_dir, report)):
-        ex = example_from_row(task, row, number, labeled, report)
+    for row in task_rows(task, split, data_dir, report):
+        ex = example_from_row(task, row, report.rows - 1, labeled, report)  # row number: skipped rows count
         if ex is not None:
             examples.append(ex)
             if limit and len(examples) >= limit:
@@ -268,8 +270,8 @@ def read_task_file(task: TaskSpec, path: str | Path, labeled: bool = True) -> tu
         raise DataError(f"data file not found: {path} (set --data-dir or MTBERT_DATA)")
     require_columns(task, path, labeled)
     report, examples = ReadReport(str(path)), []
-    for number, row in enumerate(read_rows(path, task.format, task.delimiter, task.columns, report)):
-        ex = example_from_row(task, row, number, labeled, report)
+    for row in read_rows(path, task.format, task.delimiter, task.columns, report):
+        ex = example_from_row(task, row, report.rows - 1, labeled, report)  # row number: skipped rows count
         if ex is not None:
             examples.append(ex)
     if report.skipped:

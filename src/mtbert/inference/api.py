@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from mtbert.core.runtime import autocast
-from mtbert.core.tasks import get_task
+from mtbert.core.tasks import TaskSpec
 from mtbert.data.readers import Example, pad
 from mtbert.inference.loading import load_predictor
 from mtbert.inference.outputs import prediction_records
@@ -31,14 +31,14 @@ class Model:
     @property
     def tasks(self) -> dict[str, dict]:
         """Each task: its output kind, label names (or score range), the input it takes, its metrics."""
-        return {name: describe_task(name) for name in self.predictor.tasks}
+        return {name: describe_task(self.predictor.task_spec(name)) for name in self.predictor.tasks}
 
     def predict(self, task: str, inputs: list) -> list[dict]:
         """Predictions for raw strings (single-sentence tasks) or (a, b) pairs (pair tasks): the
         label name, index and probabilities, or the score, one dict per input."""
-        spec = get_task(task)
         if task not in self.predictor.tasks:
             raise KeyError(f"this model has no task {task!r}; it has {self.predictor.tasks}")
+        spec = self.predictor.task_spec(task)
         if isinstance(inputs, (str, tuple)):
             raise TypeError("predict takes a list of texts (or of (a, b) pairs)")
         examples = []
@@ -55,6 +55,8 @@ class Model:
     @torch.inference_mode()
     def embed(self, texts: list[str], batch_size: int = 128) -> np.ndarray:
         """Sentence vectors [N, D] from the shared encoder and the run's pooling, in input order."""
+        if isinstance(texts, str):
+            raise TypeError("embed takes a list of texts")
         predictor = self.predictor
         if isinstance(predictor, EnsemblePredictor):
             raise ValueError("an ensemble has no single encoder to embed with: load one of its members")
@@ -74,8 +76,7 @@ class Model:
         return np.stack(out) if out else np.zeros((0, width), dtype=np.float32)
 
 
-def describe_task(name: str) -> dict:
-    spec = get_task(name)
+def describe_task(spec: TaskSpec) -> dict:
     info = {"kind": spec.kind.name, "input": "pair" if spec.is_pair else "text",
             "text_columns": list(spec.text_columns), "metrics": list(spec.metrics)}
     if spec.kind.scores:

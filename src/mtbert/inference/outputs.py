@@ -16,8 +16,14 @@ from tqdm.auto import tqdm
 
 from mtbert.core.errors import DataError
 from mtbert.core.io import atomic_write_text, atomic_writer
-from mtbert.core.tasks import TaskSpec, get_task
-from mtbert.data.readers import Example, ReadReport, example_from_row, read_rows
+from mtbert.core.tasks import TaskSpec
+from mtbert.data.readers import (
+    Example,
+    ReadReport,
+    example_from_row,
+    header_of,
+    read_rows,
+)
 from mtbert.inference.predictor import BasePredictor, load_examples
 
 # ---------------------------------------------------------------- records
@@ -57,9 +63,9 @@ def predict_file(predictor: BasePredictor, task_name: str, input_path: str | Pat
     """Predict `task_name` for every row of a CSV / TSV / JSONL file and write CSV or JSONL (by
     `out_path`'s suffix), streaming `chunk` rows at a time. Rows without usable text are skipped
     and counted. Output rows keep the input's id (or row number) and add the prediction."""
-    task = get_task(task_name)
     if task_name not in predictor.tasks:
         raise DataError(f"this model has no task {task_name!r}; it has {predictor.tasks}")
+    task = predictor.task_spec(task_name)
     input_path, out_path = Path(input_path), Path(out_path)
     fmt = fmt or _format_of(input_path)
     columns = tuple(text_columns or task.text_columns)
@@ -90,14 +96,36 @@ def predict_file(predictor: BasePredictor, task_name: str, input_path: str | Pat
     return report
 
 
+def check_input_columns(path: str | Path, fmt: str | None, delimiter: str | None,
+                        text_columns: list[str] | None, id_column: str | None) -> None:
+    """Before any model loads: the input exists and has the named columns (for JSON Lines, its
+    first object). Without --text-column the task's own names are checked later, per row."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"input file not found: {path}")
+    fmt = fmt or _format_of(path)
+    wanted = list(text_columns or []) + ([id_column] if id_column else [])
+    if not wanted:
+        return
+    if fmt == "jsonl":
+        first = next(read_rows(path, fmt), None)
+        header = list(first) if first is not None else None
+    else:
+        header = header_of(path, fmt, delimiter)
+    if header is not None:
+        absent = [c for c in wanted if c not in header]
+        if absent:
+            raise DataError(f"{path} has no column(s) {absent}; its columns are {header}")
+
+
 def _reading_task(task: TaskSpec, columns: tuple[str, ...], id_column: str | None) -> TaskSpec:
     """The task as an input file is read: its text columns renamed, no labels."""
     return dataclasses.replace(task, text_columns=columns, id_column=id_column, label_column=None)
 
 
 def _examples(task: TaskSpec, rows: Iterable[dict], report: ReadReport) -> Iterator[Example]:
-    for number, row in enumerate(rows):
-        ex = example_from_row(task, row, number, False, report)
+    for row in rows:
+        ex = example_from_row(task, row, report.rows - 1, False, report)  # row number: skipped rows count
         if ex is not None:
             yield ex
 
@@ -127,9 +155,9 @@ def write_prediction_files(predictor: BasePredictor, data_dir, out_dir, splits=(
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for split in splits:
-        names = [t for t in predictor.tasks if split in get_task(t).files or get_task(t).dataset]
+        names = [t for t in predictor.tasks if predictor.task_spec(t).has_split(split)]
         for name, examples in load_examples(names, data_dir, split).items():
-            task = get_task(name)
+            task = predictor.task_spec(name)
             out = predictor.predict(name, examples)
             if task.cs224n_output:
                 path = out_dir / f"{task.cs224n_output['prefix']}-{split}-output.csv"

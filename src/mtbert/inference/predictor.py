@@ -65,6 +65,12 @@ class BasePredictor:
     def predict(self, task_name: str, examples: list[Example]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def task_spec(self, task_name: str) -> TaskSpec:
+        """The task as this model was trained on it (its labels, kind, columns), whatever another
+        run loaded later in the same process declared under the same name."""
+        self._check_task(task_name)
+        return get_task(task_name)
+
     def _check_task(self, task_name: str) -> None:
         if task_name not in self.tasks:
             raise KeyError(f"{self.name or 'this model'} has no task {task_name!r}; it has {self.tasks}")
@@ -83,6 +89,10 @@ class Predictor(BasePredictor):
     @property
     def tasks(self) -> list[str]:
         return list(self.model.tasks)
+
+    def task_spec(self, task_name: str) -> TaskSpec:
+        self._check_task(task_name)
+        return self.model.tasks[task_name]
 
     def encode(self, task_name: str, examples: list[Example]) -> EncodedDataset:
         self._check_task(task_name)
@@ -134,9 +144,13 @@ class EnsemblePredictor(BasePredictor):
         self._check_task(task_name)
         return {m: self.members[m].predict(task_name, examples) for m in self.task_members[task_name]}
 
+    def task_spec(self, task_name: str) -> TaskSpec:
+        self._check_task(task_name)
+        return self.members[self.task_members[task_name][0]].task_spec(task_name)
+
     def predict(self, task_name: str, examples: list[Example]) -> dict[str, np.ndarray]:
         outs = self.member_outputs(task_name, examples)
-        return average_outputs(get_task(task_name), list(outs.values()))
+        return average_outputs(self.task_spec(task_name), list(outs.values()))
 
 
 # ---------------------------------------------------------------- metrics
