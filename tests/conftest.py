@@ -1,7 +1,12 @@
+import contextlib
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import uvicorn
 
 from mtbert.core.config import load_config, resolve_data_dir
 from mtbert.modeling.encoder import BertConfig, BertModel
@@ -49,3 +54,24 @@ def _data_for_this_test(request, synthetic_data_dir):
 def data_dir() -> Path:
     """The data directory this test reads (see _data_for_this_test)."""
     return resolve_data_dir(None)
+
+
+@contextlib.contextmanager
+def uvicorn_in_thread(config):
+    """A uvicorn server for `config` (a uvicorn.Config) on a free loopback port, in a background
+    thread; yields its (host, port) and stops it afterwards."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield sock.getsockname()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

@@ -11,7 +11,6 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,7 +20,7 @@ from mtbert.core.config import load_config
 from mtbert.data.readers import Example
 from mtbert.inference.predictor import BasePredictor, Predictor
 from mtbert.modeling.checkpoint import build_model
-from tests.conftest import TINY_YAML
+from tests.conftest import TINY_YAML, uvicorn_in_thread
 
 GOOD = ["A gripping, funny and moving film.", "Dull."]
 PAIR = ["How do I learn Python?", "What is the best way to learn Python?"]
@@ -245,21 +244,10 @@ READ_TIMEOUT = 0.5
 @pytest.fixture
 def hardened_server(predictor):
     """uvicorn with serve's settings (short read deadline, 3 connections at most) on a free loopback port."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
     app = create_app(predictor, read_timeout=READ_TIMEOUT)
-    server = uvicorn.Server(server_config(app, read_timeout=READ_TIMEOUT, keep_alive_timeout=1.0, max_connections=3,
-                                          log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    yield sock.getsockname()
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with uvicorn_in_thread(server_config(app, read_timeout=READ_TIMEOUT, keep_alive_timeout=1.0, max_connections=3,
+                                         log_level="warning")) as address:
+        yield address
 
 
 def closed_within(conn: socket.socket, seconds: float, drip: bytes = b"") -> tuple[bool, bytes]:

@@ -2,9 +2,7 @@
 import os
 import re
 import shutil
-import socket
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ from mtbert.core.tasks import get_task
 from mtbert.data.readers import Example
 from mtbert.inference.loading import load_predictor
 from mtbert.inference.predictor import BasePredictor
-from tests.conftest import TINY_YAML
+from tests.conftest import TINY_YAML, uvicorn_in_thread
 
 TEXTS = ["A gripping, funny and moving film.", "Dull.", "The plot never quite comes together, sadly."]
 PAIRS = [["How do I learn Python?", "What is the best way to learn Python?"],
@@ -232,19 +230,8 @@ def test_serve_refuses_a_directory_without_a_model(tmp_path, capsys):
 @pytest.fixture
 def live_server(run_dir):
     """uvicorn on a free loopback port in a background thread."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(run_dir, device="cpu"), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with uvicorn_in_thread(uvicorn.Config(create_app(run_dir, device="cpu"), log_level="warning")) as (host, port):
+        yield f"http://{host}:{port}"
 
 
 def test_web_page_in_a_real_browser(live_server, client):
