@@ -42,6 +42,12 @@ class Registry(Generic[T]):
             return e
         return add(entry) if entry is not None else add
 
+    def replace(self, name: str, entry: T) -> T:
+        """Register `entry` under `name`, replacing an earlier entry of that name (a user task
+        declared again by another config loaded in the same process)."""
+        self._entries[name] = entry
+        return entry
+
     # ------------------------------------------------------------ looking up
     def get(self, name: str) -> T:
         if name in self._entries:

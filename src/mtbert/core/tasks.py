@@ -265,7 +265,7 @@ def register_tasks(definitions: dict, base_dir: Path | None = None) -> list[Task
             raise ConfigError(f"task {name!r} is built in; give your task another name")
         specs.append(task_from_definition(name, d, base_dir))
     for spec in specs:
-        TASKS._entries[spec.name] = spec
+        TASKS.replace(spec.name, spec)
     for spec in specs:
         if spec.variant_of is not None and spec.variant_of not in TASKS:
             raise ConfigError(f"task {spec.name!r}: variant_of names unknown task {spec.variant_of!r}")
