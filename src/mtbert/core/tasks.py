@@ -230,14 +230,20 @@ def _portable(d: dict, files: dict | None) -> dict:
     return {**d, "files": files} if files is not None else dict(d)
 
 
+SUFFIXES = {"jsonl": (".jsonl", ".json", ".ndjson"), "tsv": (".tsv", ".tab"), "csv": (".csv",)}
+
+
+def format_of_path(path: str | Path, default: str | None = "csv") -> str | None:
+    """A data file's format from its suffix (`default` for any other suffix)."""
+    suffix = Path(path).suffix.lower()
+    return next((fmt for fmt, ends in SUFFIXES.items() if suffix in ends), default)
+
+
 def _format_of(files: dict | None, dataset: dict | None) -> str:
     if dataset is not None:
         return "jsonl"  # rows arrive as mappings, like JSON Lines
-    suffixes = {Path(p).suffix.lower() for p in files.values()}
-    for fmt, ends in (("jsonl", {".jsonl", ".json", ".ndjson"}), ("tsv", {".tsv", ".tab"}), ("csv", {".csv"})):
-        if suffixes and suffixes <= ends:
-            return fmt
-    return "csv"
+    formats = {format_of_path(p, None) for p in files.values()}
+    return formats.pop() if len(formats) == 1 and None not in formats else "csv"
 
 
 # ---------------------------------------------------------------- the registry

@@ -13,6 +13,7 @@ from typing import Callable
 
 from mtbert.core.errors import DataError
 from mtbert.core.registry import Registry
+from mtbert.core.tasks import format_of_path
 from mtbert.data.readers import MAX_FIELD_CHARS, ReadReport, header_of, log, read_rows
 
 MASK = "[MASK]"  # BERT's mask token; the tokenizer keeps it as one special token
@@ -101,8 +102,7 @@ def read_augment_file(path: str | Path) -> tuple[dict[str, list[tuple[str, ...]]
     path = Path(path)
     if not path.exists():
         raise DataError(f"augmentation file not found: {path}")
-    suffix = path.suffix.lower()
-    fmt = "jsonl" if suffix in (".jsonl", ".json") else "csv" if suffix == ".csv" else "tsv"
+    fmt = format_of_path(path, default="tsv")
     header = header_of(path, fmt)
     if header is not None and ("id" not in header or _texts_of(dict.fromkeys(header, "")) is None):
         raise DataError(f"{path}: header needs id and text (or sentence1, sentence2); found {header}")

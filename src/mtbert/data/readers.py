@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import logging
 import random
@@ -205,15 +206,22 @@ def example_from_row(task: TaskSpec, row: dict, number: int, labeled: bool, repo
     return Example(ex_id, tuple(texts), label)
 
 
+def examples_from_rows(task: TaskSpec, rows: Iterator[dict], report: ReadReport, labeled: bool) -> Iterator[Example]:
+    """The usable examples of streamed rows; a row's number counts skipped rows too, so ids of
+    files without an id column match their lines."""
+    for row in rows:
+        ex = example_from_row(task, row, report.rows - 1, labeled, report)
+        if ex is not None:
+            yield ex
+
+
 def task_rows(task: TaskSpec, split: str, data_dir: str | Path, report: ReadReport) -> Iterator[dict]:
     """The raw rows of one split of a task: from its file, or from its Hugging Face dataset."""
     if task.dataset is not None:
         yield from _dataset_rows(task, split, report)
         return
-    path = task.path(split, data_dir)
+    path = task.path(split, data_dir)  # (its existence and columns: check_task_columns)
     report.path = str(path)
-    if not path.exists():
-        raise DataError(f"task {task.name}: {split} file not found: {path} (set --data-dir or MTBERT_DATA)")
     yield from read_rows(path, task.format, task.delimiter, task.columns, report)
 
 
@@ -246,13 +254,9 @@ def read_task_split(task: TaskSpec, split: str, data_dir: str | Path, limit: int
     """Every usable example of one split (the first `limit`), and the report of what was skipped."""
     labeled = split != "test" if labeled is None else labeled
     check_task_columns(task, data_dir, (split,))
-    report, examples = ReadReport(task.name), []
-    for row in task_rows(task, split, data_dir, report):
-        ex = example_from_row(task, row, report.rows - 1, labeled, report)  # row number: skipped rows count
-        if ex is not None:
-            examples.append(ex)
-            if limit and len(examples) >= limit:
-                break
+    report = ReadReport(task.name)
+    examples = list(itertools.islice(examples_from_rows(task, task_rows(task, split, data_dir, report), report,
+                                                        labeled), limit or None))
     if report.skipped:
         log.warning("%s", report)
     if labeled and report.rows and report.reasons.get("invalid label", 0) == report.rows:
@@ -269,11 +273,9 @@ def read_task_file(task: TaskSpec, path: str | Path, labeled: bool = True) -> tu
     if not path.exists():
         raise DataError(f"data file not found: {path} (set --data-dir or MTBERT_DATA)")
     require_columns(task, path, labeled)
-    report, examples = ReadReport(str(path)), []
-    for row in read_rows(path, task.format, task.delimiter, task.columns, report):
-        ex = example_from_row(task, row, report.rows - 1, labeled, report)  # row number: skipped rows count
-        if ex is not None:
-            examples.append(ex)
+    report = ReadReport(str(path))
+    examples = list(examples_from_rows(task, read_rows(path, task.format, task.delimiter, task.columns, report),
+                                       report, labeled))
     if report.skipped:
         log.warning("%s", report)
     return examples, report

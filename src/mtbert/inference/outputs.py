@@ -9,21 +9,15 @@ import dataclasses
 import io
 import json
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from mtbert.core.errors import DataError
 from mtbert.core.io import atomic_write_text, atomic_writer
-from mtbert.core.tasks import TaskSpec
-from mtbert.data.readers import (
-    Example,
-    ReadReport,
-    example_from_row,
-    header_of,
-    read_rows,
-)
+from mtbert.core.tasks import TaskSpec, format_of_path
+from mtbert.data.readers import ReadReport, examples_from_rows, header_of, read_rows
 from mtbert.inference.predictor import BasePredictor, load_examples
 
 # ---------------------------------------------------------------- records
@@ -67,7 +61,7 @@ def predict_file(predictor: BasePredictor, task_name: str, input_path: str | Pat
         raise DataError(f"this model has no task {task_name!r}; it has {predictor.tasks}")
     task = predictor.task_spec(task_name)
     input_path, out_path = Path(input_path), Path(out_path)
-    fmt = fmt or _format_of(input_path)
+    fmt = fmt or format_of_path(input_path)
     columns = tuple(text_columns or task.text_columns)
     if len(columns) != len(task.text_columns):
         raise DataError(f"task {task_name} takes {len(task.text_columns)} text column(s); got {list(columns)}")
@@ -79,7 +73,7 @@ def predict_file(predictor: BasePredictor, task_name: str, input_path: str | Pat
     with atomic_writer(out_path, newline="") as f:  # the previous file stays until this one is whole
         writer = None
         bar = tqdm(desc=f"predict {task_name}", unit=" rows", disable=not progress)
-        for examples in _chunks(_examples(reading, rows, report), chunk):
+        for examples in _chunks(examples_from_rows(reading, rows, report, labeled=False), chunk):
             out = predictor.predict(task_name, examples)
             for ex, rec in zip(examples, prediction_records(task, out)):
                 rec = {"id": ex.id, **rec}
@@ -103,7 +97,7 @@ def check_input_columns(path: str | Path, fmt: str | None, delimiter: str | None
     path = Path(path)
     if not path.is_file():
         raise DataError(f"input file not found: {path}")
-    fmt = fmt or _format_of(path)
+    fmt = fmt or format_of_path(path)
     wanted = list(text_columns or []) + ([id_column] if id_column else [])
     if not wanted:
         return
@@ -123,13 +117,6 @@ def _reading_task(task: TaskSpec, columns: tuple[str, ...], id_column: str | Non
     return dataclasses.replace(task, text_columns=columns, id_column=id_column, label_column=None)
 
 
-def _examples(task: TaskSpec, rows: Iterable[dict], report: ReadReport) -> Iterator[Example]:
-    for row in rows:
-        ex = example_from_row(task, row, report.rows - 1, False, report)  # row number: skipped rows count
-        if ex is not None:
-            yield ex
-
-
 def _chunks(items: Iterator, size: int) -> Iterator[list]:
     batch = []
     for item in items:
@@ -139,11 +126,6 @@ def _chunks(items: Iterator, size: int) -> Iterator[list]:
             batch = []
     if batch:
         yield batch
-
-
-def _format_of(path: Path) -> str:
-    suffix = path.suffix.lower()
-    return "jsonl" if suffix in (".jsonl", ".json", ".ndjson") else "tsv" if suffix in (".tsv", ".tab") else "csv"
 
 
 # ---------------------------------------------------------------- leaderboard files

@@ -32,7 +32,7 @@ from mtbert.core.runtime import (
     set_threads,
 )
 from mtbert.core.tasks import get_task, overall_scorer, selection_score
-from mtbert.data.readers import check_task_columns, encode_dataset, load_split
+from mtbert.data.readers import encode_dataset, load_split
 from mtbert.inference.predictor import metrics_for
 from mtbert.modeling.checkpoint import build_model, save_checkpoint
 from mtbert.training import state
@@ -79,9 +79,7 @@ class Trainer:
         variants = [t.name for t in self.tasks if t.variant_of in cfg.data.tasks]
         if variants or len(set(cfg.data.tasks)) != len(cfg.data.tasks):
             raise ValueError(f"data.tasks lists a task twice (or with its variant {variants}): {cfg.data.tasks}")
-        for task in self.tasks:
-            check_task_columns(task, self.data_dir)
-        examples = {split: self._read(split) for split in ("train", "dev")}
+        examples = {split: self._read(split) for split in ("train", "dev")}  # (checks files and columns)
         self.scorer = overall_scorer(cfg.data.overall, cfg.data.overall_weights)
         if cfg.pretrain.enabled and self.dist.world > 1:
             raise ValueError("pretrain.enabled is single-process: run `mtbert pretrain` first, then train from "
