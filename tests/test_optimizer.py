@@ -7,6 +7,7 @@ import torch
 
 from mtbert.training.optimizer import (
     Updater,
+    adamw,
     non_empty,
     parameter_groups,
     warmup_linear_decay,
@@ -28,6 +29,24 @@ def test_groups_split_encoder_heads_and_decay():
     assert by_name["dense.weight"]["lr"] == 1.0 and "weight_decay" not in by_name["dense.weight"]
     assert by_name["dense.bias"]["weight_decay"] == 0.0 and by_name["norm.weight"]["weight_decay"] == 0.0
     assert by_name["head.weight"]["lr"] == 5.0 and by_name["head.bias"]["weight_decay"] == 0.0
+
+
+def test_fused_adamw_is_fused_and_matches_the_per_tensor_loop():
+    torch.manual_seed(0)
+    models = [Tiny(), Tiny()]
+    models[1].load_state_dict(models[0].state_dict())
+    start = models[0].encoder.dense.weight.detach().clone()
+    opts = [adamw(parameter_groups(m, lr=1e-2), 1e-2, 0.01, fused=f) for m, f in zip(models, (True, False))]
+    assert opts[0].defaults["fused"] and not opts[1].defaults["fused"]
+    x = torch.randn(8, 3)
+    for _ in range(5):
+        for m, opt in zip(models, opts):
+            m.head(m.encoder.norm(m.encoder.dense(x))).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+    assert (models[0].encoder.dense.weight - start).abs().max() > 1e-3  # (it did train)
 
 
 def test_warmup_then_linear_decay():

@@ -74,7 +74,7 @@ def test_trackers_get_the_metrics_rows_and_resume_continues_them(tmp_path, tiny_
     monkeypatch.undo()
     assert [r["step"] for r in _rows(run)] == [2, 4]
     Trainer(tiny_cfg(*RUN), run, resume=True).run()
-    assert _rows(run) == [{**r, "elapsed_s": s["elapsed_s"]} for r, s in zip(rows, _rows(run))]
+    assert _rows(run) == [{**r, "elapsed_s": s["elapsed_s"], "memory": s["memory"]} for r, s in zip(rows, _rows(run))]
     _assert_series(_tensorboard(run), _expected(_rows(run)))
     mlflow = _mlflow(run)  # one MLflow run throughout; the step-4 point is there twice (documented)
     assert [s for s, _ in mlflow["dev/overall"]] == [2, 4, 4, 6]

@@ -70,6 +70,7 @@ class TrainConfig:
     early_stopping: dict | None = None  # {patience, min_delta, metric}: stop after `patience` evaluations without gain
     report_to: list = field(default_factory=list)  # also log metrics.jsonl's rows to: tensorboard | mlflow
     progress: bool = True
+    fused_optimizer: bool = True       # AdamW as one fused kernel (20% faster steps); false: torch's per-tensor loop
 
 
 @dataclass

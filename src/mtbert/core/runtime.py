@@ -50,6 +50,22 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def resident_memory_mb() -> dict[str, float]:
+    """This process's resident memory now (rss_mb) and its peak so far (peak_rss_mb), in MB, from
+    Linux's /proc/self/status; empty elsewhere."""
+    keys = {"VmRSS:": "rss_mb", "VmHWM:": "peak_rss_mb"}
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                parts = line.split()
+                if parts and parts[0] in keys:  # "VmRSS:   123456 kB"
+                    out[keys[parts[0]]] = round(int(parts[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -33,6 +33,17 @@ def parameter_groups(model: nn.Module, lr: float, head_lr: float | None = None,
     return groups
 
 
+def adamw(groups: list[dict], lr: float, weight_decay: float, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW over `groups`, fused (one kernel over all parameters) where torch has the fused
+    kernel for their device. The default per-tensor loop spends a fifth of a MiniLM training step
+    on the word-embedding update alone (a sqrt and a div over 30522 x 384 values, each a fresh
+    45 MB temporary); fused, the step is 20% faster (RESULTS.md, training speed). The two differ
+    only in rounding (about 1e-7 relative after a few steps)."""
+    params = [p for g in groups for p in g["params"]]
+    fused = fused and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(non_empty(groups), lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 def non_empty(groups: list[dict]) -> list[dict]:
     return [g for g in groups if g["params"]]
 

@@ -38,7 +38,7 @@ from mtbert.modeling.checkpoint import build_model, save_checkpoint
 from mtbert.modeling.model import MultitaskModel
 from mtbert.training.optimizer import (
     Updater,
-    non_empty,
+    adamw,
     parameter_groups,
     warmup_linear_decay,
 )
@@ -234,7 +234,7 @@ def run_pretrain(cfg: Config, out_dir: str | Path) -> dict:
     total = pc.epochs * max(stream.batches_per_pass for _, stream in objectives.values())
     total = min(total, pc.max_steps) if pc.max_steps else total
     # the encoder, and the pooler if it has weights (cnn, lstm), all at the stage's lr
-    optimizer = torch.optim.AdamW(non_empty(parameter_groups(model, pc.lr)), lr=pc.lr, weight_decay=tc.weight_decay)
+    optimizer = adamw(parameter_groups(model, pc.lr), pc.lr, tc.weight_decay, tc.fused_optimizer)
     updater = Updater(optimizer, warmup_linear_decay(optimizer, int(pc.warmup_ratio * total), total), amp,
                       tc.clip_norm, model.parameters)
 

@@ -26,6 +26,7 @@ from mtbert.core.distributed import Dist, process_group
 from mtbert.core.io import atomic_write_text, to_json
 from mtbert.core.runtime import (
     autocast,
+    resident_memory_mb,
     resolve_precision,
     select_device,
     set_seed,
@@ -40,7 +41,7 @@ from mtbert.training.early_stopping import EarlyStopping
 from mtbert.training.gradients import per_task_gradients, set_flat_grad
 from mtbert.training.optimizer import (
     Updater,
-    non_empty,
+    adamw,
     parameter_groups,
     warmup_linear_decay,
 )
@@ -124,7 +125,7 @@ class Trainer:
         groups = parameter_groups(self.model, tc.lr, tc.head_lr, self.weighting, self.weighting.lr)
         for tech in self.techniques:
             groups = tech.param_groups(self.model, groups)
-        optimizer = torch.optim.AdamW(non_empty(groups), lr=tc.lr, weight_decay=tc.weight_decay)
+        optimizer = adamw(groups, tc.lr, tc.weight_decay, tc.fused_optimizer)
         self.updater = Updater(optimizer, warmup_linear_decay(optimizer, int(tc.warmup_ratio * self.total_steps),
                                                               self.total_steps),
                                self.amp_dtype, tc.clip_norm, self.model.parameters)
@@ -282,7 +283,8 @@ class Trainer:
             self.updater.scale_lr(tech.on_eval(score, sum(train_loss.values())))
         row = {"epoch": self.epoch, "step": self.step, "elapsed_s": round(time.time() - self.t0, 1),
                "train_loss": train_loss,
-               "lr": self.updater.lr, "task_weights": self.weighting.weights(), "dev": metrics}
+               "lr": self.updater.lr, "task_weights": self.weighting.weights(), "dev": metrics,
+               "memory": resident_memory_mb()}
         self.history.append(row)
         if self.dist.main:  # the whole log, atomically: no half line after a crash, no bare NaN
             atomic_write_text(self.out / "metrics.jsonl", "".join(to_json(r) + "\n" for r in self.history))
