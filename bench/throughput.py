@@ -25,6 +25,7 @@ from mtbert.core.tasks import get_task
 from mtbert.data.readers import collate, encode_dataset, load_split
 from mtbert.modeling.checkpoint import build_model
 from mtbert.modeling.encoder import default_backbone_dir
+from mtbert.training.optimizer import adamw, parameter_groups
 
 
 class HFEncoder(torch.nn.Module):
@@ -73,8 +74,10 @@ def matmul_peak(dtype, n=2048, seconds=1.5) -> float:
     return 2 * n ** 3 * count / (time.perf_counter() - t0) / 1e9
 
 
-def time_train(model, task_batches, amp):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+def time_train(model, task_batches, amp, fused=False):
+    """`fused`: our trainer's optimizer (training.optimizer.adamw: fused AdamW, its parameter
+    groups); otherwise torch's default AdamW, as a transformers user gets it."""
+    opt = adamw(parameter_groups(model, 1e-5), 1e-5, 0.01) if fused else torch.optim.AdamW(model.parameters(), lr=1e-5)
     model.train()
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
     n, t0 = 0, None
@@ -157,15 +160,16 @@ def main():
     for label, model, batches, amp in [("transformers, padded, fp32", theirs, plain, False),
                                        ("ours, padded, fp32", ours, plain, False),
                                        ("ours, bucketed, fp32", ours, bucketed, False),
-                                       ("ours, bucketed, bf16 autocast", ours, bucketed, True)]:
+                                       ("ours, bucketed, bf16 autocast", ours, bucketed, True),
+                                       ("ours, bf16, fused AdamW", ours, bucketed, "fused")]:
         reset()
-        rows.append((label, time_train(model, batches, amp)))
+        rows.append((label, time_train(model, batches, bool(amp), fused=amp == "fused")))
     if args.compile:  # a compiled copy; its first pass (compilation) is not timed
         compiled = copy.deepcopy(ours)
         compiled.encoder.compile(dynamic=True)
-        time_train(compiled, bucketed, True)
+        time_train(compiled, bucketed, True, fused=True)
         compiled.load_state_dict(base_state)
-        rows.append(("ours, bucketed, bf16 + compile", time_train(compiled, bucketed, True)))
+        rows.append(("ours, bf16, fused, compile", time_train(compiled, bucketed, True, fused=True)))
     print("\ntraining (forward + backward + AdamW step, examples/s):")
     for label, v in rows:
         print(f"  {label:<32} {v:8.1f}   x{v / rows[0][1]:.2f}")
@@ -194,7 +198,7 @@ def main():
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
     mean_len = real / sum(len(b["labels"]) for _, b in bucketed)
     flops_ex = 3 * encoder_flops_per_token(ours.encoder.config, mean_len) * mean_len  # fwd + bwd ≈ 3x fwd
-    best_fp32, best_bf16 = rows[2][1], rows[3][1]
+    best_fp32, best_bf16 = rows[2][1], max(rows[3][1], rows[4][1])
     print(f"\nmatmul peak (2048^2): fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
     print(f"achieved in training (useful FLOPs, real tokens only): fp32 {best_fp32 * flops_ex / 1e9:.0f} GFLOP/s "
           f"({best_fp32 * flops_ex / 1e9 / peak32:.0%} of fp32 peak), bf16 {best_bf16 * flops_ex / 1e9:.0f} GFLOP/s "

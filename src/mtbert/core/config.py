@@ -70,6 +70,7 @@ class TrainConfig:
     early_stopping: dict | None = None  # {patience, min_delta, metric}: stop after `patience` evaluations without gain
     report_to: list = field(default_factory=list)  # also log metrics.jsonl's rows to: tensorboard | mlflow
     progress: bool = True
+    checkpoint_above_tokens: int | None = None  # recompute the activations of passes over this many tokens (memory)
     fused_optimizer: bool = True       # AdamW as one fused kernel (20% faster steps); false: torch's per-tensor loop
 
 
@@ -263,6 +264,7 @@ def _validate(cfg: "Config") -> "Config":
         if value < least:
             raise ConfigError(f"{key} must be at least {least}, got {value}")
     optional_at_least = [("data.limit", d.limit, 1), ("train.max_steps", t.max_steps, 1),
+                         ("train.checkpoint_above_tokens", t.checkpoint_above_tokens, 1),
                          ("train.eval_every", t.eval_every, 1), ("train.save_every", t.save_every, 1),
                          ("train.threads", t.threads, 1), ("pretrain.max_steps", p.max_steps, 1)]
     for key, value, least in optional_at_least:

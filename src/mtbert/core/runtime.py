@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import random
 
@@ -64,6 +66,29 @@ def resident_memory_mb() -> dict[str, float]:
     except (OSError, ValueError, IndexError):
         return {}
     return out
+
+
+def _libc():
+    try:
+        name = ctypes.util.find_library("c")
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def release_free_memory() -> bool:
+    """Give the C allocator's free pages back to the system (glibc's malloc_trim; False where
+    there is none). Tensors of ever-changing shapes (length-bucketed batches) leave freed blocks
+    scattered through glibc's heaps, which it otherwise keeps: resident memory then grows with
+    every new mix of shapes although nothing is alive in it (RESULTS.md, training memory)."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def set_seed(seed: int) -> None:

@@ -20,18 +20,33 @@ from mtbert.data.readers import (
     load_split,
 )
 
+MAX_BATCH_TOKENS = 8192  # padded tokens per forward pass, all of an example's sequences counted
+
+
+def length_sorted_batches(ds: EncodedDataset, batch_size: int, max_tokens: int | None = MAX_BATCH_TOKENS) -> list[list[int]]:
+    """Index batches in order of length (each carries little padding), of at most `batch_size`
+    examples and, where `max_tokens` is set, at most that many padded tokens: short sentences go
+    128 at a time, long pairs fewer, so a pass's memory is bounded by the budget instead of by
+    the longest examples (RESULTS.md, training memory)."""
+    order = sorted(range(len(ds)), key=ds.length)
+    batches, current = [], []
+    for i in order:  # (ascending: the newest example is the batch's longest)
+        if current and (len(current) == batch_size or (max_tokens and (len(current) + 1) * ds.length(i) > max_tokens)):
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + ([current] if current else [])
+
 
 @torch.inference_mode()
 def predict_dataset(model, ds: EncodedDataset, batch_size: int = 128, device=torch.device("cpu"),
-                    amp_dtype=None, pad_id: int = 0) -> dict[str, np.ndarray]:
+                    amp_dtype=None, pad_id: int = 0, max_tokens: int | None = MAX_BATCH_TOKENS) -> dict[str, np.ndarray]:
     """Predictions, probabilities/scores and raw logits for every example, in dataset order.
-    Examples are run sorted by length so each batch carries little padding."""
+    Examples are run sorted by length (length_sorted_batches)."""
     model.eval()
     task = ds.task
-    order = sorted(range(len(ds)), key=ds.length)
     preds, probs, logits_all = [None] * len(ds), [None] * len(ds), [None] * len(ds)
-    for s in range(0, len(order), batch_size):
-        idx = order[s: s + batch_size]
+    for idx in length_sorted_batches(ds, batch_size, max_tokens):
         batch = collate(ds, idx, pad_id)
         inputs = [{k: v.to(device) for k, v in x.items()} for x in batch["inputs"]]
         with autocast(device, amp_dtype):

@@ -4,6 +4,13 @@ Hugging Face checkpoint loading.
 One file, read top to bottom: embeddings -> N x (self-attention + feed-forward) -> pooler.
 Attention uses fused QKV projections and torch's scaled_dot_product_attention.
 
+Activation checkpointing above a token budget (`checkpoint_above_tokens`): in training, a forward
+pass over more than that many tokens (batch x length) keeps only each layer's input and recomputes
+the layer during the backward pass (torch.utils.checkpoint, which replays the dropout masks, so the
+gradients are the same). Only the rare long batches (cross-encoded pairs near max_length) pay the
+recomputation, and the memory of a step is bounded by the budget instead of by the longest batch
+(RESULTS.md, training memory). Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost".
+
 The three families share that architecture and differ in a few named places, listed by the
 `Family` of each (chosen by config.json's `model_type`):
 - position numbering: BERT counts positions from 0; RoBERTa and MPNet (fairseq heritage) count
@@ -26,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from safetensors.torch import load_file
 
 from mtbert.core.errors import CheckpointError
@@ -231,6 +239,7 @@ class BertModel(nn.Module):
         self.relative_bias = (nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_attention_heads)
                               if self.family.relative_bias else None)
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.checkpoint_above_tokens: int | None = None  # (set by the trainer: train.checkpoint_above_tokens)
         self.apply(self._init_weights)
 
     def _init_weights(self, m):
@@ -259,8 +268,14 @@ class BertModel(nn.Module):
         x = self.embeddings(input_ids, token_type_ids, inputs_embeds, attention_mask)
         attn_mask = self.attention_mask(attention_mask)
         attentions = [] if output_attentions else None
+        budget = self.checkpoint_above_tokens
+        recompute = (budget is not None and self.training and torch.is_grad_enabled()
+                     and x.shape[0] * x.shape[1] > budget and not output_attentions)
         for layer in self.layers:
-            x, probs = layer(x, attn_mask, output_attentions)
+            if recompute:  # keep x only; the layer runs again in backward, with the same dropout masks
+                x, probs = checkpoint(layer, x, attn_mask, use_reentrant=False)
+            else:
+                x, probs = layer(x, attn_mask, output_attentions)
             if output_attentions:
                 attentions.append(probs)
         pooled = torch.tanh(self.pooler(x[:, 0]))

@@ -26,6 +26,7 @@ from mtbert.core.distributed import Dist, process_group
 from mtbert.core.io import atomic_write_text, to_json
 from mtbert.core.runtime import (
     autocast,
+    release_free_memory,
     resident_memory_mb,
     resolve_precision,
     select_device,
@@ -58,6 +59,12 @@ from mtbert.training.tracking import build_trackers, check_trackers
 from mtbert.training.weightings import build_weighting
 
 log = logging.getLogger("mtbert")
+
+# Steps between returning the allocator's free pages to the system: length-bucketed batches
+# allocate tensors of ever-new shapes, and glibc keeps the freed blocks, so resident memory grew
+# by about 15 MB a step (5 GB at the end of `make train`). Every step costs page faults on the next
+# step's fresh pages; every 10 bounds the growth at a fraction of that cost (RESULTS.md).
+RELEASE_MEMORY_EVERY = 10
 
 
 class Trainer:
@@ -96,6 +103,7 @@ class Trainer:
         for tech in self.techniques:
             tech.prepare_model(self.model, cfg.model.finetune)
         self.model.to(self.device)
+        self.model.encoder.checkpoint_above_tokens = tc.checkpoint_above_tokens
         if tc.compile:  # in place, so parameter names (checkpoints, optimizer state) stay the same
             backends = torch._dynamo.list_backends(exclude_tags=())
             if tc.compile not in backends:
@@ -259,6 +267,8 @@ class Trainer:
                 step_losses[t] += float(loss.detach()) * (sizes[t][i] / sum(sizes[t]) if n > 1 else 1.0)
         self.updater.step()
         self.step += 1
+        if self.step % RELEASE_MEMORY_EVERY == 0:
+            release_free_memory()
         self.ctx.step = self.step
         for tech in self.techniques:
             tech.after_step(self.ctx)
@@ -274,6 +284,7 @@ class Trainer:
         checkpoint and save the resumable state."""
         self.last_recorded_step = self.step
         metrics = self.dist.broadcast_object(self.evaluate() if self.dist.main else None)
+        release_free_memory()  # (after the evaluation's batches of other shapes)
         sums, counts = self.loss_sums, self.loss_counts
         train_loss = self.dist.average_floats({t: sums[t] / counts[t] for t in sums if counts[t]})
         self.loss_sums, self.loss_counts = dict.fromkeys(sums, 0.0), dict.fromkeys(sums, 0)

@@ -1,0 +1,60 @@
+"""Training memory: activation checkpointing above a token budget (same gradients, fewer saved
+activations), the allocator release, and the resident memory the trainer records."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from mtbert.core.runtime import release_free_memory, resident_memory_mb
+from mtbert.modeling.encoder import BertConfig, BertModel
+from mtbert.training.trainer import Trainer
+from tests.conftest import TINY
+
+
+def _loss_and_saved_bytes(budget: int | None, input_ids, mask):
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(**TINY)).train()  # dropout on: the recomputation must replay its masks
+    model.checkpoint_above_tokens = budget
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids, mask)["last_hidden_state"].pow(2).mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, sum(saved)
+
+
+def test_checkpointing_above_the_budget_keeps_gradients_and_saves_less():
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(1000, 2000, (4, 24), generator=g)
+    mask = torch.ones_like(input_ids)
+    mask[1, 15:] = 0
+    plain_loss, plain_grads, plain_bytes = _loss_and_saved_bytes(None, input_ids, mask)
+    ckpt_loss, ckpt_grads, ckpt_bytes = _loss_and_saved_bytes(50, input_ids, mask)  # 96 tokens > 50
+    assert torch.equal(plain_loss, ckpt_loss)
+    assert plain_grads.keys() == ckpt_grads.keys()
+    for name in plain_grads:
+        assert torch.allclose(plain_grads[name], ckpt_grads[name], rtol=1e-5, atol=1e-7), name
+    assert ckpt_bytes < plain_bytes / 2
+    # under the budget nothing changes: the same tensors are saved
+    _, _, under_bytes = _loss_and_saved_bytes(1000, input_ids, mask)
+    assert under_bytes == plain_bytes
+
+
+def test_resident_memory_and_release():
+    mem = resident_memory_mb()
+    assert mem["rss_mb"] > 10 and mem["peak_rss_mb"] >= mem["rss_mb"] - 1
+    assert release_free_memory() is True  # glibc (the machines this project supports)
+
+
+def test_every_metrics_row_records_memory(tmp_path, tiny_cfg):
+    Trainer(tiny_cfg("train.max_steps=2", "train.eval_every=1", "train.progress=false",
+                     "train.checkpoint_above_tokens=8"), tmp_path / "run").run()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["memory"]["peak_rss_mb"] >= r["memory"]["rss_mb"] > 10 for r in rows)
