@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mtbert.core.runtime import autocast
+from mtbert.core.runtime import AMP_DTYPES, autocast
 from mtbert.core.tasks import TaskSpec, get_task, with_overall
 from mtbert.data.readers import (
     EncodedDataset,
@@ -19,6 +19,16 @@ from mtbert.data.readers import (
     encode_dataset,
     load_split,
 )
+from mtbert.modeling.quantize import quantize_int8
+
+
+def for_precision(model, precision: str):
+    """(model, autocast dtype) for a resolved inference precision (core.runtime.resolve_inference_precision).
+    bf16 / fp16 autocast the model as it is; int8 quantises its encoder's linear layers in place
+    (modeling.quantize) and runs without autocast; fp32 runs it as it is."""
+    if precision == "int8":
+        return quantize_int8(model), None
+    return model, AMP_DTYPES[precision]
 
 
 @torch.inference_mode()
@@ -57,6 +67,7 @@ class BasePredictor:
     data_dir: str | None = None
     meta: dict = {}
     scorer = None  # the run's overall score (core.tasks.OVERALL_SCORES); None: auto
+    precision: str | None = None  # the resolved inference precision (fp32, bf16, fp16, int8) when known
 
     @property
     def tasks(self) -> list[str]:
