@@ -8,9 +8,10 @@ task's dev examples tokenised once by the run's tokenizer, sorted by length and 
 --batch-size, the same for all paths, with the same thread count (torch.set_num_threads and
 onnxruntime's intra_op_num_threads). The paths:
 
-- ours fp32, ours in every other precision this CPU runs (core.runtime.inference_precisions: bf16
-  autocast where the CPU has AVX-512 BF16 or AMX, int8 = dynamically quantised linear layers), and
-  "ours bf16 weights" (the model cast to bf16, no autocast; a candidate, not an offered precision);
+- ours fp32 and ours in every other precision this CPU runs (core.runtime.inference_precisions:
+  bf16 = bf16 encoder weights where the CPU has AVX-512 BF16 or AMX, int8 = dynamically quantised
+  linear layers; see modeling.precision), and "ours bf16 autocast" (fp32 weights under
+  torch.autocast, what --precision bf16 ran before; for comparison, not offered);
 - transformers fp32: transformers' AutoModel holding the run's encoder weights (written with
   modeling.hf_format.save_hf_encoder, as `mtbert export --format hf` does) behind the run's own
   pooler and heads;
@@ -164,9 +165,9 @@ def main(argv=None) -> None:
     paths = {"ours fp32": torch_runner(model, None)}
     for precision in inference_precisions(device):
         if precision != "fp32":
-            label = "ours bf16 autocast" if precision == "bf16" else f"ours {precision}"
-            paths[label] = torch_runner(*for_precision(copy.deepcopy(model), precision))
-    paths["ours bf16 weights"] = torch_runner(copy.deepcopy(model).to(torch.bfloat16), None)
+            paths[f"ours {precision}"] = torch_runner(*for_precision(copy.deepcopy(model), precision, device))
+    if "bf16" in inference_precisions(device):  # what `bf16` was before bf16 encoder weights, for comparison
+        paths["ours bf16 autocast"] = torch_runner(model, torch.bfloat16)
 
     with tempfile.TemporaryDirectory() as tmp:
         hf_format.save_hf_encoder(tmp, model.encoder, base.tokenizer)
@@ -215,7 +216,8 @@ def main(argv=None) -> None:
               + f" | {metrics[key]:.4f} | {delta:+.4f} | {diff:.2g} | {'yes' if keep else 'no'} |")
 
     def best(prefix: str, task: str) -> tuple[str, float]:
-        found = [(label, s[task]) for label, s in preserving.items() if label.startswith(prefix)]
+        found = [(label, s[task]) for label, s in preserving.items()
+                 if label.startswith(prefix) and not label.endswith("autocast")]  # offered paths only
         return max(found, key=lambda x: x[1]) if found else ("none", float("nan"))
 
     def ratios(task: str) -> tuple[float, float, str, str]:

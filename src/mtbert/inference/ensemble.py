@@ -105,7 +105,7 @@ def build_ensemble(members: list[str | Path], out_dir: str | Path, data_dir: str
     for src, ckpt in resolved:
         name = _member_name(src, set(predictors))
         model, tok, cfg, meta = load_checkpoint(ckpt, device=str(dev_device))
-        model, amp = for_precision(model, precision)
+        model, amp = for_precision(model, precision, dev_device)
         predictors[name] = Predictor(model, tok, dev_device, amp, batch_size, name=name,
                                      data_dir=cfg.data.data_dir, meta=meta)
         records.append({"name": name, "source": str(src), "checkpoint": str(ckpt),
@@ -182,7 +182,7 @@ def load_ensemble(path: str | Path, device, precision: str = "fp32", batch_size:
                 f"ensemble {path}: member {name!r} at {ckpt} changed since the ensemble was built "
                 f"(model.safetensors differs); rebuild the ensemble with `mtbert ensemble`")
         model, tok, cfg, mmeta = load_checkpoint(ckpt, device=str(device))
-        model, amp = for_precision(model, precision)
+        model, amp = for_precision(model, precision, device)
         members[name] = Predictor(model, tok, device, amp, batch_size, name=name,
                                   data_dir=cfg.data.data_dir, meta=mmeta)
     return EnsemblePredictor(members, task_members, name=str(path), data_dir=spec.get("data_dir"), meta=meta)

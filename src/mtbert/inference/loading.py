@@ -25,7 +25,7 @@ def load_predictor(path: str | Path, device="auto", precision: str = "auto", bat
         ensemble.precision = precision
         return ensemble
     model, tok, cfg, meta = load_checkpoint(path, device=str(device))
-    model, amp = for_precision(model, precision)
+    model, amp = for_precision(model, precision, device)
     predictor = Predictor(model, tok, device, amp, batch_size, name=str(find_checkpoint(path)),
                           data_dir=cfg.data.data_dir, meta=meta)
     predictor.precision = precision
