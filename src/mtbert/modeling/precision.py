@@ -24,6 +24,11 @@ import warnings
 import torch
 import torch.nn as nn
 
+with warnings.catch_warnings():
+    # torch.ao.quantization announces its move to torchao; its eager API still ships with torch 2.x
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
 
 def _outputs_to_fp32(module, args, out: dict) -> dict:
     return {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
@@ -40,11 +45,9 @@ def encoder_to_bf16(model: nn.Module) -> nn.Module:
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace, in place, every nn.Linear inside `model.encoder` by its dynamically quantised int8
     version (inference only: the result has no gradients). Returns the model."""
-    with warnings.catch_warnings():
-        # torch.ao.quantization announces its move to torchao; the eager API still ships with torch 2.x
+    with warnings.catch_warnings():  # the deprecation notices of torch.ao and of quantised tensors
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
         model.encoder = quantize_dynamic(model.encoder.eval(), {nn.Linear: per_channel_dynamic_qconfig},
                                          dtype=torch.qint8)
     return model.eval()
