@@ -24,10 +24,9 @@ import warnings
 import torch
 import torch.nn as nn
 
-with warnings.catch_warnings():
-    # torch.ao.quantization announces its move to torchao; its eager API still ships with torch 2.x
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+# torch.ao.quantization announces its move to torchao (a DeprecationWarning); its eager API still
+# ships with torch 2.x, and torchao is not a dependency.
+from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
 
 def _outputs_to_fp32(module, args, out: dict) -> dict:
