@@ -97,7 +97,7 @@ def cmd_evaluate(args) -> int:
         raise ConfigError("the test-student files have no labels; use `mtbert predict` for them")
     examples = load_examples(predictor.tasks, _data_dir(args, predictor.data_dir), args.split, args.limit)
     metrics, _ = evaluate_examples(predictor, examples)
-    print(format_table(metrics, f"{args.split} metrics for {args.run_dir}"))
+    print(format_table(metrics, f"{args.split} metrics for {args.run_dir} ({predictor.precision})"))
     if args.json:
         write_json(args.json, metrics)
     return 0
