@@ -97,7 +97,7 @@ def cmd_evaluate(args) -> int:
         raise ConfigError("the test-student files have no labels; use `mtbert predict` for them")
     examples = load_examples(predictor.tasks, _data_dir(args, predictor.data_dir), args.split, args.limit)
     metrics, _ = evaluate_examples(predictor, examples)
-    print(format_table(metrics, f"{args.split} metrics for {args.run_dir}"))
+    print(format_table(metrics, f"{args.split} metrics for {args.run_dir} ({predictor.precision})"))
     if args.json:
         write_json(args.json, metrics)
     return 0
@@ -279,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_runtime(sp):
         sp.add_argument("--device", default="auto")
-        sp.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16")
+        sp.add_argument("--precision", default="auto",
+                        help="auto (bf16 on CUDA and on CPUs with AVX-512 BF16 or AMX, else fp32) | fp32 | bf16 | "
+                             "fp16 (CUDA) | int8 (CPU: dynamically quantised linear layers)")
         sp.add_argument("--batch-size", type=POSITIVE, default=128)
 
     def add_config(sp, out_help, example, out_required=True):

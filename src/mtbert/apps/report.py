@@ -167,7 +167,8 @@ def sentence_embeddings(predictor: Predictor, task_name: str, examples: list[Exa
 @torch.inference_mode()
 def attention_maps(encoder, inputs: dict, layers: list[int], head: int = 0) -> dict[int, np.ndarray]:
     """Attention probabilities of one head at the given layers, {layer: [B, T, T]} (query × key),
-    from the encoder's explicit softmax(QKᵀ/√d + mask) path (fp32, no autocast)."""
+    from the encoder's explicit softmax(QKᵀ/√d + mask) path (no autocast; in the encoder's own
+    weights: fp32, or bf16 / int8 when the report runs at --precision bf16 / int8)."""
     was_training = encoder.training
     encoder.eval()
     try:

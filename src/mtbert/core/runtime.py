@@ -46,6 +46,68 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return table[precision]
 
 
+# ---------------------------------------------------------------- inference precision
+# Training keeps resolve_precision above (its `auto` is fp32 on CPU: tests and golden numbers rely
+# on it). Inference resolves separately: `auto` is the fastest precision this hardware runs natively,
+# and a precision it cannot run is an error, never a silent fallback to something slower.
+
+INFERENCE_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}  # int8: quantised weights
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX tiles), as torch detects it.
+    Without either, oneDNN emulates bf16 matmuls and they are slower than fp32."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes
+        return False
+
+
+def cpu_has_int8() -> bool:
+    """Whether torch has a quantised engine (x86/fbgemm, onednn or qnnpack) for int8 linear layers."""
+    return any(e != "none" for e in torch.backends.quantized.supported_engines)
+
+
+def inference_precisions(device: torch.device) -> list[str]:
+    """The precisions that `device` runs natively, fastest-preferred last."""
+    if device.type == "cuda":
+        return ["fp32", "fp16", "bf16"] if torch.cuda.is_bf16_supported() else ["fp32", "fp16"]
+    if device.type == "cpu":
+        return ["fp32"] + (["int8"] if cpu_has_int8() else []) + (["bf16"] if cpu_has_native_bf16() else [])
+    return ["fp32", "bf16"]  # mps: autocast as in training
+
+
+def _why_not(precision: str, device: torch.device) -> str:
+    if precision == "fp16":
+        return "fp16 autocast needs a CUDA device"
+    if precision == "int8":
+        return ("int8 (dynamic quantisation of the linear layers) runs on CPU only" if device.type != "cpu"
+                else "this torch has no quantised CPU engine for int8")
+    if precision == "bf16" and device.type == "cpu":
+        return "bf16 needs a CPU with AVX-512 BF16 or AMX (this one has neither, so it would be slower than fp32)"
+    return f"{precision} is not supported on {device.type}"
+
+
+def resolve_inference_precision(precision: str, device: torch.device) -> str:
+    """The concrete precision (fp32, bf16, fp16 or int8) that inference on `device` runs.
+
+    auto: bf16 on a CPU with native bf16 (AVX-512 BF16 or AMX) and on CUDA (fp16 where CUDA lacks
+    bf16), fp32 elsewhere. int8 stays opt-in: it changes the numbers more than bf16 does. A
+    precision the hardware cannot run raises a ValueError naming those it can."""
+    if precision not in INFERENCE_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {precision!r}")
+    here = inference_precisions(device)
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if "bf16" in here else "fp16"
+        return "bf16" if device.type == "cpu" and "bf16" in here else "fp32"
+    if precision not in here:
+        raise ValueError(f"precision {precision} cannot run here: {_why_not(precision, device)}; "
+                         f"use {', '.join(['auto'] + here)} on {device.type}")
+    return precision
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()

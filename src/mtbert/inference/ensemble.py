@@ -31,12 +31,13 @@ from mtbert.core.config import resolve_data_dir
 from mtbert.core.errors import CheckpointError
 from mtbert.core.io import atomic_write_text, sha256
 from mtbert.core.registry import register_stage
-from mtbert.core.runtime import resolve_precision, select_device
+from mtbert.core.runtime import resolve_inference_precision, select_device
 from mtbert.core.tasks import get_task
 from mtbert.inference.predictor import (
     EnsemblePredictor,
     Predictor,
     average_outputs,
+    for_precision,
     load_examples,
     score_outputs,
 )
@@ -98,12 +99,13 @@ def build_ensemble(members: list[str | Path], out_dir: str | Path, data_dir: str
         resolved.append((src, ckpt))
 
     dev_device = select_device(device)
-    amp = resolve_precision(precision, dev_device)
+    precision = resolve_inference_precision(precision, dev_device)
     predictors: dict[str, Predictor] = {}
     records = []
     for src, ckpt in resolved:
         name = _member_name(src, set(predictors))
         model, tok, cfg, meta = load_checkpoint(ckpt, device=str(dev_device))
+        model, amp = for_precision(model, precision, dev_device)
         predictors[name] = Predictor(model, tok, dev_device, amp, batch_size, name=name,
                                      data_dir=cfg.data.data_dir, meta=meta)
         records.append({"name": name, "source": str(src), "checkpoint": str(ckpt),
@@ -150,8 +152,9 @@ def build_ensemble(members: list[str | Path], out_dir: str | Path, data_dir: str
     return {**spec, "dev": metrics}
 
 
-def load_ensemble(path: str | Path, device, amp_dtype=None, batch_size: int = 128) -> EnsemblePredictor:
-    """The EnsemblePredictor of an ensemble directory; loads only the members some task uses."""
+def load_ensemble(path: str | Path, device, precision: str = "fp32", batch_size: int = 128) -> EnsemblePredictor:
+    """The EnsemblePredictor of an ensemble directory; loads only the members some task uses.
+    `precision`: a resolved inference precision (core.runtime.resolve_inference_precision)."""
     path = Path(path)
     spec_path = path / ENSEMBLE_FILE
     try:
@@ -179,7 +182,8 @@ def load_ensemble(path: str | Path, device, amp_dtype=None, batch_size: int = 12
                 f"ensemble {path}: member {name!r} at {ckpt} changed since the ensemble was built "
                 f"(model.safetensors differs); rebuild the ensemble with `mtbert ensemble`")
         model, tok, cfg, mmeta = load_checkpoint(ckpt, device=str(device))
-        members[name] = Predictor(model, tok, device, amp_dtype, batch_size, name=name,
+        model, amp = for_precision(model, precision, device)
+        members[name] = Predictor(model, tok, device, amp, batch_size, name=name,
                                   data_dir=cfg.data.data_dir, meta=mmeta)
     return EnsemblePredictor(members, task_members, name=str(path), data_dir=spec.get("data_dir"), meta=meta)
 

@@ -5,23 +5,29 @@ from pathlib import Path
 
 import torch
 
-from mtbert.core.runtime import resolve_precision, select_device
+from mtbert.core.runtime import resolve_inference_precision, select_device
 from mtbert.core.tasks import overall_scorer
 from mtbert.inference.ensemble import is_ensemble_dir, load_ensemble
-from mtbert.inference.predictor import BasePredictor, Predictor
+from mtbert.inference.predictor import BasePredictor, Predictor, for_precision
 from mtbert.modeling.checkpoint import find_checkpoint, load_checkpoint
 
 
 def load_predictor(path: str | Path, device="auto", precision: str = "auto", batch_size: int = 128) -> BasePredictor:
-    """A Predictor for a run directory or checkpoint, an EnsemblePredictor for an ensemble directory."""
+    """A Predictor for a run directory or checkpoint, an EnsemblePredictor for an ensemble directory.
+    `precision`: auto | fp32 | bf16 | fp16 | int8, resolved for this device by
+    core.runtime.resolve_inference_precision (a precision the hardware cannot run is a ValueError)."""
     if not isinstance(batch_size, int) or batch_size < 1:  # 0 would score nothing; negatives slice wrongly
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     device = select_device(device) if isinstance(device, str) else torch.device(device)
-    amp = resolve_precision(precision, device)
+    precision = resolve_inference_precision(precision, device)
     if is_ensemble_dir(path):
-        return load_ensemble(path, device, amp, batch_size)
+        ensemble = load_ensemble(path, device, precision, batch_size)
+        ensemble.precision = precision
+        return ensemble
     model, tok, cfg, meta = load_checkpoint(path, device=str(device))
+    model, amp = for_precision(model, precision, device)
     predictor = Predictor(model, tok, device, amp, batch_size, name=str(find_checkpoint(path)),
                           data_dir=cfg.data.data_dir, meta=meta)
+    predictor.precision = precision
     predictor.scorer = overall_scorer(cfg.data.overall, cfg.data.overall_weights)
     return predictor

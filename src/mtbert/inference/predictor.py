@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mtbert.core.runtime import autocast
+from mtbert.core.runtime import AMP_DTYPES, autocast
 from mtbert.core.tasks import TaskSpec, get_task, with_overall
 from mtbert.data.readers import (
     EncodedDataset,
@@ -19,6 +19,19 @@ from mtbert.data.readers import (
     encode_dataset,
     load_split,
 )
+from mtbert.modeling.precision import encoder_to_bf16, quantize_int8
+
+
+def for_precision(model, precision: str, device=torch.device("cpu")):
+    """(model, autocast dtype) for a resolved inference precision (core.runtime.resolve_inference_precision).
+    On CPU, bf16 casts the encoder's weights to bf16 (faster than autocast, modeling.precision) and
+    int8 quantises its linear layers, both in place and without autocast; on CUDA bf16 / fp16
+    autocast the model as it is; fp32 runs it as it is."""
+    if precision == "int8":
+        return quantize_int8(model), None
+    if precision == "bf16" and torch.device(device).type == "cpu":
+        return encoder_to_bf16(model), None
+    return model, AMP_DTYPES[precision]
 
 MAX_BATCH_TOKENS = 8192  # padded tokens per forward pass, all of an example's sequences counted
 
@@ -72,6 +85,7 @@ class BasePredictor:
     data_dir: str | None = None
     meta: dict = {}
     scorer = None  # the run's overall score (core.tasks.OVERALL_SCORES); None: auto
+    precision: str | None = None  # the resolved inference precision (fp32, bf16, fp16, int8) when known
 
     @property
     def tasks(self) -> list[str]:

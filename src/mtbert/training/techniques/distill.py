@@ -108,7 +108,9 @@ class Distill(Technique):
             # distillation changes the student's loss and nothing else.
             devices = [ctx.device] if ctx.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
-                targets = self._label(ctx, self.precision)
+                # the teacher runs at the precision named in the key (training's `auto`: fp32 on CPU)
+                name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[precision]
+                targets = self._label(ctx, name)
             cache.mkdir(parents=True, exist_ok=True)
             tmp = self.cache_file.with_name(f".{self.cache_file.name}.tmp")
             save_file(targets, str(tmp), metadata={"teacher": str(Path(self.teacher).resolve()),

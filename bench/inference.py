@@ -1,0 +1,236 @@
+"""One inference benchmark: ours in every precision against transformers and ONNX Runtime.
+
+    python bench/inference.py [RUN_DIR] [--batch-size 32] [--threads N] [--limit N] [--repeat R]
+                              [--export DIR] [--data-dir DIR]
+
+Every path runs the same trained run (RUN_DIR, default runs/default) on the same dev batches: each
+task's dev examples tokenised once by the run's tokenizer, sorted by length and cut into batches of
+--batch-size, the same for all paths, with the same thread count (torch.set_num_threads and
+onnxruntime's intra_op_num_threads). The paths:
+
+- ours fp32 and ours in every other precision this CPU runs (core.runtime.inference_precisions:
+  bf16 = bf16 encoder weights where the CPU has AVX-512 BF16 or AMX, int8 = dynamically quantised
+  linear layers; see modeling.precision), and "ours bf16 autocast" (fp32 weights under
+  torch.autocast, what --precision bf16 ran before; for comparison, not offered);
+- transformers fp32: transformers' AutoModel holding the run's encoder weights (written with
+  modeling.hf_format.save_hf_encoder, as `mtbert export --format hf` does) behind the run's own
+  pooler and heads;
+- ONNX Runtime fp32 and int8: the run's ONNX export (`mtbert export --format onnx --quantize int8`:
+  encoder + head as one graph per task, int8 = onnxruntime.quantization.quantize_dynamic), reused
+  from --export (default RUN_DIR/export-onnx) or written there once.
+
+For every path it prints the throughput of each task (model calls only: tokenisation and batching
+are shared and excluded; the first batch is a warm-up; with --repeat R the best of R passes) and
+the dev metric of every task plus the run's overall score, computed from the same pass's outputs.
+A path is accuracy-preserving when its dev overall is within 0.005 of ours fp32.
+
+The last line reads `ours_over_ort=X infer_ratio=Y`: our fastest accuracy-preserving path over
+ONNX Runtime's fastest accuracy-preserving path (X) and over transformers fp32 (Y). Speed is the
+single-sentence task's throughput (SST: sentences/s), the case the issue's measurements and the
+server's p50 are about; the table shows the pair task (QQP, cross-encoded) beside it, and the
+ratio on it is printed on the line above the last.
+
+onnxruntime (with onnx and onnxscript, to export) and transformers are optional: `pip install
+mtbert[export]`; without them the script stops with a one-line message.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtbert.core.config import resolve_data_dir
+from mtbert.core.runtime import inference_precisions
+from mtbert.data.readers import collate
+from mtbert.inference.loading import load_predictor
+from mtbert.inference.predictor import for_precision, load_examples, score_outputs
+from mtbert.modeling import hf_format
+
+PRESERVING = 0.005  # largest |dev overall - ours fp32| of an accuracy-preserving path
+
+
+class TransformersEncoder(torch.nn.Module):
+    """transformers' AutoModel behind our encoder's call signature (last_hidden_state, pooler_output)."""
+
+    def __init__(self, directory: Path, token_types: bool):
+        super().__init__()
+        from transformers import AutoModel
+        self.model = AutoModel.from_pretrained(str(directory)).eval()
+        self.token_types = token_types
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, inputs_embeds=None, output_attentions=False):
+        kw = {"token_type_ids": token_type_ids} if self.token_types else {}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        return {"last_hidden_state": out.last_hidden_state, "pooler_output": out.pooler_output}
+
+
+def require(modules: list[str]) -> None:
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"bench/inference.py needs {', '.join(missing)} (optional bench dependencies): "
+                         f"pip install 'mtbert[export]'")
+
+
+def torch_runner(model, amp_dtype):
+    """task, batch -> fp32 logits [B, out] for one of our (or transformers') models."""
+    model.eval()
+
+    @torch.inference_mode()
+    def run(task, batch):
+        if amp_dtype is None:
+            return model(task, batch["inputs"]).float().numpy()
+        with torch.autocast("cpu", dtype=amp_dtype):
+            return model(task, batch["inputs"]).float().numpy()
+    return run
+
+
+def ort_runner(export_dir: Path, manifest: dict, variant: str, threads: int):
+    """task, batch -> logits of the export's `variant` graphs (fp32 or int8) in onnxruntime."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    sessions = {t: ort.InferenceSession(str(export_dir / f), options, providers=["CPUExecutionProvider"])
+                for t, f in manifest["variants"][variant].items()}
+
+    def run(task, batch):
+        return sessions[task].run(["logits"], batch["feeds"])[0]
+    return run
+
+
+def ort_feeds(batch: dict, slots: list[str]) -> dict[str, np.ndarray]:
+    """The ONNX graph's inputs for one of our batches (the same tensors, as int64 arrays)."""
+    return {f"{slot}_{key}": x[key].numpy().astype(np.int64)
+            for slot, x in zip(slots, batch["inputs"]) for key in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def time_path(run, batches: dict[str, list[dict]], repeat: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Examples/s per task (best of `repeat` passes, first batch a warm-up) and the logits of the
+    first pass in dataset order."""
+    speed, logits = {}, {}
+    for task, bs in batches.items():
+        run(task, bs[0])
+        best, outs = 0.0, None
+        for _ in range(repeat):
+            start, got = time.perf_counter(), [run(task, b) for b in bs]
+            best = max(best, sum(len(b["indices"]) for b in bs) / (time.perf_counter() - start))
+            outs = outs if outs is not None else got
+        order = np.concatenate([b["indices"].numpy() for b in bs])
+        stacked = np.concatenate(outs)
+        logits[task] = stacked[np.argsort(order)]
+        speed[task] = best
+    return speed, logits
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", nargs="?", default="runs/default")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, help="threads for torch and onnxruntime (default: torch's default)")
+    ap.add_argument("--limit", type=int, help="first N dev examples per task (default: all)")
+    ap.add_argument("--repeat", type=int, default=1, help="timed passes per path and task (best kept)")
+    ap.add_argument("--export", help="ONNX export directory (default RUN_DIR/export-onnx; written there if missing)")
+    ap.add_argument("--data-dir")
+    args = ap.parse_args(argv)
+    require(["onnxruntime", "onnx", "onnxscript", "transformers"])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    device = torch.device("cpu")
+
+    base = load_predictor(args.run_dir, device="cpu", precision="fp32", batch_size=args.batch_size)
+    model, scorer = base.model, base.scorer
+    examples = load_examples(base.tasks, resolve_data_dir(args.data_dir or base.data_dir), "dev", args.limit)
+    datasets = {t: base.encode(t, ex) for t, ex in examples.items()}
+    export_dir = Path(args.export or Path(args.run_dir) / "export-onnx")
+    if not (export_dir / "mtbert_onnx.json").exists():
+        from mtbert.apps.export import export_run
+        print(f"exporting {args.run_dir} to ONNX (fp32 + int8) in {export_dir} ...", file=sys.stderr)
+        export_run(args.run_dir, "onnx", export_dir, quantize="int8")
+
+    # the same length-sorted batches for every path
+    batches = {}
+    for t, ds in datasets.items():
+        order = sorted(range(len(ds)), key=ds.length)
+        batches[t] = [collate(ds, order[s: s + args.batch_size], base.pad_id)
+                      for s in range(0, len(order), args.batch_size)]
+
+    paths = {"ours fp32": torch_runner(model, None)}
+    for precision in inference_precisions(device):
+        if precision != "fp32":
+            paths[f"ours {precision}"] = torch_runner(*for_precision(copy.deepcopy(model), precision, device))
+    if "bf16" in inference_precisions(device):  # what `bf16` was before bf16 encoder weights, for comparison
+        paths["ours bf16 autocast"] = torch_runner(model, torch.bfloat16)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_format.save_hf_encoder(tmp, model.encoder, base.tokenizer)
+        theirs = copy.deepcopy(model)
+        theirs.encoder = TransformersEncoder(Path(tmp), model.encoder.family.token_types)
+    paths["transformers fp32"] = torch_runner(theirs, None)
+
+    manifest = json.loads((export_dir / "mtbert_onnx.json").read_text())
+    if "int8" not in manifest["variants"]:
+        raise SystemExit(f"{export_dir} has no int8 graphs: export again with --quantize int8")
+    for variant in ("fp32", "int8"):
+        paths[f"onnxruntime {variant}"] = ort_runner(export_dir, manifest, variant, threads)
+    for t, bs in batches.items():
+        for b in bs:
+            b["feeds"] = ort_feeds(b, manifest["tasks"][t]["slots"])
+
+    rows, reference = {}, None
+    for label, run in paths.items():
+        speed, logits = time_path(run, batches, args.repeat)
+        outputs = {t: {"pred": datasets[t].task.kind.predict(torch.from_numpy(lg)).numpy()} for t, lg in logits.items()}
+        metrics = score_outputs(outputs, examples, scorer)
+        reference = reference or logits
+        diff = max(float(np.abs(logits[t] - reference[t]).max()) for t in logits)
+        rows[label] = (speed, metrics, diff)
+        print(f"  {label}: " + ", ".join(f"{t} {v:.1f}/s" for t, v in speed.items()), file=sys.stderr)
+
+    tasks = list(batches)
+    key = "overall" if "overall" in rows["ours fp32"][1] else tasks[0]
+    ref_score = rows["ours fp32"][1][key]
+    single = next((t for t in tasks if not datasets[t].task.is_pair), tasks[0])
+    pair = next((t for t in tasks if model.pair_encoding[t] == "cross"), None)
+    n = {t: len(ds) for t, ds in datasets.items()}
+    print(f"\nrun {args.run_dir}; dev examples {n}; batch {args.batch_size}, sorted by length; "
+          f"{threads} threads; export {export_dir}\n")
+    print("| path | " + " | ".join(f"{t} ex/s" for t in tasks) + " | " + " | ".join(tasks)
+          + f" | {key} | Δ{key} | max abs Δlogit | accuracy-preserving |")
+    print("|---|" + "---|" * (2 * len(tasks) + 4))
+    preserving = {}
+    for label, (speed, metrics, diff) in rows.items():
+        delta = metrics[key] - ref_score
+        keep = abs(delta) <= PRESERVING
+        if keep:
+            preserving[label] = speed
+        print(f"| {label} | " + " | ".join(f"{speed[t]:.1f}" for t in tasks) + " | "
+              + " | ".join(f"{metrics[t]:.4f}" for t in tasks)
+              + f" | {metrics[key]:.4f} | {delta:+.4f} | {diff:.2g} | {'yes' if keep else 'no'} |")
+
+    def best(prefix: str, task: str) -> tuple[str, float]:
+        found = [(label, s[task]) for label, s in preserving.items()
+                 if label.startswith(prefix) and not label.endswith("autocast")]  # offered paths only
+        return max(found, key=lambda x: x[1]) if found else ("none", float("nan"))
+
+    def ratios(task: str) -> tuple[float, float, str, str]:
+        ours, ort = best("ours", task), best("onnxruntime", task)
+        return ours[1] / ort[1], ours[1] / rows["transformers fp32"][0][task], ours[0], ort[0]
+
+    if pair is not None:
+        x, y, o, r = ratios(pair)
+        print(f"\npair task {pair}: ours ({o}) over onnxruntime ({r}) {x:.2f}, over transformers fp32 {y:.2f}")
+    x, y, o, r = ratios(single)
+    print(f"single-sentence task {single}: fastest accuracy-preserving ours = {o}, onnxruntime = {r}")
+    print(f"ours_over_ort={x:.2f} infer_ratio={y:.2f}")
+
+
+if __name__ == "__main__":
+    main()
