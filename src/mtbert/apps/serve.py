@@ -231,8 +231,21 @@ class ModelService:
                 except UnicodeEncodeError as e:
                     raise HTTPException(422, f"{where} is not valid Unicode ({e.reason} at character {e.start})") from None
 
-    def _predict(self, task: str, examples: list[Example]) -> tuple[dict, list[bool]]:
-        return self.predictor.predict(task, examples), truncation_flags(self.predictor, task, examples)
+    @property
+    def shared_pass(self) -> bool:
+        """One model with its tokenizer: the waiting requests of all tasks run in one predictor call."""
+        return isinstance(self.predictor, Predictor) and self.predictor.tokenizer is not None
+
+    def _predict(self, batches: list[tuple[str, list[Example]]]) -> list[tuple[dict, list[bool]]]:
+        """(outputs, truncation flags) per (task, examples), on the worker thread. A single model
+        encodes each task's examples once (the flags come from that encoding) and runs all tasks in
+        one shared encoder pass where it can; an ensemble predicts task by task."""
+        if self.shared_pass:
+            datasets = [self.predictor.encode(task, examples) for task, examples in batches]
+            outs = self.predictor.predict_encoded_many(datasets)
+            return [(out, ds.truncated) for out, ds in zip(outs, datasets)]
+        return [(self.predictor.predict(task, examples), truncation_flags(self.predictor, task, examples))
+                for task, examples in batches]
 
     async def predict(self, route: str, field: str, items: list[tuple[str, ...]]) -> tuple[str, dict, list[bool]]:
         return await self.predict_task(self.task_for(route), field, items, route)
@@ -254,43 +267,47 @@ class ModelService:
         return task, out, truncated
 
     async def _drain(self) -> None:
-        """Run the waiting requests, those of one task together, until none is left."""
+        """Run the waiting requests, those of all tasks together, until none is left."""
         while self.waiting:
-            task, group, items = self.waiting[0][0], [], 0
-            for req in [r for r in self.waiting if r[0] == task]:
+            group, items = [], 0
+            for req in self.waiting:
                 if group and items + len(req[1]) > self.max_batch_items:
                     break
                 group.append(req)
                 items += len(req[1])
-            taken = {id(r) for r in group}
-            self.waiting = [r for r in self.waiting if id(r) not in taken]
-            if not await self._answer(task, group) and len(group) > 1:
+            self.waiting = self.waiting[len(group):]
+            if not await self._answer(group) and len(group) > 1:
                 # one request may have failed them all: run each on its own, so only the faulty one fails
                 log.warning("a batch of %d requests failed; answering them one by one", len(group))
                 for req in group:
-                    await self._answer(task, [req])
+                    await self._answer([req])
 
-    async def _answer(self, task: str, group: list) -> bool:
-        """Run `group`'s requests in one predictor call and give each its slice of the result.
-        False if the call failed: with one request, that request gets the error."""
+    async def _answer(self, group: list) -> bool:
+        """Run `group`'s requests in one worker call (each task's examples together) and give each
+        request its slice of its task's result. False if the call failed: with one request, that
+        request gets the error."""
         group = [req for req in group if not req[2].done()]  # (a client that went away cancels its future)
         if not group:
             return True
-        examples = [ex for _, exs, _ in group for ex in exs]
-        self.batch_sizes.append(len(group))
+        by_task: dict[str, list] = {}
+        for req in group:
+            by_task.setdefault(req[0], []).append(req)
+        # requests per predictor call: one call for all of them, or one per task
+        self.batch_sizes.extend([len(group)] if self.shared_pass else [len(reqs) for reqs in by_task.values()])
+        batches = [(task, [ex for _, exs, _ in reqs for ex in exs]) for task, reqs in by_task.items()]
         try:
-            out, truncated = await asyncio.get_running_loop().run_in_executor(self.worker, self._predict, task,
-                                                                              examples)
+            results = await asyncio.get_running_loop().run_in_executor(self.worker, self._predict, batches)
         except Exception as e:
             if len(group) == 1 and not group[0][2].done():
                 group[0][2].set_exception(e)
             return False
-        start = 0
-        for _, exs, answer in group:  # each request its own slice of the arrays
-            end = start + len(exs)
-            if not answer.done():
-                answer.set_result(({k: v[start:end] for k, v in out.items()}, truncated[start:end]))
-            start = end
+        for reqs, (out, truncated) in zip(by_task.values(), results):
+            start = 0
+            for _, exs, answer in reqs:  # each request its own slice of the arrays
+                end = start + len(exs)
+                if not answer.done():
+                    answer.set_result(({k: v[start:end] for k, v in out.items()}, truncated[start:end]))
+                start = end
         return True
 
 
