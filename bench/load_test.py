@@ -172,6 +172,7 @@ def main() -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="fp32", help="fp32 | bf16 | ...: the server's and the engine's")
     ap.add_argument("--batch-size", type=int, default=128, help="the server's and the engine's batch size")
+    ap.add_argument("--server-threads", type=int, help="`mtbert serve --threads` (default: the server's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--startup-timeout", type=float, default=180.0)
     args = ap.parse_args()
@@ -186,7 +187,9 @@ def main() -> int:
             url = f"http://127.0.0.1:{port}"
             server = subprocess.Popen([sys.executable, "-m", "mtbert.cli", "serve", args.run_dir, "--port", str(port),
                                        "--device", args.device, "--precision", args.precision,
-                                       "--batch-size", str(args.batch_size)], stdout=log, stderr=subprocess.STDOUT)
+                                       "--batch-size", str(args.batch_size)]
+                                      + (["--threads", str(args.server_threads)] if args.server_threads else []),
+                                      stdout=log, stderr=subprocess.STDOUT)
         wait_for_health(url, server, args.startup_timeout)
         info = httpx.get(f"{url}/v1/info", timeout=10).json()
         routes = list(info["routes"])

@@ -55,6 +55,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from mtbert import __version__
+from mtbert.core.runtime import set_threads
 from mtbert.core.tasks import get_task
 from mtbert.data.readers import Example
 from mtbert.inference.api import describe_task
@@ -199,13 +200,16 @@ def _cap(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
 class ModelService:
     """The predictor, the request limits and the single worker thread the predictor runs on."""
 
-    def __init__(self, predictor: BasePredictor, max_items: int, max_chars: int, max_batch_items: int = 256):
+    def __init__(self, predictor: BasePredictor, max_items: int, max_chars: int, max_batch_items: int = 256,
+                 threads: int | None = None):
         self.predictor, self.max_items, self.max_chars = predictor, max_items, max_chars
         self.max_batch_items = max(max_batch_items, max_items)
         # route -> the task answering it, for the routes this model can answer
         self.routes = {route: next(t for t in tasks if t in predictor.tasks)
                        for route, tasks in ROUTE_TASKS.items() if any(t in predictor.tasks for t in tasks)}
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtbert-predict")
+        # (torch's intra-op thread count is per thread: set it on the thread that runs the model)
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtbert-predict",
+                                         initializer=set_threads, initargs=(threads,))
         self.waiting: list[tuple[str, list[Example], asyncio.Future]] = []  # (task, examples, its answer)
         self.drainer: asyncio.Task | None = None  # runs the waiting requests while there are any
         self.batch_sizes: deque[int] = deque(maxlen=1024)  # requests per recent predictor call (tests, diagnostics)
@@ -439,12 +443,13 @@ def _new_app(docs: bool) -> FastAPI:
 
 def create_app(predictor_or_run_dir: BasePredictor | str | Path, *, max_items: int = 64, max_chars: int = 20_000,
                max_body_bytes: int = 2 * 1024 * 1024, device: str = "auto", precision: str = "auto",
-               batch_size: int = 128, max_batch_items: int = 256, read_timeout: float = 10.0,
+               batch_size: int = 128, max_batch_items: int = 256, threads: int | None = None, read_timeout: float = 10.0,
                allowed_hosts: Sequence[str] = LOOPBACK_HOSTS, docs: bool = True) -> FastAPI:
     """The FastAPI app serving a predictor, or the run / checkpoint / ensemble directory it loads from.
-    `allowed_hosts`: the Host header names answered ("*": any)."""
-    if min(max_items, max_chars, max_body_bytes, batch_size, max_batch_items) < 1:
-        raise ValueError("max_items, max_chars, max_body_bytes, batch_size and max_batch_items must be positive")
+    `allowed_hosts`: the Host header names answered ("*": any). `threads`: torch intra-op threads
+    for the model (None: torch's default, one per core)."""
+    if min(max_items, max_chars, max_body_bytes, batch_size, max_batch_items, threads or 1) < 1:
+        raise ValueError("max_items, max_chars, max_body_bytes, batch_size, max_batch_items and threads must be positive")
     if not (math.isfinite(read_timeout) and read_timeout > 0):
         raise ValueError(f"read_timeout must be a positive number of seconds, got {read_timeout}")
     if isinstance(predictor_or_run_dir, BasePredictor):
@@ -452,7 +457,7 @@ def create_app(predictor_or_run_dir: BasePredictor | str | Path, *, max_items: i
     else:
         run_dir = Path(predictor_or_run_dir)
         predictor = load_predictor(run_dir, device, precision, batch_size)
-    service = ModelService(predictor, max_items, max_chars, max_batch_items)
+    service = ModelService(predictor, max_items, max_chars, max_batch_items, threads)
     run_name = run_dir.resolve().name if run_dir else predictor.name
     info = {"mtbert_version": __version__, "run": _public_name(run_name), "tasks": predictor.tasks,
             **describe(predictor, run_dir)}
