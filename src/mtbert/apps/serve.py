@@ -5,12 +5,15 @@ Routes: GET / (web page), GET /health, GET /v1/info, POST /v1/sentiment, /v1/par
 
 Batching and concurrency: the model is loaded once and runs on a single dedicated worker thread,
 so requests queue for it instead of racing on it, while the event loop stays free to answer
-/health and reject bad requests. Requests are batched across clients: while the model works,
-arriving requests wait; when it is free, all waiting requests for the same task (up to
-`max_batch_items` items) go through the predictor as one call (forward passes of `batch_size`
-items sorted by length), and each gets its own slice of the result back. Nothing waits for a batch
-to fill, so a lone request is answered at once. The predictor runs under torch.inference_mode
-(evaluate.predict_dataset).
+/health and reject bad requests. Requests are batched across clients and routes: while the model
+works, arriving requests wait; when it is free, all waiting requests (up to `max_batch_items`
+items, whatever their task) go to the worker in one call. A single model (Predictor) tokenises
+each task's examples once (the `truncated` flags come from that encoding) and runs every sequence
+of every task through the shared encoder together (Predictor.predict_encoded_many: length-sorted
+passes of at most `batch_size` sequences, split where padding costs more than another pass), then
+each task's head; an ensemble predicts task by task. Each request gets its own slice of the
+result. Nothing waits for a batch to fill, so a lone request is answered at once. The predictor
+runs under torch.inference_mode; `threads` sets the worker's torch intra-op threads.
 
 Limits: at most `max_items` texts or pairs per request (413), at most `max_chars` characters per
 text (413), request bodies of at most `max_body_bytes` (413); empty texts, texts that are not valid
