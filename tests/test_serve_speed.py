@@ -139,3 +139,15 @@ def test_requests_of_all_tasks_share_one_call_and_a_failing_one_fails_alone():
     assert rest[3].json()["results"][0]["score"] == pytest.approx(float(np.clip(sts["score"][0], 0, 5)), abs=1e-5)
     qqp = base.predict("qqp", examples([PAIRS[0]]))
     assert rest[1].json()["results"][0]["probability"] == pytest.approx(float(qqp["prob"][0]), abs=1e-5)
+
+
+def test_threads_sets_the_model_threads_on_the_worker_only(tmp_path, capsys):
+    from mtbert.apps.cli import main
+    before = torch.get_num_threads()
+    app = create_app(predictor_with({}), threads=1)
+    assert app.state.service.worker.submit(torch.get_num_threads).result() == 1
+    assert torch.get_num_threads() == before  # the event loop's thread keeps its own
+    with pytest.raises(ValueError, match="threads must be positive"):
+        create_app(predictor_with({}), threads=0)
+    assert main(["serve", str(tmp_path), "--threads", "0"]) == 2
+    assert "--threads: must be at least 1" in capsys.readouterr().err

@@ -451,7 +451,7 @@ def create_app(predictor_or_run_dir: BasePredictor | str | Path, *, max_items: i
     """The FastAPI app serving a predictor, or the run / checkpoint / ensemble directory it loads from.
     `allowed_hosts`: the Host header names answered ("*": any). `threads`: torch intra-op threads
     for the model (None: torch's default, one per core)."""
-    if min(max_items, max_chars, max_body_bytes, batch_size, max_batch_items, threads or 1) < 1:
+    if min(max_items, max_chars, max_body_bytes, batch_size, max_batch_items, 1 if threads is None else threads) < 1:
         raise ValueError("max_items, max_chars, max_body_bytes, batch_size, max_batch_items and threads must be positive")
     if not (math.isfinite(read_timeout) and read_timeout > 0):
         raise ValueError(f"read_timeout must be a positive number of seconds, got {read_timeout}")
