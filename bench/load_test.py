@@ -6,8 +6,8 @@ Starts `mtbert serve RUN_DIR --precision P` on a free loopback port (or uses --u
 the model answers (sentiment, paraphrase, similarity; or --routes), each request carrying --items
 texts or pairs. Then --single requests of one SST-style sentence each to /v1/sentiment, one at a
 time (concurrency 1): their p50 is the lone-sentence latency. With RUN_DIR it then stops the server
-and runs the engine: the same run loaded in this process (load_predictor, same --precision, device
-and --batch-size), predicting exactly the texts and pairs that were sent, task by task as
+and runs the engine: the same run loaded in this process (load_predictor, same --precision, device,
+--batch-size and --threads), predicting exactly the texts and pairs that were sent, task by task as
 `mtbert predict` does (median of --engine-repeats timed runs after one warm-up).
 
     python bench/load_test.py RUN_DIR --precision fp32 --concurrency 16 --items 1 --requests 400
@@ -132,13 +132,15 @@ def run_single(url: str, requests: int) -> tuple[np.ndarray, int]:
 
 
 def run_engine(run_dir: str, route_tasks: dict[str, str], jobs: list[tuple[str, dict]], device: str,
-               precision: str, batch_size: int, repeats: int) -> float:
+               precision: str, batch_size: int, repeats: int, threads: int | None = None) -> float:
     """Seconds the engine (the run loaded offline in this process, as `mtbert predict` does) takes
     to predict exactly the items of `jobs`, each task's items in one predict call (median of
     `repeats` runs after a warm-up)."""
+    from mtbert.core.runtime import set_threads
     from mtbert.data.readers import Example
     from mtbert.inference.loading import load_predictor
 
+    set_threads(threads)
     predictor = load_predictor(run_dir, device, precision, batch_size)
     per_task: dict[str, list] = {}
     for route, body in jobs:
@@ -172,7 +174,8 @@ def main() -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="fp32", help="fp32 | bf16 | ...: the server's and the engine's")
     ap.add_argument("--batch-size", type=int, default=128, help="the server's and the engine's batch size")
-    ap.add_argument("--server-threads", type=int, help="`mtbert serve --threads` (default: the server's default)")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads of the server's model (`mtbert serve "
+                                                 "--threads`) and of the engine (default: torch's, one per core)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--startup-timeout", type=float, default=180.0)
     args = ap.parse_args()
@@ -188,7 +191,7 @@ def main() -> int:
             server = subprocess.Popen([sys.executable, "-m", "mtbert.cli", "serve", args.run_dir, "--port", str(port),
                                        "--device", args.device, "--precision", args.precision,
                                        "--batch-size", str(args.batch_size)]
-                                      + (["--threads", str(args.server_threads)] if args.server_threads else []),
+                                      + (["--threads", str(args.threads)] if args.threads else []),
                                       stdout=log, stderr=subprocess.STDOUT)
         wait_for_health(url, server, args.startup_timeout)
         info = httpx.get(f"{url}/v1/info", timeout=10).json()
@@ -218,7 +221,7 @@ def main() -> int:
     if args.engine and args.run_dir and not args.url:  # (after the server stopped: nothing else runs)
         route_tasks = {route: info["routes"][route]["task"] for route in routes}
         engine_s = run_engine(args.run_dir, route_tasks, jobs, args.device, args.precision, args.batch_size,
-                              args.engine_repeats)
+                              args.engine_repeats, args.threads)
 
     p50, p95, p99 = np.percentile(latencies * 1000, [50, 95, 99])
     rps, items_per_s = len(latencies) / wall, len(latencies) * args.items / wall
