@@ -1,13 +1,23 @@
-"""Load test of `mtbert serve`: throughput, latency percentiles and errors under concurrent requests.
+"""Load test of `mtbert serve`: throughput, latency percentiles and errors under concurrent requests,
+against the engine behind the server, and the latency of a lone single sentence.
 
-Starts `mtbert serve RUN_DIR` on a free loopback port (or uses --url), waits for /health, then sends
---requests POSTs from --concurrency concurrent clients, cycling over the routes the model answers
-(sentiment, paraphrase, similarity), each request carrying --items texts or pairs.
+Starts `mtbert serve RUN_DIR --precision P` on a free loopback port (or uses --url), waits for
+/health, then sends --requests POSTs from --concurrency concurrent clients, cycling over the routes
+the model answers (sentiment, paraphrase, similarity; or --routes), each request carrying --items
+texts or pairs. Then --single requests of one SST-style sentence each to /v1/sentiment, one at a
+time (concurrency 1): their p50 is the lone-sentence latency. With RUN_DIR it then stops the server
+and runs the engine: the same run loaded in this process (load_predictor, same --precision, device,
+--batch-size and --threads), predicting exactly the texts and pairs that were sent, task by task as
+`mtbert predict` does (median of --engine-repeats timed runs after one warm-up).
 
-    python bench/load_test.py RUN_DIR [--requests 200] [--concurrency 8] [--items 4]
-    python bench/load_test.py --url http://127.0.0.1:8000 [...]     # a server already running
+    python bench/load_test.py RUN_DIR --precision fp32 --concurrency 16 --items 1 --requests 400
+    python bench/load_test.py RUN_DIR --precision fp32 --concurrency 1 --routes sentiment --items 1
+    python bench/load_test.py --url http://127.0.0.1:8000 [...]     # a server already running (no engine)
 
-The last line reads `rps=.. items_per_s=.. p50_ms=.. p95_ms=.. p99_ms=.. errors=..`.
+The last line reads `rps=.. items_per_s=.. p50_ms=.. p95_ms=.. p99_ms=.. errors=..`, followed, where
+measured, by `single_p50_ms=.. p50_over_15ms=..` (the lone sentence's p50 over the 15 ms target:
+<= 1 meets it) and `engine_items_per_s=.. server_over_engine=..` (the server's items/s over the
+engine's on the same items: >= 0.8 is the target). --single 0 and --no-engine skip those parts.
 """
 from __future__ import annotations
 
@@ -63,10 +73,20 @@ def make_body(route: str, items: int, rng: random.Random) -> dict:
     return {"pairs": [rng.sample(SENTENCES, 2) for _ in range(items)]}
 
 
-async def run_load(url: str, routes: list[str], requests: int, concurrency: int, items: int, seed: int):
-    """-> (latencies in seconds, errors, wall seconds)."""
+SINGLE_SENTENCES = [SENTENCES[i] for i in (0, 1, 2, 7)]  # the film reviews (SST-like)
+SINGLE_TARGET_MS = 15.0
+
+
+def make_jobs(routes: list[str], requests: int, items: int, seed: int) -> list[tuple[str, dict]]:
+    """(route, request body) per request, round-robin over `routes`."""
     rng = random.Random(seed)
-    jobs = [(routes[i % len(routes)], make_body(routes[i % len(routes)], items, rng)) for i in range(requests)]
+    return [(routes[i % len(routes)], make_body(routes[i % len(routes)], items, rng)) for i in range(requests)]
+
+
+async def run_load(url: str, routes: list[str], jobs: list[tuple[str, dict]], concurrency: int, items: int,
+                   seed: int):
+    """-> (latencies in seconds, errors, wall seconds)."""
+    rng = random.Random(seed + 1)
     latencies, errors = [], 0
     queue: asyncio.Queue = asyncio.Queue()
     for job in jobs:
@@ -94,6 +114,50 @@ async def run_load(url: str, routes: list[str], requests: int, concurrency: int,
     return np.array(latencies), errors, wall
 
 
+def run_single(url: str, requests: int) -> tuple[np.ndarray, int]:
+    """One sentence per request to /v1/sentiment, one request at a time -> (latencies in seconds, errors)."""
+    latencies, errors = [], 0
+    with httpx.Client(timeout=60) as client:
+        for i in range(requests + 5):  # the first 5: warm-up
+            body = {"texts": [SINGLE_SENTENCES[i % len(SINGLE_SENTENCES)]]}
+            start = time.perf_counter()
+            try:
+                ok = client.post(f"{url}/v1/sentiment", json=body).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if i >= 5:
+                latencies.append(time.perf_counter() - start)
+                errors += not ok
+    return np.array(latencies), errors
+
+
+def run_engine(run_dir: str, route_tasks: dict[str, str], jobs: list[tuple[str, dict]], device: str,
+               precision: str, batch_size: int, repeats: int, threads: int | None = None) -> float:
+    """Seconds the engine (the run loaded offline in this process, as `mtbert predict` does) takes
+    to predict exactly the items of `jobs`, each task's items in one predict call (median of
+    `repeats` runs after a warm-up)."""
+    from mtbert.core.runtime import set_threads
+    from mtbert.data.readers import Example
+    from mtbert.inference.loading import load_predictor
+
+    set_threads(threads)
+    predictor = load_predictor(run_dir, device, precision, batch_size)
+    per_task: dict[str, list] = {}
+    for route, body in jobs:
+        items = [(t,) for t in body["texts"]] if "texts" in body else [tuple(p) for p in body["pairs"]]
+        examples = per_task.setdefault(route_tasks[route], [])
+        examples += [Example(str(len(examples) + i), texts, None) for i, texts in enumerate(items)]
+
+    def once() -> float:
+        start = time.perf_counter()
+        for task, examples in per_task.items():
+            predictor.predict(task, examples)
+        return time.perf_counter() - start
+
+    once()
+    return float(np.median([once() for _ in range(repeats)]))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run_dir", nargs="?", help="run / ensemble directory to serve (not needed with --url)")
@@ -101,7 +165,17 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--items", type=int, default=4, help="texts or pairs per request")
+    ap.add_argument("--routes", help="comma-separated routes to load (default: all the server answers)")
+    ap.add_argument("--single", type=int, default=100,
+                    help="lone one-sentence /v1/sentiment requests for the single-sentence p50 (0: none)")
+    ap.add_argument("--no-engine", dest="engine", action="store_false",
+                    help="do not run the engine offline on the same items (it needs RUN_DIR)")
+    ap.add_argument("--engine-repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="fp32", help="fp32 | bf16 | ...: the server's and the engine's")
+    ap.add_argument("--batch-size", type=int, default=128, help="the server's and the engine's batch size")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads of the server's model (`mtbert serve "
+                                                 "--threads`) and of the engine (default: torch's, one per core)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--startup-timeout", type=float, default=180.0)
     args = ap.parse_args()
@@ -115,14 +189,25 @@ def main() -> int:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             server = subprocess.Popen([sys.executable, "-m", "mtbert.cli", "serve", args.run_dir, "--port", str(port),
-                                       "--device", args.device], stdout=log, stderr=subprocess.STDOUT)
+                                       "--device", args.device, "--precision", args.precision,
+                                       "--batch-size", str(args.batch_size)]
+                                      + (["--threads", str(args.threads)] if args.threads else []),
+                                      stdout=log, stderr=subprocess.STDOUT)
         wait_for_health(url, server, args.startup_timeout)
         info = httpx.get(f"{url}/v1/info", timeout=10).json()
         routes = list(info["routes"])
+        if args.routes:
+            wanted = [r.strip() for r in args.routes.split(",") if r.strip()]
+            missing = [r for r in wanted if r not in routes]
+            if missing or not wanted:
+                raise SystemExit(f"--routes {args.routes}: this server answers {', '.join(routes)}")
+            routes = wanted
         if args.items > info["limits"]["max_items"]:
             raise SystemExit(f"--items {args.items} is over the server's max_items {info['limits']['max_items']}")
-        latencies, errors, wall = asyncio.run(
-            run_load(url, routes, args.requests, args.concurrency, args.items, args.seed))
+        jobs = make_jobs(routes, args.requests, args.items, args.seed)
+        latencies, errors, wall = asyncio.run(run_load(url, routes, jobs, args.concurrency, args.items, args.seed))
+        single, single_errors = (run_single(url, args.single) if args.single and "sentiment" in info["routes"]
+                                 else (None, 0))
     except Exception:
         if server is not None:
             log.seek(0)
@@ -132,6 +217,11 @@ def main() -> int:
         if server is not None:
             server.terminate()
             server.wait(timeout=30)
+    engine_s = None
+    if args.engine and args.run_dir and not args.url:  # (after the server stopped: nothing else runs)
+        route_tasks = {route: info["routes"][route]["task"] for route in routes}
+        engine_s = run_engine(args.run_dir, route_tasks, jobs, args.device, args.precision, args.batch_size,
+                              args.engine_repeats, args.threads)
 
     p50, p95, p99 = np.percentile(latencies * 1000, [50, 95, 99])
     rps, items_per_s = len(latencies) / wall, len(latencies) * args.items / wall
@@ -140,9 +230,20 @@ def main() -> int:
     print(f"throughput {rps:.1f} req/s, {items_per_s:.1f} items/s")
     print(f"latency p50 {p50:.1f} ms, p95 {p95:.1f} ms, p99 {p99:.1f} ms, max {latencies.max() * 1000:.1f} ms")
     print(f"errors {errors}")
-    print(f"rps={rps:.2f} items_per_s={items_per_s:.1f} p50_ms={p50:.1f} p95_ms={p95:.1f} p99_ms={p99:.1f} "
-          f"errors={errors}")
-    return 1 if errors else 0
+    last = (f"rps={rps:.2f} items_per_s={items_per_s:.1f} p50_ms={p50:.1f} p95_ms={p95:.1f} p99_ms={p99:.1f} "
+            f"errors={errors}")
+    if single is not None:
+        single_p50 = float(np.percentile(single * 1000, 50))
+        print(f"lone sentence (/v1/sentiment, 1 text, concurrency 1, {len(single)} requests): p50 {single_p50:.1f} ms, "
+              f"p95 {np.percentile(single * 1000, 95):.1f} ms; errors {single_errors}")
+        last += f" single_p50_ms={single_p50:.1f} p50_over_15ms={single_p50 / SINGLE_TARGET_MS:.2f}"
+    if engine_s is not None:
+        engine_rate = len(jobs) * args.items / engine_s
+        print(f"engine (load_predictor, precision {args.precision}, same {len(jobs) * args.items} items): "
+              f"{engine_s:.2f}s, {engine_rate:.1f} items/s; server/engine {items_per_s / engine_rate:.2f}")
+        last += f" engine_items_per_s={engine_rate:.1f} server_over_engine={items_per_s / engine_rate:.2f}"
+    print(last)
+    return 1 if errors or single_errors else 0
 
 
 if __name__ == "__main__":

@@ -226,7 +226,7 @@ def cmd_install_backbone(args) -> int:
 
 def cmd_serve(args) -> int:
     serve(args.run_dir, args.host, args.port, max_items=args.max_items, max_chars=args.max_chars,
-          max_batch_items=args.max_batch_items, device=args.device, precision=args.precision, batch_size=args.batch_size,
+          max_batch_items=args.max_batch_items, threads=args.threads, device=args.device, precision=args.precision, batch_size=args.batch_size,
           allowed_hosts=args.allowed_host or (), read_timeout=args.read_timeout,
           keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections, docs=args.docs)
     return 0
@@ -370,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-chars", type=POSITIVE, default=20_000, help="characters per text (more: 413)")
     sv.add_argument("--max-batch-items", type=POSITIVE, default=256,
                     help="items of concurrent requests run together in one predictor call")
+    sv.add_argument("--threads", type=POSITIVE, default=None,
+                    help="torch intra-op threads for the model (default: one per core)")
     sv.add_argument("--allowed-host", action="append", metavar="NAME",
                     help="also answer requests whose Host header is NAME (repeatable, comma-separated; "
                          "'*.example.com'; '*' for any). Default: localhost, 127.0.0.1, [::1] and --host")

@@ -5,12 +5,15 @@ Routes: GET / (web page), GET /health, GET /v1/info, POST /v1/sentiment, /v1/par
 
 Batching and concurrency: the model is loaded once and runs on a single dedicated worker thread,
 so requests queue for it instead of racing on it, while the event loop stays free to answer
-/health and reject bad requests. Requests are batched across clients: while the model works,
-arriving requests wait; when it is free, all waiting requests for the same task (up to
-`max_batch_items` items) go through the predictor as one call (forward passes of `batch_size`
-items sorted by length), and each gets its own slice of the result back. Nothing waits for a batch
-to fill, so a lone request is answered at once. The predictor runs under torch.inference_mode
-(evaluate.predict_dataset).
+/health and reject bad requests. Requests are batched across clients and routes: while the model
+works, arriving requests wait; when it is free, all waiting requests (up to `max_batch_items`
+items, whatever their task) go to the worker in one call. A single model (Predictor) tokenises
+each task's examples once (the `truncated` flags come from that encoding) and runs every sequence
+of every task through the shared encoder together (Predictor.predict_encoded_many: length-sorted
+passes of at most `batch_size` sequences, split where padding costs more than another pass), then
+each task's head; an ensemble predicts task by task. Each request gets its own slice of the
+result. Nothing waits for a batch to fill, so a lone request is answered at once. The predictor
+runs under torch.inference_mode; `threads` sets the worker's torch intra-op threads.
 
 Limits: at most `max_items` texts or pairs per request (413), at most `max_chars` characters per
 text (413), request bodies of at most `max_body_bytes` (413); empty texts, texts that are not valid
@@ -55,6 +58,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from mtbert import __version__
+from mtbert.core.runtime import set_threads
 from mtbert.core.tasks import get_task
 from mtbert.data.readers import Example
 from mtbert.inference.api import describe_task
@@ -199,13 +203,16 @@ def _cap(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
 class ModelService:
     """The predictor, the request limits and the single worker thread the predictor runs on."""
 
-    def __init__(self, predictor: BasePredictor, max_items: int, max_chars: int, max_batch_items: int = 256):
+    def __init__(self, predictor: BasePredictor, max_items: int, max_chars: int, max_batch_items: int = 256,
+                 threads: int | None = None):
         self.predictor, self.max_items, self.max_chars = predictor, max_items, max_chars
         self.max_batch_items = max(max_batch_items, max_items)
         # route -> the task answering it, for the routes this model can answer
         self.routes = {route: next(t for t in tasks if t in predictor.tasks)
                        for route, tasks in ROUTE_TASKS.items() if any(t in predictor.tasks for t in tasks)}
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtbert-predict")
+        # (torch's intra-op thread count is per thread: set it on the thread that runs the model)
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtbert-predict",
+                                         initializer=set_threads, initargs=(threads,))
         self.waiting: list[tuple[str, list[Example], asyncio.Future]] = []  # (task, examples, its answer)
         self.drainer: asyncio.Task | None = None  # runs the waiting requests while there are any
         self.batch_sizes: deque[int] = deque(maxlen=1024)  # requests per recent predictor call (tests, diagnostics)
@@ -231,8 +238,21 @@ class ModelService:
                 except UnicodeEncodeError as e:
                     raise HTTPException(422, f"{where} is not valid Unicode ({e.reason} at character {e.start})") from None
 
-    def _predict(self, task: str, examples: list[Example]) -> tuple[dict, list[bool]]:
-        return self.predictor.predict(task, examples), truncation_flags(self.predictor, task, examples)
+    @property
+    def shared_pass(self) -> bool:
+        """One model with its tokenizer: the waiting requests of all tasks run in one predictor call."""
+        return isinstance(self.predictor, Predictor) and self.predictor.tokenizer is not None
+
+    def _predict(self, batches: list[tuple[str, list[Example]]]) -> list[tuple[dict, list[bool]]]:
+        """(outputs, truncation flags) per (task, examples), on the worker thread. A single model
+        encodes each task's examples once (the flags come from that encoding) and runs all tasks in
+        one shared encoder pass where it can; an ensemble predicts task by task."""
+        if self.shared_pass:
+            datasets = [self.predictor.encode(task, examples) for task, examples in batches]
+            outs = self.predictor.predict_encoded_many(datasets)
+            return [(out, ds.truncated) for out, ds in zip(outs, datasets)]
+        return [(self.predictor.predict(task, examples), truncation_flags(self.predictor, task, examples))
+                for task, examples in batches]
 
     async def predict(self, route: str, field: str, items: list[tuple[str, ...]]) -> tuple[str, dict, list[bool]]:
         return await self.predict_task(self.task_for(route), field, items, route)
@@ -254,43 +274,47 @@ class ModelService:
         return task, out, truncated
 
     async def _drain(self) -> None:
-        """Run the waiting requests, those of one task together, until none is left."""
+        """Run the waiting requests, those of all tasks together, until none is left."""
         while self.waiting:
-            task, group, items = self.waiting[0][0], [], 0
-            for req in [r for r in self.waiting if r[0] == task]:
+            group, items = [], 0
+            for req in self.waiting:
                 if group and items + len(req[1]) > self.max_batch_items:
                     break
                 group.append(req)
                 items += len(req[1])
-            taken = {id(r) for r in group}
-            self.waiting = [r for r in self.waiting if id(r) not in taken]
-            if not await self._answer(task, group) and len(group) > 1:
+            self.waiting = self.waiting[len(group):]
+            if not await self._answer(group) and len(group) > 1:
                 # one request may have failed them all: run each on its own, so only the faulty one fails
                 log.warning("a batch of %d requests failed; answering them one by one", len(group))
                 for req in group:
-                    await self._answer(task, [req])
+                    await self._answer([req])
 
-    async def _answer(self, task: str, group: list) -> bool:
-        """Run `group`'s requests in one predictor call and give each its slice of the result.
-        False if the call failed: with one request, that request gets the error."""
+    async def _answer(self, group: list) -> bool:
+        """Run `group`'s requests in one worker call (each task's examples together) and give each
+        request its slice of its task's result. False if the call failed: with one request, that
+        request gets the error."""
         group = [req for req in group if not req[2].done()]  # (a client that went away cancels its future)
         if not group:
             return True
-        examples = [ex for _, exs, _ in group for ex in exs]
-        self.batch_sizes.append(len(group))
+        by_task: dict[str, list] = {}
+        for req in group:
+            by_task.setdefault(req[0], []).append(req)
+        # requests per predictor call: one call for all of them, or one per task
+        self.batch_sizes.extend([len(group)] if self.shared_pass else [len(reqs) for reqs in by_task.values()])
+        batches = [(task, [ex for _, exs, _ in reqs for ex in exs]) for task, reqs in by_task.items()]
         try:
-            out, truncated = await asyncio.get_running_loop().run_in_executor(self.worker, self._predict, task,
-                                                                              examples)
+            results = await asyncio.get_running_loop().run_in_executor(self.worker, self._predict, batches)
         except Exception as e:
             if len(group) == 1 and not group[0][2].done():
                 group[0][2].set_exception(e)
             return False
-        start = 0
-        for _, exs, answer in group:  # each request its own slice of the arrays
-            end = start + len(exs)
-            if not answer.done():
-                answer.set_result(({k: v[start:end] for k, v in out.items()}, truncated[start:end]))
-            start = end
+        for reqs, (out, truncated) in zip(by_task.values(), results):
+            start = 0
+            for _, exs, answer in reqs:  # each request its own slice of the arrays
+                end = start + len(exs)
+                if not answer.done():
+                    answer.set_result(({k: v[start:end] for k, v in out.items()}, truncated[start:end]))
+                start = end
         return True
 
 
@@ -422,12 +446,13 @@ def _new_app(docs: bool) -> FastAPI:
 
 def create_app(predictor_or_run_dir: BasePredictor | str | Path, *, max_items: int = 64, max_chars: int = 20_000,
                max_body_bytes: int = 2 * 1024 * 1024, device: str = "auto", precision: str = "auto",
-               batch_size: int = 128, max_batch_items: int = 256, read_timeout: float = 10.0,
+               batch_size: int = 128, max_batch_items: int = 256, threads: int | None = None, read_timeout: float = 10.0,
                allowed_hosts: Sequence[str] = LOOPBACK_HOSTS, docs: bool = True) -> FastAPI:
     """The FastAPI app serving a predictor, or the run / checkpoint / ensemble directory it loads from.
-    `allowed_hosts`: the Host header names answered ("*": any)."""
-    if min(max_items, max_chars, max_body_bytes, batch_size, max_batch_items) < 1:
-        raise ValueError("max_items, max_chars, max_body_bytes, batch_size and max_batch_items must be positive")
+    `allowed_hosts`: the Host header names answered ("*": any). `threads`: torch intra-op threads
+    for the model (None: torch's default, one per core)."""
+    if min(max_items, max_chars, max_body_bytes, batch_size, max_batch_items, 1 if threads is None else threads) < 1:
+        raise ValueError("max_items, max_chars, max_body_bytes, batch_size, max_batch_items and threads must be positive")
     if not (math.isfinite(read_timeout) and read_timeout > 0):
         raise ValueError(f"read_timeout must be a positive number of seconds, got {read_timeout}")
     if isinstance(predictor_or_run_dir, BasePredictor):
@@ -435,7 +460,7 @@ def create_app(predictor_or_run_dir: BasePredictor | str | Path, *, max_items: i
     else:
         run_dir = Path(predictor_or_run_dir)
         predictor = load_predictor(run_dir, device, precision, batch_size)
-    service = ModelService(predictor, max_items, max_chars, max_batch_items)
+    service = ModelService(predictor, max_items, max_chars, max_batch_items, threads)
     run_name = run_dir.resolve().name if run_dir else predictor.name
     info = {"mtbert_version": __version__, "run": _public_name(run_name), "tasks": predictor.tasks,
             **describe(predictor, run_dir)}

@@ -353,6 +353,7 @@ class EncodedDataset:
     task: TaskSpec
     examples: list[Example]
     inputs: list[tuple]   # per example: ((ids, types),) for one sequence, or two for bi-encoding
+    truncated: list[bool] | None = None  # per example: was any of its sequences cut to max_length
 
     def __len__(self):
         return len(self.examples)
@@ -362,21 +363,26 @@ class EncodedDataset:
 
 
 def encode_dataset(task: TaskSpec, examples: list[Example], tokenizer, pair_mode: str = "cross") -> EncodedDataset:
+    """`examples` tokenised for `task` in `pair_mode`, with each example's truncation flag (the
+    cross-encoded pair, a bi-encoded side or, for cross+cos, either, cut to fit max_length)."""
+    first = [e.texts[0] for e in examples]
     if not task.is_pair:
-        enc = [(x,) for x in tokenizer.encode([e.texts[0] for e in examples])]
+        enc, cut = tokenizer.encode_flagged(first)
+        enc = [(x,) for x in enc]
     elif pair_mode == "cross":
-        enc = [(x,) for x in tokenizer.encode_pairs([e.texts[0] for e in examples], [e.texts[1] for e in examples])]
+        enc, cut = tokenizer.encode_pairs_flagged(first, [e.texts[1] for e in examples])
+        enc = [(x,) for x in enc]
     elif pair_mode in ("bi", "cross+cos"):
-        a = tokenizer.encode([e.texts[0] for e in examples])
-        b = tokenizer.encode([e.texts[1] for e in examples])
+        (a, cut_a), (b, cut_b) = tokenizer.encode_flagged(first), tokenizer.encode_flagged([e.texts[1] for e in examples])
+        cut = [x or y for x, y in zip(cut_a, cut_b)]
         if pair_mode == "bi":
             enc = list(zip(a, b))
         else:  # the pair as one sequence, then each side alone
-            pair = tokenizer.encode_pairs([e.texts[0] for e in examples], [e.texts[1] for e in examples])
-            enc = list(zip(pair, a, b))
+            pair, cut_pair = tokenizer.encode_pairs_flagged(first, [e.texts[1] for e in examples])
+            enc, cut = list(zip(pair, a, b)), [x or y for x, y in zip(cut, cut_pair)]
     else:
         raise ValueError(f"pair encoding must be 'cross', 'bi' or 'cross+cos', got {pair_mode!r}")
-    return EncodedDataset(task, examples, enc)
+    return EncodedDataset(task, examples, enc, cut)
 
 
 def pad(seqs: list[tuple[list[int], list[int]]], pad_id: int = 0) -> dict[str, torch.Tensor]:

@@ -108,19 +108,29 @@ class BertTokenizer:
     def encode(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
         """Return (input_ids, token_type_ids) per text: [CLS] text [SEP] (<s> text </s>),
         truncated to max_length."""
-        out = []
+        return self.encode_flagged(texts)[0]
+
+    def encode_flagged(self, texts: list[str]) -> tuple[list[tuple[list[int], list[int]]], list[bool]]:
+        """`encode`, and per text whether it was cut to fit max_length."""
+        out, cut = [], []
         for ids in self._pieces(texts):
+            cut.append(len(ids) + self.single_overhead > self.max_length)
             ids = [self.cls_id] + ids[: self.max_length - 2] + [self.sep_id]
             out.append((ids, [0] * len(ids)))
-        return out
+        return out, cut
 
     def encode_pairs(self, a: list[str], b: list[str]) -> list[tuple[list[int], list[int]]]:
         """[CLS] a [SEP] b [SEP] with segment ids 0/1 (<s> a </s></s> b </s>, all 0);
         the longer side is trimmed first."""
-        out = []
+        return self.encode_pairs_flagged(a, b)[0]
+
+    def encode_pairs_flagged(self, a: list[str], b: list[str]) -> tuple[list[tuple[list[int], list[int]]], list[bool]]:
+        """`encode_pairs`, and per pair whether it was cut to fit max_length."""
+        out, cut = [], []
         budget = self.max_length - self.pair_overhead
         for x, y in zip(self._pieces(a), self._pieces(b)):
-            if len(x) + len(y) > budget:  # longest-first truncation, in closed form
+            cut.append(len(x) + len(y) > budget)
+            if cut[-1]:  # longest-first truncation, in closed form
                 half = budget // 2
                 if len(x) <= half:
                     y = y[: budget - len(x)]
@@ -131,4 +141,4 @@ class BertTokenizer:
             first = [self.cls_id] + x + self._pair_sep
             ids = first + y + [self.sep_id]
             out.append((ids, [0] * len(first) + [int(self._segments)] * (len(y) + 1)))
-        return out
+        return out, cut

@@ -7,6 +7,8 @@ inference.ensemble). inference.loading opens either kind of run directory.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -18,7 +20,9 @@ from mtbert.data.readers import (
     collate,
     encode_dataset,
     load_split,
+    pad,
 )
+from mtbert.modeling.heads import Rep
 from mtbert.modeling.precision import encoder_to_bf16, quantize_int8
 
 
@@ -69,6 +73,78 @@ def predict_dataset(model, ds: EncodedDataset, batch_size: int = 128, device=tor
         for j, i in enumerate(idx):
             preds[i], probs[i], logits_all[i] = p[j], pr[j], lg[j]
     return {"pred": np.array(preds), "prob": np.array(probs), "logits": np.array(logits_all)}
+
+
+CALL_COST_TOKENS = 48  # one more encoder call costs about as much as this many more tokens (MiniLM, CPU)
+
+
+def length_batches(lengths: list[int], batch_size: int, call_cost: int = CALL_COST_TOKENS) -> list[tuple[int, int]]:
+    """(start, end) batches of ascending `lengths`, at most `batch_size` each, that minimise padded
+    tokens plus `call_cost` per batch: short single sentences are not padded to a pair's length,
+    yet a few sequences of similar lengths share one call. Dynamic programming over the distinct
+    lengths (a batch spans consecutive ones)."""
+    groups: list[list[int]] = []  # [length, count] per distinct length, ascending
+    for n in lengths:
+        if groups and groups[-1][0] == n:
+            groups[-1][1] += 1
+        else:
+            groups.append([n, 1])
+    best, cut = [0.0] + [math.inf] * len(groups), [0] * (len(groups) + 1)  # best cost of the first g groups
+    for j in range(1, len(groups) + 1):
+        count = 0
+        for i in range(j, 0, -1):  # the last batch spans groups i-1 .. j-1, padded to groups[j-1]'s length
+            count += groups[i - 1][1]
+            cost = best[i - 1] + math.ceil(count / batch_size) * call_cost + count * groups[j - 1][0]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i - 1
+    spans, j = [], len(groups)
+    while j:
+        spans.append((cut[j], j))
+        j = cut[j]
+    bounds = np.cumsum([0] + [c for _, c in groups])
+    return [(int(s), int(min(s + batch_size, bounds[j]))) for i, j in reversed(spans)
+            for s in range(bounds[i], bounds[j], batch_size)]
+
+
+def shares_encoder(model) -> bool:
+    """Whether one encoder pass can serve every task of `model`: nothing hooks its forward (e.g.
+    task-routed adapters, which change the encoder per task) and no head reads token states (only
+    pooled vectors are kept across tasks)."""
+    return (not model._forward_pre_hooks and not model._forward_hooks
+            and not any(getattr(head, "reads_tokens", False) for head in model.heads.values()))
+
+
+@torch.inference_mode()
+def predict_datasets(model, datasets: list[EncodedDataset], batch_size: int = 128, device=torch.device("cpu"),
+                     amp_dtype=None, pad_id: int = 0) -> list[dict[str, np.ndarray]]:
+    """predict_dataset for several datasets of any tasks in one shared encoder pass: every sequence
+    of every dataset (a pair's cross-encoded and bi-encoded sequences too) goes through the encoder
+    and pooler in length-sorted batches of `batch_size`, then each task's head reads its own pooled
+    vectors. Many small requests of different tasks thus fill one batch (the server). Needs
+    shares_encoder(model)."""
+    model.eval()
+    # every sequence as (dataset, example, slot), shortest first
+    keys = [(d, i, s) for d, ds in enumerate(datasets) for i in range(len(ds)) for s in range(len(ds.inputs[i]))]
+    keys.sort(key=lambda k: len(datasets[k[0]].inputs[k[1]][k[2]][0]))
+    pooled = {}  # (dataset, example, slot) -> pooled vector [D]
+    for start, end in length_batches([len(datasets[d].inputs[i][s][0]) for d, i, s in keys], batch_size):
+        chunk = keys[start:end]
+        inputs = {k: v.to(device) for k, v in pad([datasets[d].inputs[i][j] for d, i, j in chunk], pad_id).items()}
+        with autocast(device, amp_dtype):
+            vecs = model.encode(inputs).vec  # [B, D]
+        pooled.update(zip(chunk, vecs))
+    outs = []
+    for d, ds in enumerate(datasets):
+        task, n_slots = ds.task, len(ds.inputs[0]) if len(ds) else 0
+        if not n_slots:
+            outs.append({"pred": np.array([]), "prob": np.array([]), "logits": np.array([])})
+            continue
+        reps = [Rep(torch.stack([pooled[(d, i, j)] for i in range(len(ds))]), None, None) for j in range(n_slots)]
+        with autocast(device, amp_dtype):
+            logits = model.heads[task.name](*reps).float()
+        outs.append({"pred": task.kind.predict(logits).cpu().numpy(), "prob": task.kind.probabilities(logits).cpu().numpy(),
+                     "logits": logits.cpu().numpy()})
+    return outs
 
 
 # ---------------------------------------------------------------- predictors
@@ -136,6 +212,14 @@ class Predictor(BasePredictor):
 
     def predict(self, task_name: str, examples: list[Example]) -> dict[str, np.ndarray]:
         return self.predict_encoded(self.encode(task_name, examples))
+
+    def predict_encoded_many(self, datasets: list[EncodedDataset]) -> list[dict[str, np.ndarray]]:
+        """predict_encoded for each of `datasets` (any tasks), in one shared encoder pass where the
+        model allows it (predict_datasets), else one dataset after another."""
+        if not shares_encoder(self.model):
+            return [self.predict_encoded(ds) for ds in datasets]
+        outs = predict_datasets(self.model, datasets, self.batch_size, self.device, self.amp_dtype, self.pad_id)
+        return [ds.task.kind.with_score(out) for ds, out in zip(datasets, outs)]
 
 
 def average_outputs(task: TaskSpec, outs: list[dict]) -> dict[str, np.ndarray]:

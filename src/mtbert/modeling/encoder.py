@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from safetensors.torch import load_file
+from torch.utils.checkpoint import checkpoint
 
 from mtbert.core.errors import CheckpointError
 from mtbert.core.registry import Registry
