@@ -4,8 +4,9 @@ full default run costs as the training data grows.
     python bench/scaling.py [--config configs/default.yaml] [--plot results/scaling.png] [--steps 3]
 
 Throughput: the config's model (all-MiniLM-L6-v2 by default) on synthetic batches of one
-single-sentence task (random token ids, no padding), with the config's precision; training is a
-full step (forward, backward, fused AdamW), inference a forward pass under torch.inference_mode.
+single-sentence task (random token ids, no padding); training is a full step (forward, backward,
+fused AdamW) at the config's precision and recomputation budget, inference a forward pass under
+torch.inference_mode at the precision `mtbert predict` picks here (--precision auto).
 One warm-up step, then the mean of `--steps` timed ones, for batch sizes 8..128 at 32 tokens and
 for lengths 16..256 at batch 32.
 
@@ -20,6 +21,7 @@ The last line reads `train_tokens_per_s_at_b32_t32=.. infer_tokens_per_s_at_b32_
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +29,8 @@ from pathlib import Path
 import torch
 
 from mtbert.core.config import load_config
-from mtbert.core.runtime import autocast, resolve_precision
+from mtbert.core.runtime import autocast, resolve_inference_precision, resolve_precision
+from mtbert.inference.predictor import for_precision
 from mtbert.modeling.checkpoint import build_model
 from mtbert.training.optimizer import adamw, parameter_groups
 from mtbert.training.trainer import Trainer
@@ -111,15 +114,21 @@ def main():
     torch.manual_seed(0)
     cfg = load_config(args.config, [])
     model, _ = build_model(cfg)
+    model.encoder.checkpoint_above_tokens = cfg.train.checkpoint_above_tokens  # as the recipe trains
     task = next(t for t in model.tasks if len(model.tasks[t].text_columns) == 1)
-    amp = resolve_precision(cfg.train.precision, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    amp = resolve_precision(cfg.train.precision, cpu)
+    served = resolve_inference_precision("auto", cpu)  # as evaluate / predict / serve run it
+    inference_model, inference_amp = for_precision(copy.deepcopy(model), served, cpu)
     curves = {}
     for train in (True, False):
         mode = "training" if train else "inference"
-        curves[mode, "batch"] = [throughput(model, task, amp, b, 32, args.steps, train) for b in BATCHES]
-        curves[mode, "length"] = [throughput(model, task, amp, 32, n, args.steps, train) for n in LENGTHS]
-    print(f"{cfg.model.backbone}, task {task}, precision {cfg.train.precision}, {torch.get_num_threads()} threads; "
-          "tokens/s (examples/s)")
+        m, a = (model, amp) if train else (inference_model, inference_amp)
+        curves[mode, "batch"] = [throughput(m, task, a, b, 32, args.steps, train) for b in BATCHES]
+        curves[mode, "length"] = [throughput(m, task, a, 32, n, args.steps, train) for n in LENGTHS]
+    print(f"{cfg.model.backbone}, task {task}, training precision {cfg.train.precision} (recompute above "
+          f"{cfg.train.checkpoint_above_tokens} tokens), inference precision {served}, "
+          f"{torch.get_num_threads()} threads; tokens/s (examples/s)")
     for (mode, axis), values in curves.items():
         xs = BATCHES if axis == "batch" else LENGTHS
         per_example = [v / (32 if axis == "batch" else x) for v, x in zip(values, xs)]

@@ -58,3 +58,12 @@ def test_every_metrics_row_records_memory(tmp_path, tiny_cfg):
                      "train.checkpoint_above_tokens=8"), tmp_path / "run").run()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["memory"]["peak_rss_mb"] >= r["memory"]["rss_mb"] > 10 for r in rows)
+
+
+def test_routed_lora_experts_train_with_a_checkpointing_budget(tmp_path, tiny_cfg):
+    """lora_experts routes its adapters from hooks around the model's forward: recomputing a layer
+    in backward would run outside them, so the trainer turns recomputation off for it."""
+    trainer = Trainer(tiny_cfg("train.max_steps=2", "train.checkpoint_above_tokens=8",
+                               "techniques={lora_experts: {rank: 2}}"), tmp_path / "run")
+    assert trainer.model.encoder.checkpoint_above_tokens is None
+    assert trainer.run()["steps"] == 2

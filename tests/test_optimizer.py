@@ -100,3 +100,17 @@ def test_clipping_and_lr_scaling():
     assert (before - p).norm().item() == pytest.approx(1.0, rel=1e-5)  # clipped to norm 1, lr 1
     up.scale_lr(0.5)
     assert up.scheduler.base_lrs == [0.5]
+
+
+def test_a_state_saved_by_the_per_tensor_loop_resumes_fused():
+    model = Tiny()
+    saved_by = adamw(parameter_groups(model, lr=1e-2), 1e-2, 0.01, fused=False)
+    model.head(model.encoder.dense(torch.randn(4, 3))).sum().backward()
+    saved_by.step()
+    fused = adamw(parameter_groups(model, lr=1e-2), 1e-2, 0.01, fused=True)
+    resumed = Updater(fused, torch.optim.lr_scheduler.LambdaLR(fused, lambda s: 1.0), None, None, model.parameters)
+    resumed.load_state_dict({"optimizer": saved_by.state_dict(), "scheduler": resumed.scheduler.state_dict(),
+                             "scaler": {}})
+    assert all(g["fused"] for g in resumed.optimizer.param_groups)
+    assert resumed.optimizer.state_dict()["state"].keys() == saved_by.state_dict()["state"].keys()
+    resumed.optimizer.step()  # (the fused kernel runs on the restored moments)

@@ -7,9 +7,10 @@ Attention uses fused QKV projections and torch's scaled_dot_product_attention.
 Activation checkpointing above a token budget (`checkpoint_above_tokens`): in training, a forward
 pass over more than that many tokens (batch x length) keeps only each layer's input and recomputes
 the layer during the backward pass (torch.utils.checkpoint, which replays the dropout masks, so the
-gradients are the same). Only the rare long batches (cross-encoded pairs near max_length) pay the
-recomputation, and the memory of a step is bounded by the budget instead of by the longest batch
-(RESULTS.md, training memory). Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost".
+gradients are the same). Only passes over the budget pay the recomputation (at the default
+recipe's 1024 tokens, batches of 32 averaging over 32 tokens: a quarter of SST's and a third of the
+pair batches), and the activation memory of a step is bounded by the budget instead of by the
+longest batch (RESULTS.md, training memory). Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost".
 
 The three families share that architecture and differ in a few named places, listed by the
 `Family` of each (chosen by config.json's `model_type`):

@@ -100,7 +100,14 @@ class Updater:
                 "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved = dict(state["optimizer"])
+        # A group's settings come back from the saved state, `fused` and `foreach` included: keep
+        # this run's implementation (a state saved by the per-tensor loop resumes fused, and the
+        # fp16 loss scaler, which hands a fused optimizer its found_inf, keeps working).
+        impl = ("fused", "foreach")
+        saved["param_groups"] = [{**g, **{k: c[k] for k in impl if k in c}}
+                                 for g, c in zip(saved["param_groups"], self.optimizer.param_groups)]
+        self.optimizer.load_state_dict(saved)
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # empty when loss scaling is off
             self.scaler.load_state_dict(state["scaler"])

@@ -98,7 +98,9 @@ class Distill(Technique):
                              f"trains {lacking} too; use a teacher with the student's tasks "
                              f"(or distill only some with distill.tasks)")
         precision = resolve_precision(self.precision, ctx.device)
-        key_src = {"teacher": weights, "precision": str(precision),
+        # ("inference": how the teacher runs at that precision: bf16 on CPU now casts its weights
+        # instead of autocasting, so targets cached by the autocast teacher are not reused)
+        key_src = {"teacher": weights, "precision": str(precision), "inference": "bf16-weights-v1",
                    "data": {t: examples_digest(ctx.train_sets[t]) for t in self.tasks}}
         key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:20]
         cache = Path(self.cache_dir) if self.cache_dir else Path(ctx.out_dir or ".") / "teacher_targets"
