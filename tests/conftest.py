@@ -1,3 +1,4 @@
+import asyncio
 import contextlib
 import socket
 import threading
@@ -14,6 +15,14 @@ from tests.synthetic import make_cs224n_data
 
 TINY_YAML = Path(__file__).parent / "tiny.yaml"
 TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+async def wait_until(condition, tries: int = 500, interval: float = 0.01) -> None:
+    """Poll `condition()` on the running event loop until it holds (or `tries` polls pass)."""
+    for _ in range(tries):
+        if condition():
+            return
+        await asyncio.sleep(interval)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from mtbert.core.config import load_config
 from mtbert.data.readers import Example
 from mtbert.inference.predictor import BasePredictor, Predictor
 from mtbert.modeling.checkpoint import build_model
-from tests.conftest import TINY_YAML, uvicorn_in_thread
+from tests.conftest import TINY_YAML, uvicorn_in_thread, wait_until
 
 GOOD = ["A gripping, funny and moving film.", "Dull."]
 PAIR = ["How do I learn Python?", "What is the best way to learn Python?"]
@@ -198,16 +198,10 @@ def test_a_poisoned_request_fails_alone_in_a_merged_batch():
             def sim(text):
                 return c.post("/v1/similarity", content=json.dumps({"pairs": [[text, "x"]]}).encode(), headers=JSON)
             first = asyncio.create_task(sim("one"))
-            for _ in range(500):  # until the model is busy with the first request
-                if model.entered.is_set():
-                    break
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: model.entered.is_set())  # until the model is busy with the first request
             words = ["a b", "a b c", "POISON here", "a b c d", "a b c d e", "\ud800 lone", "a"]
             rest = [asyncio.create_task(sim(w)) for w in words]
-            for _ in range(500):  # the valid ones wait together (the lone surrogate never joins)
-                if len(app.state.service.waiting) >= 6:
-                    break
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: len(app.state.service.waiting) >= 6)  # the valid ones wait together (the lone surrogate never joins)
             model.release.set()
             return await asyncio.gather(first, *rest)
 

@@ -14,7 +14,7 @@ from mtbert.core.config import load_config
 from mtbert.data.readers import Example
 from mtbert.inference.predictor import Predictor, length_batches, shares_encoder
 from mtbert.modeling.checkpoint import build_model
-from tests.conftest import TINY_YAML
+from tests.conftest import TINY_YAML, wait_until
 
 SHORT = ["A gripping, funny and moving film.", "Dull.", "Why is the sky blue?"]
 # 64-token model: about 30 tokens each, so a pair of two is cut, each alone is not; and one far too long
@@ -109,18 +109,12 @@ def test_requests_of_all_tasks_share_one_call_and_a_failing_one_fails_alone():
     async def scenario():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as c:
             first = asyncio.create_task(c.post("/v1/sentiment", json={"texts": [SHORT[0]]}))
-            for _ in range(500):  # until the model is busy with the first request
-                if model.entered.is_set():
-                    break
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: model.entered.is_set())  # until the model is busy with the first request
             bodies = [("sentiment", {"texts": [SHORT[1]]}), ("paraphrase", {"pairs": [PAIRS[0]]}),
                       ("similarity", {"pairs": [["POISON here", "x"]]}), ("similarity", {"pairs": [PAIRS[1]]}),
                       ("sentiment", {"texts": [LONG, SHORT[2]]})]
             rest = [asyncio.create_task(c.post(f"/v1/{route}", json=body)) for route, body in bodies]
-            for _ in range(500):
-                if len(app.state.service.waiting) >= len(bodies):
-                    break
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: len(app.state.service.waiting) >= len(bodies))
             model.release.set()
             return await asyncio.gather(first, *rest)
 
