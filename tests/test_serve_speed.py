@@ -37,7 +37,7 @@ PAIRS = [(SHORT[0], SHORT[1]), (MEDIUM, MEDIUM), (LONG, SHORT[2]), (SHORT[2], LO
 
 
 @pytest.mark.parametrize("mode", ["cross", "bi", "cross+cos"])
-def test_truncation_flags_from_the_encoding_equal_the_separate_count(mode):
+def test_truncation_flags_come_from_each_models_encoding(mode):
     predictor = predictor_with({"qqp": mode, "sts": mode})
     singles = examples([(t,) for t in SHORT + [MEDIUM, LONG]])
     assert predictor.encode("sst", singles).truncated == truncation_flags(predictor, "sst", singles) \

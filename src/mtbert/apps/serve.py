@@ -148,24 +148,12 @@ def leaf_predictors(predictor: BasePredictor, task: str | None = None) -> list[P
 
 
 def truncation_flags(predictor: BasePredictor, task: str, examples: list[Example]) -> list[bool]:
-    """Per example: does any model of `predictor` cut it to fit max_length? Mirrors BertTokenizer:
-    [CLS] text [SEP] for one text or a bi-encoded side, [CLS] a [SEP] b [SEP] for a cross-encoded pair
-    (<s> text </s> and <s> a </s></s> b </s> for RoBERTa and MPNet: the tokenizer's overheads)."""
+    """Per example: does any model of `predictor` cut it to fit max_length? Each model's own
+    encoding says so (data.readers.encode_dataset's `truncated`: its tokenizer, its pair encoding)."""
     flags = [False] * len(examples)
     for leaf in leaf_predictors(predictor, task):
-        if leaf.tokenizer is None:
-            continue
-        tok, mode = leaf.tokenizer, leaf.model.pair_encoding.get(task, "cross")
-        columns = [[len(e.ids) for e in tok.tok.encode_batch(list(col), add_special_tokens=False)]
-                   for col in zip(*(ex.texts for ex in examples))]
-        for i in range(len(examples)):
-            sides = [col[i] for col in columns]
-            alone = any(n + tok.single_overhead > tok.max_length for n in sides)
-            together = sum(sides) + tok.pair_overhead > tok.max_length
-            if len(sides) == 1 or mode == "bi":
-                flags[i] |= alone
-            else:
-                flags[i] |= together or (mode == "cross+cos" and alone)
+        if leaf.tokenizer is not None:
+            flags = [a or b for a, b in zip(flags, leaf.encode(task, examples).truncated)]
     return flags
 
 

@@ -366,19 +366,20 @@ def encode_dataset(task: TaskSpec, examples: list[Example], tokenizer, pair_mode
     """`examples` tokenised for `task` in `pair_mode`, with each example's truncation flag (the
     cross-encoded pair, a bi-encoded side or, for cross+cos, either, cut to fit max_length)."""
     first = [e.texts[0] for e in examples]
+    second = [e.texts[1] for e in examples] if task.is_pair else None
     if not task.is_pair:
         enc, cut = tokenizer.encode_flagged(first)
         enc = [(x,) for x in enc]
     elif pair_mode == "cross":
-        enc, cut = tokenizer.encode_pairs_flagged(first, [e.texts[1] for e in examples])
+        enc, cut = tokenizer.encode_pairs_flagged(first, second)
         enc = [(x,) for x in enc]
     elif pair_mode in ("bi", "cross+cos"):
-        (a, cut_a), (b, cut_b) = tokenizer.encode_flagged(first), tokenizer.encode_flagged([e.texts[1] for e in examples])
+        (a, cut_a), (b, cut_b) = tokenizer.encode_flagged(first), tokenizer.encode_flagged(second)
         cut = [x or y for x, y in zip(cut_a, cut_b)]
         if pair_mode == "bi":
             enc = list(zip(a, b))
         else:  # the pair as one sequence, then each side alone
-            pair, cut_pair = tokenizer.encode_pairs_flagged(first, [e.texts[1] for e in examples])
+            pair, cut_pair = tokenizer.encode_pairs_flagged(first, second)
             enc, cut = list(zip(pair, a, b)), [x or y for x, y in zip(cut, cut_pair)]
     else:
         raise ValueError(f"pair encoding must be 'cross', 'bi' or 'cross+cos', got {pair_mode!r}")

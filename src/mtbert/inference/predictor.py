@@ -37,6 +37,7 @@ def for_precision(model, precision: str, device=torch.device("cpu")):
         return encoder_to_bf16(model), None
     return model, AMP_DTYPES[precision]
 
+
 MAX_BATCH_TOKENS = 8192  # padded tokens per forward pass, all of an example's sequences counted
 
 
