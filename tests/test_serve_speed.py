@@ -9,10 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from mtbert.apps.serve import create_app, truncation_flags
+from mtbert.apps.serve import create_app
 from mtbert.core.config import load_config
 from mtbert.data.readers import Example
-from mtbert.inference.predictor import Predictor, length_batches, shares_encoder
+from mtbert.inference.predictor import (
+    EnsemblePredictor,
+    Predictor,
+    length_batches,
+    shares_encoder,
+)
 from mtbert.modeling.checkpoint import build_model
 from tests.conftest import TINY_YAML, wait_until
 
@@ -40,14 +45,39 @@ PAIRS = [(SHORT[0], SHORT[1]), (MEDIUM, MEDIUM), (LONG, SHORT[2]), (SHORT[2], LO
 def test_truncation_flags_come_from_each_models_encoding(mode):
     predictor = predictor_with({"qqp": mode, "sts": mode})
     singles = examples([(t,) for t in SHORT + [MEDIUM, LONG]])
-    assert predictor.encode("sst", singles).truncated == truncation_flags(predictor, "sst", singles) \
-        == [False, False, False, False, True]
+    out, flags = predictor.predict_flagged("sst", singles)
+    assert predictor.encode("sst", singles).truncated == flags == [False, False, False, False, True]
+    np.testing.assert_allclose(out["prob"], predictor.predict("sst", singles)["prob"], atol=1e-6)
     pairs = examples(PAIRS)
     flags = predictor.encode("qqp", pairs).truncated
-    assert flags == truncation_flags(predictor, "qqp", pairs)
+    assert flags == predictor.predict_flagged("qqp", pairs)[1]
     # cross-encoded, two medium texts do not fit together; bi-encoded, each fits alone
     assert flags == {"cross": [False, True, True, True, False], "bi": [False, False, True, True, False],
                      "cross+cos": [False, True, True, True, False]}[mode]
+
+
+class CountingPredictor(Predictor):
+    def __init__(self, base: Predictor):
+        super().__init__(base.model, base.tokenizer, batch_size=base.batch_size)
+        self.encodes = 0
+
+    def encode(self, task_name, examples):
+        self.encodes += 1
+        return super().encode(task_name, examples)
+
+
+def test_an_ensemble_flags_what_any_member_cuts_and_each_member_encodes_once():
+    cross, bi = CountingPredictor(predictor_with({"qqp": "cross"})), CountingPredictor(predictor_with({"qqp": "bi"}))
+    ensemble = EnsemblePredictor({"cross": cross, "bi": bi}, {"qqp": ["cross", "bi"], "sst": ["bi"]})
+    pairs = examples(PAIRS)
+    out, flags = ensemble.predict_flagged("qqp", pairs)
+    assert (cross.encodes, bi.encodes) == (1, 1)
+    # the cross-encoder cuts the two medium texts together; the bi-encoder alone would not
+    assert flags == [False, True, True, True, False] != bi.encode("qqp", pairs).truncated
+    np.testing.assert_allclose(out["prob"], ensemble.predict("qqp", pairs)["prob"], atol=1e-6)
+    singles = examples([(SHORT[0],), (LONG,)])
+    assert ensemble.predict_flagged("sst", singles)[1] == [False, True]
+    assert cross.encodes == 2  # (the predict above) and sst asked the bi member only
 
 
 @pytest.mark.parametrize("mode", ["cross", "cross+cos", "bi"])

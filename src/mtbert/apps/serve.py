@@ -11,7 +11,8 @@ items, whatever their task) go to the worker in one call. A single model (Predic
 each task's examples once (the `truncated` flags come from that encoding) and runs every sequence
 of every task through the shared encoder together (Predictor.predict_encoded_many: length-sorted
 passes of at most `batch_size` sequences, split where padding costs more than another pass), then
-each task's head; an ensemble predicts task by task. Each request gets its own slice of the
+each task's head; an ensemble predicts task by task, each member encoding once
+(EnsemblePredictor.predict_flagged). Each request gets its own slice of the
 result. Nothing waits for a batch to fill, so a lone request is answered at once. The predictor
 runs under torch.inference_mode; `threads` sets the worker's torch intra-op threads.
 
@@ -139,22 +140,11 @@ class SimilarityResponse(BaseModel):
 
 # ---------------------------------------------------------------- the model behind the API
 
-def leaf_predictors(predictor: BasePredictor, task: str | None = None) -> list[Predictor]:
-    """The single-model predictors inside `predictor` (those an ensemble uses for `task`)."""
+def leaf_predictors(predictor: BasePredictor) -> list[Predictor]:
+    """The single-model predictors inside `predictor` (an ensemble's members, recursively)."""
     if isinstance(predictor, EnsemblePredictor):
-        names = predictor.task_members[task] if task else list(predictor.members)
-        return [leaf for m in names for leaf in leaf_predictors(predictor.members[m], task)]
+        return [leaf for member in predictor.members.values() for leaf in leaf_predictors(member)]
     return [predictor] if isinstance(predictor, Predictor) else []
-
-
-def truncation_flags(predictor: BasePredictor, task: str, examples: list[Example]) -> list[bool]:
-    """Per example: does any model of `predictor` cut it to fit max_length? Each model's own
-    encoding says so (data.readers.encode_dataset's `truncated`: its tokenizer, its pair encoding)."""
-    flags = [False] * len(examples)
-    for leaf in leaf_predictors(predictor, task):
-        if leaf.tokenizer is not None:
-            flags = [a or b for a, b in zip(flags, leaf.encode(task, examples).truncated)]
-    return flags
 
 
 def describe(predictor: BasePredictor, run_dir: Path | None) -> dict:
@@ -239,8 +229,7 @@ class ModelService:
             datasets = [self.predictor.encode(task, examples) for task, examples in batches]
             outs = self.predictor.predict_encoded_many(datasets)
             return [(out, ds.truncated) for out, ds in zip(outs, datasets)]
-        return [(self.predictor.predict(task, examples), truncation_flags(self.predictor, task, examples))
-                for task, examples in batches]
+        return [self.predictor.predict_flagged(task, examples) for task, examples in batches]
 
     async def predict(self, route: str, field: str, items: list[tuple[str, ...]]) -> tuple[str, dict, list[bool]]:
         return await self.predict_task(self.task_for(route), field, items, route)

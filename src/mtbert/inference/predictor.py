@@ -171,6 +171,11 @@ class BasePredictor:
     def predict(self, task_name: str, examples: list[Example]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def predict_flagged(self, task_name: str, examples: list[Example]) -> tuple[dict[str, np.ndarray], list[bool]]:
+        """`predict`, and per example whether the model cut it to fit its max_length (all False
+        where the predictor cannot tell)."""
+        return self.predict(task_name, examples), [False] * len(examples)
+
     def task_spec(self, task_name: str) -> TaskSpec:
         """The task as this model was trained on it (its labels, kind, columns), whatever another
         run loaded later in the same process declared under the same name."""
@@ -213,6 +218,11 @@ class Predictor(BasePredictor):
 
     def predict(self, task_name: str, examples: list[Example]) -> dict[str, np.ndarray]:
         return self.predict_encoded(self.encode(task_name, examples))
+
+    def predict_flagged(self, task_name: str, examples: list[Example]) -> tuple[dict[str, np.ndarray], list[bool]]:
+        """The flags come from the same encoding the model reads (its tokenizer, its pair encoding)."""
+        ds = self.encode(task_name, examples)
+        return self.predict_encoded(ds), list(ds.truncated)
 
     def predict_encoded_many(self, datasets: list[EncodedDataset]) -> list[dict[str, np.ndarray]]:
         """predict_encoded for each of `datasets` (any tasks), in one shared encoder pass where the
@@ -265,6 +275,16 @@ class EnsemblePredictor(BasePredictor):
     def predict(self, task_name: str, examples: list[Example]) -> dict[str, np.ndarray]:
         outs = self.member_outputs(task_name, examples)
         return average_outputs(self.task_spec(task_name), list(outs.values()))
+
+    def predict_flagged(self, task_name: str, examples: list[Example]) -> tuple[dict[str, np.ndarray], list[bool]]:
+        """An example is flagged when any member cuts it; each member encodes the examples once."""
+        self._check_task(task_name)
+        outs, flags = [], [False] * len(examples)
+        for m in self.task_members[task_name]:
+            out, cut = self.members[m].predict_flagged(task_name, examples)
+            outs.append(out)
+            flags = [a or b for a, b in zip(flags, cut)]
+        return average_outputs(self.task_spec(task_name), outs), flags
 
 
 # ---------------------------------------------------------------- metrics
