@@ -104,10 +104,10 @@ class Trainer:
             tech.prepare_model(self.model, cfg.model.finetune)
         self.model.to(self.device)
         self.model.encoder.checkpoint_above_tokens = tc.checkpoint_above_tokens
-        if tc.checkpoint_above_tokens and "lora_experts" in self.model.extensions:
-            # its adapters learn the task from hooks around the model's forward, which a layer
-            # recomputed during backward runs outside of
-            log.info("train.checkpoint_above_tokens is off: lora_experts routes its adapters by task")
+        not_recomputable = [tech.name for tech in self.techniques if not tech.recomputable]
+        if tc.checkpoint_above_tokens and not_recomputable:
+            log.info("train.checkpoint_above_tokens is off: %s cannot be recomputed in backward",
+                     ", ".join(not_recomputable))
             self.model.encoder.checkpoint_above_tokens = None
         if tc.compile:  # in place, so parameter names (checkpoints, optimizer state) stay the same
             backends = torch._dynamo.list_backends(exclude_tags=())

@@ -47,6 +47,9 @@ class Technique:
     name: str = ""
     summary: str = ""
     paper: str = ""
+    # False where the technique's forward depends on state set around the model's call (hooks,
+    # routing), which a layer recomputed during backward (train.checkpoint_above_tokens) would miss
+    recomputable: bool = True
 
     def prepare_model(self, model, finetune: str) -> None:
         """Change the model's structure (e.g. insert adapters) before the optimizer is built. A

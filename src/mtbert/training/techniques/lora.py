@@ -48,6 +48,7 @@ class LoRA(Technique):
 @TECHNIQUES.register
 class LoRAExperts(LoRA):
     name = "lora_experts"
+    recomputable = False  # its adapters learn the task from hooks around the model's forward
     summary = "mixture of low-rank experts: one LoRA adapter set per task on a shared frozen encoder"
     paper = "001"
     routed = True
