@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
+import resource
 import socket
 import subprocess
 import sys
@@ -65,6 +67,16 @@ def wait_for_health(url: str, server: subprocess.Popen | None, timeout_s: float)
             pass
         time.sleep(0.25)
     raise RuntimeError(f"no answer from {url}/health within {timeout_s:.0f}s")
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system, all threads) of this process, or of process `pid` (Linux /proc)."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    with open(f"/proc/{pid}/stat") as f:  # fields 14 and 15: utime, stime in clock ticks
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def make_body(route: str, items: int, rng: random.Random) -> dict:
@@ -205,7 +217,11 @@ def main() -> int:
         if args.items > info["limits"]["max_items"]:
             raise SystemExit(f"--items {args.items} is over the server's max_items {info['limits']['max_items']}")
         jobs = make_jobs(routes, args.requests, args.items, args.seed)
+        # where the machine's CPU goes during the load: this client (load generator) and the server
+        cpu_before = cpu_seconds(), (cpu_seconds(server.pid) if server is not None else None)
         latencies, errors, wall = asyncio.run(run_load(url, routes, jobs, args.concurrency, args.items, args.seed))
+        client_cpu = cpu_seconds() - cpu_before[0]
+        server_cpu = cpu_seconds(server.pid) - cpu_before[1] if server is not None else None
         single, single_errors = (run_single(url, args.single) if args.single and "sentiment" in info["routes"]
                                  else (None, 0))
     except Exception:
@@ -230,6 +246,11 @@ def main() -> int:
     print(f"throughput {rps:.1f} req/s, {items_per_s:.1f} items/s")
     print(f"latency p50 {p50:.1f} ms, p95 {p95:.1f} ms, p99 {p99:.1f} ms, max {latencies.max() * 1000:.1f} ms")
     print(f"errors {errors}")
+    # (the counts include the warm-up requests; they are few)
+    print(f"CPU during the load: client {client_cpu:.2f}s ({client_cpu / wall:.2f} cores, "
+          f"{client_cpu / len(latencies) * 1000:.2f} ms a request)"
+          + (f", server {server_cpu:.2f}s ({server_cpu / wall:.2f} cores, "
+             f"{server_cpu / len(latencies) * 1000:.2f} ms a request)" if server_cpu is not None else ""))
     last = (f"rps={rps:.2f} items_per_s={items_per_s:.1f} p50_ms={p50:.1f} p95_ms={p95:.1f} p99_ms={p99:.1f} "
             f"errors={errors}")
     if single is not None:
