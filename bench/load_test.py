@@ -194,7 +194,7 @@ def main() -> int:
     if not args.url and not args.run_dir:
         ap.error("give RUN_DIR or --url")
 
-    server, log = None, tempfile.TemporaryFile()
+    server, log, usage = None, tempfile.TemporaryFile(), []
     url = args.url.rstrip("/") if args.url else None
     try:
         if url is None:
@@ -233,6 +233,8 @@ def main() -> int:
         if server is not None:
             server.terminate()
             server.wait(timeout=30)
+            log.seek(0)
+            usage = [line for line in log.read().decode(errors="replace").splitlines() if "model calls" in line]
     engine_s = None
     if args.engine and args.run_dir and not args.url:  # (after the server stopped: nothing else runs)
         route_tasks = {route: info["routes"][route]["task"] for route in routes}
@@ -246,6 +248,8 @@ def main() -> int:
     print(f"throughput {rps:.1f} req/s, {items_per_s:.1f} items/s")
     print(f"latency p50 {p50:.1f} ms, p95 {p95:.1f} ms, p99 {p99:.1f} ms, max {latencies.max() * 1000:.1f} ms")
     print(f"errors {errors}")
+    if usage:  # (the server's own count, at its shutdown: all requests, the lone sentences included)
+        print(f"server {usage[-1]}")
     # (the counts include the warm-up requests; they are few)
     print(f"CPU during the load: client {client_cpu:.2f}s ({client_cpu / wall:.2f} cores, "
           f"{client_cpu / len(latencies) * 1000:.2f} ms a request)"

@@ -13,6 +13,7 @@ from mtbert.apps.cli import main
 from mtbert.core.runtime import resolve_inference_precision, resolve_precision
 from mtbert.inference.loading import load_predictor
 from mtbert.inference.predictor import Predictor, for_precision, load_examples
+from mtbert.modeling import precision as precision_module
 from mtbert.modeling.checkpoint import build_model
 from tests.conftest import TINY_YAML
 
@@ -109,6 +110,37 @@ def test_bf16_on_cpu_holds_bf16_encoder_weights_and_returns_fp32(tiny_cfg, data_
     for t in ref:
         assert got[t]["logits"].dtype == np.float32
         np.testing.assert_allclose(got[t]["logits"], ref[t]["logits"], atol=0.05 * np.abs(ref[t]["logits"]).max())
+
+
+needs_prepack = pytest.mark.skipif(not precision_module.can_prepack_bf16(),
+                                   reason="this torch build or CPU has no oneDNN bf16 linear on prepacked weights")
+
+
+@needs_prepack
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_prepacked_linear_computes_what_the_bf16_linear_does(bias):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 80, bias=bias).to(torch.bfloat16)
+    packed = precision_module.PrepackedLinear(layer)
+    with torch.inference_mode():
+        for shape in [(5, 48), (3, 7, 48), (1, 1, 48)]:
+            x = torch.randn(*shape, dtype=torch.bfloat16)
+            got, want = packed(x), layer(x)
+            assert got.shape == want.shape and got.dtype == torch.bfloat16
+            torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
+    assert "packed_weight" not in packed.state_dict()  # (an inference copy: never saved)
+
+
+@needs_prepack
+def test_bf16_prepacks_every_plain_encoder_linear_and_predicts_as_without(tiny_cfg, data_dir, monkeypatch):
+    model, got = tiny_predictions(tiny_cfg, data_dir, "bf16")
+    packed = [m for m in model.encoder.modules() if isinstance(m, precision_module.PrepackedLinear)]
+    assert packed and not any(type(m) is torch.nn.Linear for m in model.encoder.modules())
+    monkeypatch.setattr(precision_module, "_CAN_PREPACK", False)  # as where the kernel is missing
+    plain_model, plain = tiny_predictions(tiny_cfg, data_dir, "bf16")
+    assert not any(isinstance(m, precision_module.PrepackedLinear) for m in plain_model.encoder.modules())
+    for t in plain:
+        np.testing.assert_allclose(got[t]["logits"], plain[t]["logits"], atol=1e-2 * np.abs(plain[t]["logits"]).max())
 
 
 # ---------------------------------------------------------------- every entry point

@@ -154,6 +154,8 @@ def test_requests_of_all_tasks_share_one_call_and_a_failing_one_fails_alone():
     assert "prediction failed: RuntimeError" in rest[2].json()["detail"]
     # the merged call of all three tasks failed; then each request on its own
     assert model.calls[1] == ["qqp", "sst", "sts"] and len(model.calls) == 2 + len(rest)
+    # (the count the server prints when it stops: answered calls only, the failed merged one not)
+    assert app.state.service.usage() == "answered 5 requests (6 items) in 5 model calls: 1.0 requests a call"
     # the answers are the model's own, each request its own slice, truncation flagged
     sst = base.predict("sst", examples([(SHORT[1],), (LONG,), (SHORT[2],)]))
     np.testing.assert_allclose([rest[0].json()["results"][0]["probabilities"]] +

@@ -36,6 +36,7 @@ answered (400 otherwise: DNS rebinding), by default the loopback names and the a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -194,6 +195,11 @@ class ModelService:
         self.waiting: list[tuple[str, list[Example], asyncio.Future]] = []  # (task, examples, its answer)
         self.drainer: asyncio.Task | None = None  # runs the waiting requests while there are any
         self.batch_sizes: deque[int] = deque(maxlen=1024)  # requests per recent predictor call (tests, diagnostics)
+        self.calls = self.requests = self.items = 0  # since the start
+
+    def usage(self) -> str:
+        per_call = f": {self.requests / self.calls:.1f} requests a call" if self.calls else ""
+        return f"answered {self.requests} requests ({self.items} items) in {self.calls} model calls{per_call}"
 
     def task_for(self, route: str) -> str:
         if route in self.routes:
@@ -292,6 +298,9 @@ class ModelService:
                 if not answer.done():
                     answer.set_result(({k: v[start:end] for k, v in out.items()}, truncated[start:end]))
                 start = end
+        self.calls += 1 if self.shared_pass else len(by_task)
+        self.requests += len(group)
+        self.items += sum(len(exs) for _, exs, _ in group)
         return True
 
 
@@ -406,10 +415,10 @@ def _route_info(route: str, task: str) -> dict:
     return {"path": f"/v1/{route}", "task": task, **extra}
 
 
-def _new_app(docs: bool) -> FastAPI:
+def _new_app(docs: bool, lifespan=None) -> FastAPI:
     """The FastAPI app, with /docs served from the fastapi-offline package's Swagger UI files (no
     CDN), or without /docs where that package is missing or `docs` is False. No /redoc."""
-    options = dict(title="mtbert", version=__version__,
+    options = dict(title="mtbert", version=__version__, lifespan=lifespan,
                    description="Every task of a multitask BERT run (/v1/tasks/{task}), and sentiment, paraphrase and similarity routes for the CS224N tasks.")
     if docs:
         try:
@@ -447,7 +456,12 @@ def create_app(predictor_or_run_dir: BasePredictor | str | Path, *, max_items: i
                       "max_body_bytes": max_body_bytes,
                       "max_tokens": info.pop("max_tokens")}
 
-    app = _new_app(docs)
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        print(f"stopping: {service.usage()}", flush=True)  # (how many requests a model call served)
+
+    app = _new_app(docs, lifespan)
     app.router.route_class = StrictJSONRoute  # (for the routes added below)
     app.state.service = service
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes, read_timeout=read_timeout)
