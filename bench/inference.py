@@ -10,8 +10,9 @@ onnxruntime's intra_op_num_threads). The paths:
 
 - ours fp32 and ours in every other precision this CPU runs (core.runtime.inference_precisions:
   bf16 = bf16 encoder weights where the CPU has AVX-512 BF16 or AMX, int8 = dynamically quantised
-  linear layers; see modeling.precision), and "ours bf16 autocast" (fp32 weights under
-  torch.autocast, what --precision bf16 ran before; for comparison, not offered);
+  linear layers; see modeling.precision); for comparison, not offered: "ours bf16, weights not
+  prepacked" (bf16 weights through plain nn.Linear, which oneDNN reorders on every call) and "ours
+  bf16 autocast" (fp32 weights under torch.autocast), what --precision bf16 ran before;
 - transformers fp32: transformers' AutoModel holding the run's encoder weights (written with
   modeling.hf_format.save_hf_encoder, as `mtbert export --format hf` does) behind the run's own
   pooler and heads;
@@ -20,8 +21,10 @@ onnxruntime's intra_op_num_threads). The paths:
   from --export (default RUN_DIR/export-onnx) or written there once.
 
 For every path it prints the throughput of each task (model calls only: tokenisation and batching
-are shared and excluded; the first batch is a warm-up; with --repeat R the best of R passes) and
-the dev metric of every task plus the run's overall score, computed from the same pass's outputs.
+are shared and excluded; one untimed pass per path first, as a warm-up; then --repeat R rounds in
+which every path is timed once in turn, the best of R kept, so that drift of the machine's speed
+during the run touches every path alike) and the dev metric of every task plus the run's overall
+score, computed from the untimed pass's outputs.
 A path is accuracy-preserving when its dev overall is within 0.005 of ours fp32.
 
 The last line reads `ours_over_ort=X infer_ratio=Y`: our fastest accuracy-preserving path over
@@ -53,6 +56,7 @@ from mtbert.data.readers import collate
 from mtbert.inference.loading import load_predictor
 from mtbert.inference.predictor import for_precision, load_examples, score_outputs
 from mtbert.modeling import hf_format
+from mtbert.modeling.precision import encoder_to_bf16
 
 PRESERVING = 0.005  # largest |dev overall - ours fp32| of an accuracy-preserving path
 
@@ -111,22 +115,31 @@ def ort_feeds(batch: dict, slots: list[str]) -> dict[str, np.ndarray]:
             for slot, x in zip(slots, batch["inputs"]) for key in ("input_ids", "attention_mask", "token_type_ids")}
 
 
-def time_path(run, batches: dict[str, list[dict]], repeat: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Examples/s per task (best of `repeat` passes, first batch a warm-up) and the logits of the
-    first pass in dataset order."""
-    speed, logits = {}, {}
+def first_pass(run, batches: dict[str, list[dict]]) -> dict[str, np.ndarray]:
+    """One untimed pass (the warm-up): the logits per task, in dataset order."""
+    logits = {}
     for task, bs in batches.items():
-        run(task, bs[0])
-        best, outs = 0.0, None
-        for _ in range(repeat):
-            start, got = time.perf_counter(), [run(task, b) for b in bs]
-            best = max(best, sum(len(b["indices"]) for b in bs) / (time.perf_counter() - start))
-            outs = outs if outs is not None else got
         order = np.concatenate([b["indices"].numpy() for b in bs])
-        stacked = np.concatenate(outs)
-        logits[task] = stacked[np.argsort(order)]
-        speed[task] = best
-    return speed, logits
+        logits[task] = np.concatenate([run(task, b) for b in bs])[np.argsort(order)]
+    return logits
+
+
+def timed_pass(run, bs: list[dict], task: str) -> float:
+    start = time.perf_counter()
+    for b in bs:
+        run(task, b)
+    return sum(len(b["indices"]) for b in bs) / (time.perf_counter() - start)
+
+
+def time_paths(paths: dict, batches: dict[str, list[dict]], repeat: int) -> dict[str, dict[str, float]]:
+    """Examples/s per path and task: the best of `repeat` rounds, each round timing every path once
+    in turn, so that a machine slowing down or speeding up during the run affects every path alike."""
+    speed = {label: dict.fromkeys(batches, 0.0) for label in paths}
+    for _ in range(repeat):
+        for label, run in paths.items():
+            for task, bs in batches.items():
+                speed[label][task] = max(speed[label][task], timed_pass(run, bs, task))
+    return speed
 
 
 def main(argv=None) -> None:
@@ -135,7 +148,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, help="threads for torch and onnxruntime (default: torch's default)")
     ap.add_argument("--limit", type=int, help="first N dev examples per task (default: all)")
-    ap.add_argument("--repeat", type=int, default=1, help="timed passes per path and task (best kept)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="timed rounds over all paths, in turn (the best pass per path and task is kept)")
     ap.add_argument("--export", help="ONNX export directory (default RUN_DIR/export-onnx; written there if missing)")
     ap.add_argument("--data-dir")
     args = ap.parse_args(argv)
@@ -166,7 +180,8 @@ def main(argv=None) -> None:
     for precision in inference_precisions(device):
         if precision != "fp32":
             paths[f"ours {precision}"] = torch_runner(*for_precision(copy.deepcopy(model), precision, device))
-    if "bf16" in inference_precisions(device):  # what `bf16` was before bf16 encoder weights, for comparison
+    if "bf16" in inference_precisions(device):  # what `bf16` was before, for comparison
+        paths["ours bf16, weights not prepacked"] = torch_runner(encoder_to_bf16(copy.deepcopy(model), prepack=False), None)
         paths["ours bf16 autocast"] = torch_runner(model, torch.bfloat16)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,8 +200,10 @@ def main(argv=None) -> None:
             b["feeds"] = ort_feeds(b, manifest["tasks"][t]["slots"])
 
     rows, reference = {}, None
-    for label, run in paths.items():
-        speed, logits = time_path(run, batches, args.repeat)
+    first = {label: first_pass(run, batches) for label, run in paths.items()}
+    speeds = time_paths(paths, batches, args.repeat)
+    for label in paths:
+        speed, logits = speeds[label], first[label]
         outputs = {t: {"pred": datasets[t].task.kind.predict(torch.from_numpy(lg)).numpy()} for t, lg in logits.items()}
         metrics = score_outputs(outputs, examples, scorer)
         reference = reference or logits

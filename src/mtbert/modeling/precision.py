@@ -93,12 +93,14 @@ def prepack_linear_layers(module: nn.Module) -> int:
     return len(targets)
 
 
-def encoder_to_bf16(model: nn.Module) -> nn.Module:
-    """Cast, in place, `model.encoder` to bf16 with its outputs returned as fp32, its linear layers
-    prepacked for oneDNN where this torch build can (inference only). Returns the model."""
+def encoder_to_bf16(model: nn.Module, prepack: bool = True) -> nn.Module:
+    """Cast, in place, `model.encoder` to bf16 with its outputs returned as fp32, and with `prepack`
+    its linear layers prepacked for oneDNN where this torch build can (inference only). Returns
+    the model."""
     model.encoder.to(torch.bfloat16)
-    with torch.inference_mode(False), torch.no_grad():
-        prepack_linear_layers(model.encoder)
+    if prepack:
+        with torch.inference_mode(False), torch.no_grad():
+            prepack_linear_layers(model.encoder)
     model.encoder.register_forward_hook(_outputs_to_fp32)
     return model.eval()
 
