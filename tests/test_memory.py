@@ -67,3 +67,15 @@ def test_routed_lora_experts_train_with_a_checkpointing_budget(tmp_path, tiny_cf
                                "techniques={lora_experts: {rank: 2}}"), tmp_path / "run")
     assert trainer.model.encoder.checkpoint_above_tokens is None
     assert trainer.run()["steps"] == 2
+
+
+def test_recomputation_is_off_for_a_non_recomputable_technique_of_the_run_or_of_the_checkpoint():
+    from types import SimpleNamespace
+
+    from mtbert.training.techniques import TECHNIQUES
+    from mtbert.training.trainer import not_recomputable
+    lora, experts = TECHNIQUES.get("lora")(), TECHNIQUES.get("lora_experts")()
+    assert lora.recomputable and not experts.recomputable
+    plain, routed = SimpleNamespace(extensions={"lora": {}}), SimpleNamespace(extensions={"lora_experts": {}})
+    assert not_recomputable([lora], plain) == [] and not_recomputable([experts], plain) == ["lora_experts"]
+    assert not_recomputable([], routed) == ["lora_experts"]  # brought along by a loaded checkpoint

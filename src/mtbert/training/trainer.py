@@ -54,11 +54,24 @@ from mtbert.training.rundir import (
 )
 from mtbert.training.schedules import build_schedule
 from mtbert.training.streams import TaskStream
-from mtbert.training.techniques import StepContext, build_techniques, gradient_combiner
+from mtbert.training.techniques import (
+    TECHNIQUES,
+    StepContext,
+    build_techniques,
+    gradient_combiner,
+)
 from mtbert.training.tracking import build_trackers, check_trackers
 from mtbert.training.weightings import build_weighting
 
 log = logging.getLogger("mtbert")
+
+
+def not_recomputable(techniques, model) -> list[str]:
+    """The techniques, of this run or built into the model's structure by a loaded checkpoint
+    (model.extensions), that a layer recomputed in backward would break (Technique.recomputable)."""
+    names = {tech.name for tech in techniques if not tech.recomputable}
+    return sorted(names | {name for name in model.extensions
+                           if name in TECHNIQUES and not TECHNIQUES.get(name).recomputable})
 
 # Steps between returning the allocator's free pages to the system: length-bucketed batches
 # allocate tensors of ever-new shapes, and glibc keeps the freed blocks, so resident memory grew
@@ -104,10 +117,10 @@ class Trainer:
             tech.prepare_model(self.model, cfg.model.finetune)
         self.model.to(self.device)
         self.model.encoder.checkpoint_above_tokens = tc.checkpoint_above_tokens
-        not_recomputable = [tech.name for tech in self.techniques if not tech.recomputable]
-        if tc.checkpoint_above_tokens and not_recomputable:
+        blocking = not_recomputable(self.techniques, self.model)
+        if tc.checkpoint_above_tokens and blocking:
             log.info("train.checkpoint_above_tokens is off: %s cannot be recomputed in backward",
-                     ", ".join(not_recomputable))
+                     ", ".join(blocking))
             self.model.encoder.checkpoint_above_tokens = None
         if tc.compile:  # in place, so parameter names (checkpoints, optimizer state) stay the same
             backends = torch._dynamo.list_backends(exclude_tags=())
