@@ -264,17 +264,12 @@ class EnsemblePredictor(BasePredictor):
     def tasks(self) -> list[str]:
         return list(self.task_members)
 
-    def member_outputs(self, task_name: str, examples: list[Example]) -> dict[str, dict]:
-        self._check_task(task_name)
-        return {m: self.members[m].predict(task_name, examples) for m in self.task_members[task_name]}
-
     def task_spec(self, task_name: str) -> TaskSpec:
         self._check_task(task_name)
         return self.members[self.task_members[task_name][0]].task_spec(task_name)
 
     def predict(self, task_name: str, examples: list[Example]) -> dict[str, np.ndarray]:
-        outs = self.member_outputs(task_name, examples)
-        return average_outputs(self.task_spec(task_name), list(outs.values()))
+        return self.predict_flagged(task_name, examples)[0]
 
     def predict_flagged(self, task_name: str, examples: list[Example]) -> tuple[dict[str, np.ndarray], list[bool]]:
         """An example is flagged when any member cuts it; each member encodes the examples once."""

@@ -99,8 +99,7 @@ def encoder_to_bf16(model: nn.Module, prepack: bool = True) -> nn.Module:
     the model."""
     model.encoder.to(torch.bfloat16)
     if prepack:
-        with torch.inference_mode(False), torch.no_grad():
-            prepack_linear_layers(model.encoder)
+        prepack_linear_layers(model.encoder)
     model.encoder.register_forward_hook(_outputs_to_fp32)
     return model.eval()
 
