@@ -2,11 +2,18 @@
 activations), the allocator release, and the resident memory the trainer records."""
 from __future__ import annotations
 
+import ctypes.util
 import json
 
+import pytest
 import torch
 
-from mtbert.core.runtime import release_free_memory, resident_memory_mb
+from mtbert.core.runtime import (
+    KERNEL_CACHE_LIMITS,
+    cpu_has_native_bf16,
+    release_free_memory,
+    resident_memory_mb,
+)
 from mtbert.modeling.encoder import BertConfig, BertModel
 from mtbert.training.trainer import Trainer
 from tests.conftest import TINY
@@ -79,3 +86,53 @@ def test_recomputation_is_off_for_a_non_recomputable_technique_of_the_run_or_of_
     plain, routed = SimpleNamespace(extensions={"lora": {}}), SimpleNamespace(extensions={"lora_experts": {}})
     assert not_recomputable([lora], plain) == [] and not_recomputable([experts], plain) == ["lora_experts"]
     assert not_recomputable([], routed) == ["lora_experts"]  # brought along by a loaded checkpoint
+
+
+_SHAPES_PROBE = """
+import ctypes, os, sys
+{preamble}
+import torch
+libc = ctypes.CDLL("libc.so.6")
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = Info
+def live_mb():
+    info = libc.mallinfo2()
+    return (info.uordblks + info.hblkhd) / 2**20
+torch.set_num_threads(1)
+layer = torch.nn.Linear(64, 256)
+for length in range(1, 4):  # (warm-up: torch's own one-off allocations)
+    layer(torch.randn(length, 64)).sum().backward()
+before = live_mb()
+for length in range(8, 8 + {n_shapes}):  # a bf16 training pass over ever-new shapes, as length buckets give
+    x = torch.randn(4 * length, 64, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+print(live_mb() - before, os.environ.get("LRU_CACHE_CAPACITY"), os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"))
+"""
+
+
+def _live_growth_over_new_shapes(preamble: str, n_shapes: int) -> tuple[float, str, str]:
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _SHAPES_PROBE.format(preamble=preamble, n_shapes=n_shapes)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    return float(out[0]), out[1], out[2]
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16() or ctypes.util.find_library("c") is None,
+                    reason="oneDNN's bf16 kernels (and glibc's mallinfo2) are where these caches live")
+def test_import_mtbert_bounds_the_per_shape_kernel_caches():
+    """Each new input shape of a bf16 matmul leaves a compiled kernel in oneDNN's cache and an object
+    in ideep's, 1,024 of each by default: live memory that grows with every new batch length. After
+    `import mtbert` (bound_kernel_caches) the growth stops at the smaller cap."""
+    n = 300  # shapes; x3 kernels each (forward, input gradient, weight gradient)
+    bounded, lru, primitives = _live_growth_over_new_shapes("import mtbert", n)
+    assert (lru, primitives) == (KERNEL_CACHE_LIMITS["LRU_CACHE_CAPACITY"],
+                                 KERNEL_CACHE_LIMITS["ONEDNN_PRIMITIVE_CACHE_CAPACITY"])
+    library_defaults = "os.environ.update(LRU_CACHE_CAPACITY='1024', ONEDNN_PRIMITIVE_CACHE_CAPACITY='1024')\nimport mtbert"
+    unbounded, lru, _ = _live_growth_over_new_shapes(library_defaults, n)
+    assert lru == "1024"  # a value the user set wins
+    assert bounded < 0.5 * unbounded, (bounded, unbounded)

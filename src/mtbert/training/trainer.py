@@ -301,8 +301,9 @@ class Trainer:
         """Evaluate (main rank; the others get its metrics), log a metrics row, keep the best
         checkpoint and save the resumable state."""
         self.last_recorded_step = self.step
+        release_free_memory()  # the evaluation's batches start from the live memory, not the steps' holes
         metrics = self.dist.broadcast_object(self.evaluate() if self.dist.main else None)
-        release_free_memory()  # (after the evaluation's batches of other shapes)
+        release_free_memory()  # (and the steps after it from theirs)
         sums, counts = self.loss_sums, self.loss_counts
         train_loss = self.dist.average_floats({t: sums[t] / counts[t] for t in sums if counts[t]})
         self.loss_sums, self.loss_counts = dict.fromkeys(sums, 0.0), dict.fromkeys(sums, 0)
