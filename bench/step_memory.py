@@ -20,7 +20,6 @@ import time
 from mtbert.core.config import load_config
 from mtbert.core.runtime import resident_memory_mb
 from mtbert.training import streams
-from mtbert.training import trainer as trainer_module
 from mtbert.training.trainer import Trainer
 
 
@@ -29,11 +28,12 @@ def main():
     ap.add_argument("--config", default="configs/default.yaml")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--release-every", type=int, default=trainer_module.RELEASE_MEMORY_EVERY,
-                    help="steps between returning free pages to the system (0: never, as before)")
+    ap.add_argument("--release-every", type=int, default=None,
+                    help="steps between returning free pages to the system (0: never, as before); "
+                         "the same as --set train.release_memory_every=N (default: the recipe's)")
     args = ap.parse_args()
-    trainer_module.RELEASE_MEMORY_EVERY = args.release_every or 10**9
-    overrides = ["data.limit=1500", "train.progress=false", "train.save_every=null"] + args.set
+    release = [] if args.release_every is None else [f"train.release_memory_every={args.release_every or 'null'}"]
+    overrides = ["data.limit=1500", "train.progress=false", "train.save_every=null"] + release + args.set
     trainer = Trainer(load_config(args.config, overrides), tempfile.mkdtemp(prefix="mtbert-stepmem-"))
     print("after set-up", resident_memory_mb())
     shapes = {}

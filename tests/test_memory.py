@@ -124,15 +124,43 @@ def _live_growth_over_new_shapes(preamble: str, n_shapes: int) -> tuple[float, s
 
 @pytest.mark.skipif(not cpu_has_native_bf16() or ctypes.util.find_library("c") is None,
                     reason="oneDNN's bf16 kernels (and glibc's mallinfo2) are where these caches live")
-def test_import_mtbert_bounds_the_per_shape_kernel_caches():
+def test_bound_kernel_caches_stops_the_growth_of_live_memory_over_new_shapes():
     """Each new input shape of a bf16 matmul leaves a compiled kernel in oneDNN's cache and an object
     in ideep's, 1,024 of each by default: live memory that grows with every new batch length. After
-    `import mtbert` (bound_kernel_caches) the growth stops at the smaller cap."""
+    bound_kernel_caches the growth stops at the smaller cap."""
     n = 300  # shapes; x3 kernels each (forward, input gradient, weight gradient)
-    bounded, lru, primitives = _live_growth_over_new_shapes("import mtbert", n)
+    bounding = "from mtbert.core.runtime import bound_kernel_caches\nbound_kernel_caches()"
+    bounded, lru, primitives = _live_growth_over_new_shapes(bounding, n)
     assert (lru, primitives) == (KERNEL_CACHE_LIMITS["LRU_CACHE_CAPACITY"],
                                  KERNEL_CACHE_LIMITS["ONEDNN_PRIMITIVE_CACHE_CAPACITY"])
-    library_defaults = "os.environ.update(LRU_CACHE_CAPACITY='1024', ONEDNN_PRIMITIVE_CACHE_CAPACITY='1024')\nimport mtbert"
-    unbounded, lru, _ = _live_growth_over_new_shapes(library_defaults, n)
+    library_defaults = "os.environ.update(LRU_CACHE_CAPACITY='1024', ONEDNN_PRIMITIVE_CACHE_CAPACITY='1024')\n"
+    unbounded, lru, _ = _live_growth_over_new_shapes(library_defaults + bounding, n)
     assert lru == "1024"  # a value the user set wins
     assert bounded < 0.5 * unbounded, (bounded, unbounded)
+
+
+def test_the_trainer_bounds_the_kernel_caches_first(tmp_path, tiny_cfg, monkeypatch):
+    import os
+    for name in KERNEL_CACHE_LIMITS:
+        monkeypatch.setenv(name, "x")  # (so that monkeypatch restores the variable's absence)
+        monkeypatch.delenv(name)
+    Trainer(tiny_cfg("train.max_steps=1", "train.progress=false"), tmp_path / "run")
+    assert {name: os.environ[name] for name in KERNEL_CACHE_LIMITS} == KERNEL_CACHE_LIMITS
+
+
+def test_release_memory_every_n_steps_and_around_each_evaluation(tmp_path, tiny_cfg, monkeypatch):
+    from mtbert.core.config import ConfigError
+    from mtbert.training import trainer as trainer_module
+    calls = []
+    monkeypatch.setattr(trainer_module, "release_free_memory", lambda: calls.append(1) or True)
+
+    def releases(every: str) -> int:
+        calls.clear()
+        Trainer(tiny_cfg("train.max_steps=4", "train.progress=false", f"train.release_memory_every={every}"),
+                tmp_path / every).run()
+        return len(calls)
+
+    assert releases("null") == 2  # the final evaluation: before it and after it
+    assert releases("2") == 2 + 2  # and after steps 2 and 4
+    with pytest.raises(ConfigError, match="train.release_memory_every"):
+        tiny_cfg("train.release_memory_every=0")

@@ -4,8 +4,4 @@
 `.embed(texts)`, `.tasks` (see mtbert.inference.api)."""
 __version__ = "0.1.0"
 
-from mtbert.core.runtime import bound_kernel_caches  # noqa: E402
-
-bound_kernel_caches()  # before any kernel runs (training memory, RESULTS.md)
-
 from mtbert.inference.api import Model, load  # noqa: E402,F401

@@ -71,6 +71,7 @@ class TrainConfig:
     report_to: list = field(default_factory=list)  # also log metrics.jsonl's rows to: tensorboard | mlflow
     progress: bool = True
     checkpoint_above_tokens: int | None = None  # recompute the activations of passes over this many tokens (memory)
+    release_memory_every: int | None = 10  # give the allocator's free pages back every N steps (memory; null: never)
     fused_optimizer: bool = True       # AdamW as one fused kernel (20% faster steps); false: torch's per-tensor loop
 
 
@@ -266,7 +267,8 @@ def _validate(cfg: "Config") -> "Config":
     optional_at_least = [("data.limit", d.limit, 1), ("train.max_steps", t.max_steps, 1),
                          ("train.checkpoint_above_tokens", t.checkpoint_above_tokens, 1),
                          ("train.eval_every", t.eval_every, 1), ("train.save_every", t.save_every, 1),
-                         ("train.threads", t.threads, 1), ("pretrain.max_steps", p.max_steps, 1)]
+                         ("train.threads", t.threads, 1), ("pretrain.max_steps", p.max_steps, 1),
+                         ("train.release_memory_every", t.release_memory_every, 1)]
     for key, value, least in optional_at_least:
         if value is not None and value < least:
             raise ConfigError(f"{key} must be at least {least} (or null), got {value}")

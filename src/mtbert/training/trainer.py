@@ -26,6 +26,7 @@ from mtbert.core.distributed import Dist, process_group
 from mtbert.core.io import atomic_write_text, to_json
 from mtbert.core.runtime import (
     autocast,
+    bound_kernel_caches,
     release_free_memory,
     resident_memory_mb,
     resolve_precision,
@@ -73,12 +74,6 @@ def not_recomputable(techniques, model) -> list[str]:
     return sorted(names | {name for name in model.extensions
                            if name in TECHNIQUES and not TECHNIQUES.get(name).recomputable})
 
-# Steps between returning the allocator's free pages to the system: length-bucketed batches
-# allocate tensors of ever-new shapes, and glibc keeps the freed blocks, so resident memory grew
-# by about 15 MB a step (5 GB at the end of `make train`). Every step costs page faults on the next
-# step's fresh pages; every 10 bounds the growth at a fraction of that cost (RESULTS.md).
-RELEASE_MEMORY_EVERY = 10
-
 
 class Trainer:
     def __init__(self, cfg: Config, out_dir: str | Path, dist: Dist | None = None, resume: bool = False,
@@ -89,6 +84,7 @@ class Trainer:
         prepare_run_dir(self.out, resume, overwrite, self.dist)
         self.command = command  # how the run was started, for an export's model card
         tc = cfg.train
+        bound_kernel_caches()  # (before this process's first matmul, or it has no effect)
         set_seed(tc.seed)
         set_threads(tc.threads)
         self.rng = random.Random(tc.seed)
@@ -285,7 +281,11 @@ class Trainer:
                 step_losses[t] += float(loss.detach()) * (sizes[t][i] / sum(sizes[t]) if n > 1 else 1.0)
         self.updater.step()
         self.step += 1
-        if self.step % RELEASE_MEMORY_EVERY == 0:
+        # Length-bucketed batches allocate tensors of ever-new shapes, and glibc keeps the freed
+        # blocks: resident memory climbs by tens of MB a step. Releasing costs page faults on the
+        # next step's fresh pages, so every step is a memory-for-time choice (RESULTS.md).
+        every = self.cfg.train.release_memory_every
+        if every and self.step % every == 0:
             release_free_memory()
         self.ctx.step = self.step
         for tech in self.techniques:

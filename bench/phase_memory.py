@@ -1,0 +1,130 @@
+"""Which moment of a training run sets its resident-memory peak, and how much of it is live.
+
+    python bench/phase_memory.py [--config configs/default.yaml] [--steps N] [--set KEY=VALUE ...]
+                                 [--log FILE]
+
+Runs the recipe's Trainer in this process (to the end, or --steps optimizer steps) and brackets
+every training step, evaluation and state save: before each, Linux's peak counter (VmHWM) is reset
+to the current resident set (/proc/self/clear_refs), so after it VmHWM is that phase's own peak.
+glibc's mallinfo2 adds what the C allocator holds: `live` (blocks in use: tensors, kernel caches,
+Python objects) and `heap_free` (freed blocks it keeps in its heaps, resident or not).
+
+Prints each phase that raised the resident set by over 300 MB or ended a 100-step stretch, then the
+top 10 phases by peak, and last `peak_rss_mb=.. worst=PHASE@STEP live_mb=..`. --log writes every
+phase as JSON Lines. Memory figures only: the bracketing adds about a millisecond a step.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import sys
+import tempfile
+import time
+
+from mtbert.core.config import load_config
+from mtbert.training import state, streams
+from mtbert.training import trainer as trainer_module
+from mtbert.training.trainer import Trainer
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+
+def allocator_mb() -> dict[str, int]:
+    """glibc's view: live = in-use heap blocks + mmapped blocks; heap_free = freed heap blocks kept."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return {"live_mb": (info.uordblks + info.hblkhd) >> 20, "heap_free_mb": info.fordblks >> 20}
+
+
+def status_mb() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line[:5]] = int(line.split()[1]) >> 10
+    return out
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5": VmHWM := VmRSS (Linux >= 4.0)
+        f.write("5")
+
+
+class StopRun(Exception):
+    pass
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--steps", type=int, help="stop after this many optimizer steps (default: the whole run)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--log", help="write every phase as a JSON line here")
+    args = ap.parse_args()
+    try:
+        reset_peak()
+        allocator_mb()
+    except OSError as e:
+        sys.exit(f"needs Linux's /proc/self/clear_refs and glibc's mallinfo2: {e}")
+    trainer = Trainer(load_config(args.config, ["train.progress=false"] + args.set),
+                      tempfile.mkdtemp(prefix="mtbert-phasemem-"))
+    shapes: list = []
+    draw = streams.TaskStream.__next__
+
+    def recording_draw(self):  # (the sequence shapes of every batch a step draws)
+        batch = draw(self)
+        shapes.append([tuple(x["input_ids"].shape) for x in batch["inputs"]])
+        return batch
+
+    streams.TaskStream.__next__ = recording_draw
+    phases: list[dict] = []
+
+    def bracket(owner, name: str, label: str):
+        inner = getattr(owner, name)
+
+        def measured(*a, **kw):
+            shapes.clear()
+            before = status_mb()["VmRSS"]
+            reset_peak()
+            start = time.perf_counter()
+            result = inner(*a, **kw)
+            now = status_mb()
+            row = {"phase": label, "step": trainer.step, "rss_before_mb": before, "peak_mb": now["VmHWM"],
+                   "rss_after_mb": now["VmRSS"], "s": round(time.perf_counter() - start, 3),
+                   "shapes": list(shapes), **allocator_mb()}
+            phases.append(row)
+            if label != "step" or row["peak_mb"] - before > 300 or trainer.step % 100 == 0:
+                print(json.dumps(row), flush=True)
+            if label == "step" and args.steps and trainer.step >= args.steps:
+                raise StopRun
+            return result
+
+        setattr(owner, name, measured)
+
+    bracket(trainer, "train_step", "step")
+    bracket(trainer, "evaluate", "evaluate")
+    bracket(state, "save", "save")
+    bracket(trainer_module, "save_checkpoint", "save_best")
+    start = time.time()
+    try:
+        summary = trainer.run()
+        print("summary", json.dumps(summary))
+    except StopRun:
+        pass
+    if args.log:
+        with open(args.log, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in phases)
+    print(f"{len(phases)} phases in {time.time() - start:.0f} s; the 10 highest peaks:")
+    for row in sorted(phases, key=lambda r: -r["peak_mb"])[:10]:
+        print(json.dumps(row))
+    worst = max(phases, key=lambda r: r["peak_mb"])
+    print(f"peak_rss_mb={worst['peak_mb']} worst={worst['phase']}@{worst['step']} live_mb={worst['live_mb']}")
+
+
+if __name__ == "__main__":
+    main()
