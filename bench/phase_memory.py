@@ -9,9 +9,11 @@ to the current resident set (/proc/self/clear_refs), so after it VmHWM is that p
 glibc's mallinfo2 adds what the C allocator holds: `live` (blocks in use: tensors, kernel caches,
 Python objects) and `heap_free` (freed blocks it keeps in its heaps, resident or not).
 
-Prints each phase that raised the resident set by over 300 MB or ended a 100-step stretch, then the
-top 10 phases by peak, and last `peak_rss_mb=.. worst=PHASE@STEP live_mb=..`. --log writes every
-phase as JSON Lines. Memory figures only: the bracketing adds about a millisecond a step.
+Prints every evaluation and save, each step whose peak was over 300 MB above the resident set
+before it, and every 100th step; then the 10 highest peaks, and last
+`max_phase_peak_mb=.. worst=PHASE@STEP live_mb=.. s_per_step=..` (the highest peak of any phase,
+which is the run's peak but for its set-up, before the first step). --log writes every phase as
+JSON Lines. The bracketing adds about a millisecond to a step.
 """
 from __future__ import annotations
 
@@ -69,10 +71,10 @@ def main():
     try:
         reset_peak()
         allocator_mb()
-    except OSError as e:
-        sys.exit(f"needs Linux's /proc/self/clear_refs and glibc's mallinfo2: {e}")
-    trainer = Trainer(load_config(args.config, ["train.progress=false"] + args.set),
-                      tempfile.mkdtemp(prefix="mtbert-phasemem-"))
+    except (OSError, AttributeError) as e:
+        sys.exit(f"needs Linux's /proc/self/clear_refs and glibc's mallinfo2 (glibc >= 2.33): {e}")
+    out_dir = tempfile.TemporaryDirectory(prefix="mtbert-phasemem-")
+    trainer = Trainer(load_config(args.config, ["train.progress=false"] + args.set), out_dir.name)
     shapes: list = []
     draw = streams.TaskStream.__next__
 
@@ -122,8 +124,11 @@ def main():
     print(f"{len(phases)} phases in {time.time() - start:.0f} s; the 10 highest peaks:")
     for row in sorted(phases, key=lambda r: -r["peak_mb"])[:10]:
         print(json.dumps(row))
+    out_dir.cleanup()
     worst = max(phases, key=lambda r: r["peak_mb"])
-    print(f"peak_rss_mb={worst['peak_mb']} worst={worst['phase']}@{worst['step']} live_mb={worst['live_mb']}")
+    steps = [r["s"] for r in phases if r["phase"] == "step"]
+    print(f"max_phase_peak_mb={worst['peak_mb']} worst={worst['phase']}@{worst['step']} "
+          f"live_mb={worst['live_mb']} s_per_step={sum(steps) / len(steps):.3f}")
 
 
 if __name__ == "__main__":

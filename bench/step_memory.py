@@ -18,7 +18,7 @@ import tempfile
 import time
 
 from mtbert.core.config import load_config
-from mtbert.core.runtime import resident_memory_mb
+from mtbert.core.runtime import release_free_memory, resident_memory_mb
 from mtbert.training import streams
 from mtbert.training.trainer import Trainer
 
@@ -56,6 +56,7 @@ def main():
         peak = mem["peak_rss_mb"]
     per_step = (time.perf_counter() - start) / len(plan)
     after = resident_memory_mb()
+    release_free_memory()  # (as the trainer does before it evaluates)
     trainer.evaluate()
     print("after one evaluation", resident_memory_mb())
     print(f"rss_mb={after['rss_mb']:.0f} peak_rss_mb={after['peak_rss_mb']:.0f} s_per_step={per_step:.3f}")

@@ -1,5 +1,6 @@
 import asyncio
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -10,6 +11,7 @@ import torch
 import uvicorn
 
 from mtbert.core.config import load_config, resolve_data_dir
+from mtbert.core.runtime import KERNEL_CACHE_LIMITS
 from mtbert.modeling.encoder import BertConfig, BertModel
 from tests.synthetic import make_cs224n_data
 
@@ -45,6 +47,19 @@ REAL_DATA = resolve_data_dir(None)
 @pytest.fixture(scope="session")
 def synthetic_data_dir(tmp_path_factory) -> Path:
     return make_cs224n_data(tmp_path_factory.mktemp("cs224n-synthetic"))
+
+
+@pytest.fixture(autouse=True)
+def _kernel_cache_variables_restored():
+    """A Trainer sets the kernel-cache variables in this process (bound_kernel_caches); the next
+    test, and the subprocesses it starts, see the environment as it was."""
+    saved = {name: os.environ.get(name) for name in KERNEL_CACHE_LIMITS}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(autouse=True)

@@ -27,6 +27,7 @@ from mtbert.core.config import Config, resolve_data_dir
 from mtbert.core.registry import register_stage
 from mtbert.core.runtime import (
     autocast,
+    bound_kernel_caches,
     resolve_precision,
     select_device,
     set_seed,
@@ -220,6 +221,7 @@ def run_pretrain(cfg: Config, out_dir: str | Path) -> dict:
     unknown = sorted(set(pc.objectives) - set(OBJECTIVES))
     if unknown or not pc.objectives:
         raise ValueError(f"pretrain.objectives {pc.objectives} must name some of {sorted(OBJECTIVES)}")
+    bound_kernel_caches()  # (variable-shape batches, as in fine-tuning)
     set_seed(tc.seed)
     set_threads(tc.threads)
     rng = random.Random(tc.seed)
