@@ -175,3 +175,21 @@ def test_release_memory_every_n_steps_and_around_each_evaluation(tmp_path, tiny_
     assert releases("2") == 2 + 2  # and after steps 2 and 4
     with pytest.raises(ConfigError, match="train.release_memory_every"):
         tiny_cfg("train.release_memory_every=0")
+
+
+def test_evaluation_releases_free_memory_every_n_batches_with_the_same_outputs(tiny_cfg, data_dir, monkeypatch):
+    import numpy as np
+
+    from mtbert.inference import predictor as predictor_module
+    from mtbert.inference.predictor import encode_split, predict_dataset
+    from mtbert.modeling.checkpoint import build_model
+    torch.manual_seed(0)
+    model, tok = build_model(tiny_cfg())
+    ds = encode_split(model.eval(), tok, data_dir, "dev", limit=20)["sst"]
+    calls = []
+    monkeypatch.setattr(predictor_module, "release_free_memory", lambda: calls.append(1) or True)
+    plain = predict_dataset(model, ds, batch_size=2)  # 20 examples: 10 batches
+    assert calls == []
+    released = predict_dataset(model, ds, batch_size=2, release_every=3)
+    assert len(calls) == 3  # before batches 3, 6 and 9
+    assert np.array_equal(plain["logits"], released["logits"])

@@ -67,6 +67,9 @@ from mtbert.training.weightings import build_weighting
 log = logging.getLogger("mtbert")
 
 
+EVAL_RELEASE_EVERY = 4  # evaluation batches between releases of free memory (with train.release_memory_every)
+
+
 def not_recomputable(techniques, model) -> list[str]:
     """The techniques, of this run or built into the model's structure by a loaded checkpoint
     (model.extensions), that a layer recomputed in backward would break (Technique.recomputable)."""
@@ -293,8 +296,10 @@ class Trainer:
         return step_losses
 
     def evaluate(self) -> dict[str, float]:
+        release = EVAL_RELEASE_EVERY if self.cfg.train.release_memory_every else None
         metrics, _ = metrics_for(self.model, self.dev_sets, self.scorer, batch_size=self.cfg.data.eval_batch_size,
-                                 device=self.device, amp_dtype=self.amp_dtype, pad_id=self.tokenizer.pad_id)
+                                 device=self.device, amp_dtype=self.amp_dtype, pad_id=self.tokenizer.pad_id,
+                                 release_every=release)
         return metrics
 
     def _record(self) -> dict:
