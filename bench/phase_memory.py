@@ -18,38 +18,16 @@ JSON Lines. The bracketing adds about a millisecond to a step.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import sys
 import tempfile
 import time
 
 from mtbert.core.config import load_config
+from mtbert.core.runtime import allocator_memory_mb, resident_memory_mb
 from mtbert.training import state, streams
 from mtbert.training import trainer as trainer_module
 from mtbert.training.trainer import Trainer
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-
-
-def allocator_mb() -> dict[str, int]:
-    """glibc's view: live = in-use heap blocks + mmapped blocks; heap_free = freed heap blocks kept."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
-    return {"live_mb": (info.uordblks + info.hblkhd) >> 20, "heap_free_mb": info.fordblks >> 20}
-
-
-def status_mb() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out[line[:5]] = int(line.split()[1]) >> 10
-    return out
 
 
 def reset_peak() -> None:
@@ -70,9 +48,10 @@ def main():
     args = ap.parse_args()
     try:
         reset_peak()
-        allocator_mb()
-    except (OSError, AttributeError) as e:
-        sys.exit(f"needs Linux's /proc/self/clear_refs and glibc's mallinfo2 (glibc >= 2.33): {e}")
+    except OSError as e:
+        sys.exit(f"needs Linux's /proc/self/clear_refs: {e}")
+    if not allocator_memory_mb():
+        sys.exit("needs glibc's mallinfo2 (glibc >= 2.33)")
     out_dir = tempfile.TemporaryDirectory(prefix="mtbert-phasemem-")
     trainer = Trainer(load_config(args.config, ["train.progress=false"] + args.set), out_dir.name)
     shapes: list = []
@@ -91,14 +70,14 @@ def main():
 
         def measured(*a, **kw):
             shapes.clear()
-            before = status_mb()["VmRSS"]
+            before = resident_memory_mb()["rss_mb"]
             reset_peak()
             start = time.perf_counter()
             result = inner(*a, **kw)
-            now = status_mb()
-            row = {"phase": label, "step": trainer.step, "rss_before_mb": before, "peak_mb": now["VmHWM"],
-                   "rss_after_mb": now["VmRSS"], "s": round(time.perf_counter() - start, 3),
-                   "shapes": list(shapes), **allocator_mb()}
+            now = resident_memory_mb()
+            row = {"phase": label, "step": trainer.step, "rss_before_mb": before, "peak_mb": now["peak_rss_mb"],
+                   "rss_after_mb": now["rss_mb"], "s": round(time.perf_counter() - start, 3),
+                   "shapes": list(shapes), **allocator_memory_mb()}
             phases.append(row)
             if label != "step" or row["peak_mb"] - before > 300 or trainer.step % 100 == 0:
                 print(json.dumps(row), flush=True)

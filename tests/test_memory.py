@@ -2,7 +2,6 @@
 activations), the allocator release, and the resident memory the trainer records."""
 from __future__ import annotations
 
-import ctypes
 import json
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 
 from mtbert.core.runtime import (
     KERNEL_CACHE_LIMITS,
+    allocator_memory_mb,
     cpu_has_native_bf16,
     release_free_memory,
     resident_memory_mb,
@@ -58,6 +58,11 @@ def test_resident_memory_and_release():
     mem = resident_memory_mb()
     assert mem["rss_mb"] > 10 and mem["peak_rss_mb"] >= mem["rss_mb"] - 1
     assert release_free_memory() is True  # glibc (the machines this project supports)
+    before = allocator_memory_mb()["live_mb"]
+    block = torch.ones(16 * 2**20, dtype=torch.uint8)  # 16 MB, in use
+    assert allocator_memory_mb()["live_mb"] - before >= 15
+    del block
+    assert allocator_memory_mb()["live_mb"] - before < 1
 
 
 def test_every_metrics_row_records_memory(tmp_path, tiny_cfg):
@@ -89,17 +94,12 @@ def test_recomputation_is_off_for_a_non_recomputable_technique_of_the_run_or_of_
 
 
 _SHAPES_PROBE = """
-import ctypes, os, sys
+import os
 {preamble}
 import torch
-libc = ctypes.CDLL("libc.so.6")
-class Info(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in
-                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-libc.mallinfo2.restype = Info
+from mtbert.core.runtime import allocator_memory_mb
 def live_mb():
-    info = libc.mallinfo2()
-    return (info.uordblks + info.hblkhd) / 2**20
+    return allocator_memory_mb()["live_mb"]
 torch.set_num_threads(1)
 layer = torch.nn.Linear(64, 256)
 for length in range(1, 4):  # (warm-up: torch's and oneDNN's own one-off allocations)
@@ -126,14 +126,7 @@ def _live_growth_over_new_shapes(preamble: str, n_shapes: int) -> tuple[float, s
     return float(out[0]), out[1], out[2]
 
 
-def _has_mallinfo2() -> bool:
-    try:
-        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")  # glibc >= 2.33
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not cpu_has_native_bf16() or not _has_mallinfo2(),
+@pytest.mark.skipif(not cpu_has_native_bf16() or not allocator_memory_mb(),
                     reason="oneDNN's bf16 kernels are where these caches live; glibc's mallinfo2 counts them")
 def test_bound_kernel_caches_stops_the_growth_of_live_memory_over_new_shapes():
     """Each new input shape of a bf16 matmul leaves a compiled kernel in oneDNN's cache and an object

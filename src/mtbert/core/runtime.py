@@ -140,13 +140,12 @@ def resident_memory_mb() -> dict[str, float]:
 KERNEL_CACHE_LIMITS = {"LRU_CACHE_CAPACITY": "1", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256"}
 
 
-def bound_kernel_caches() -> dict[str, str]:
+def bound_kernel_caches() -> None:
     """Cap torch's per-shape CPU kernel caches (KERNEL_CACHE_LIMITS) unless the environment already
-    sets them; returns the values in force. Both libraries read the variables when they first run
-    a kernel, so this must come before the process's first matmul: the Trainer calls it first."""
+    sets them. Both libraries read the variables when they first run a kernel, so this must come
+    before the process's first matmul: the Trainer calls it first."""
     for name, value in KERNEL_CACHE_LIMITS.items():
         os.environ.setdefault(name, value)
-    return {name: os.environ[name] for name in KERNEL_CACHE_LIMITS}
 
 
 def _libc():
@@ -170,6 +169,25 @@ def release_free_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+
+def allocator_memory_mb() -> dict[str, float]:
+    """What the C allocator holds, in MB, from glibc's mallinfo2 (glibc >= 2.33; empty elsewhere):
+    live_mb, the blocks in use (heap and mmapped: tensors, kernel caches, Python objects), and
+    heap_free_mb, freed heap blocks it keeps (resident or not). Tells live memory from
+    fragmentation, which the resident set alone cannot."""
+    mallinfo2 = getattr(_LIBC, "mallinfo2", None)
+    if mallinfo2 is None:
+        return {}
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return {"live_mb": round((info.uordblks + info.hblkhd) / 2**20, 1),
+            "heap_free_mb": round(info.fordblks / 2**20, 1)}
 
 
 def set_seed(seed: int) -> None:
