@@ -33,6 +33,25 @@ def tiny_cfg():
 
 
 @pytest.fixture
+def machine(monkeypatch):
+    """Pretend to be another machine: machine(cpu_flags=..., aten_isa=..., cuda_capability=(7, 5),
+    mps=True, ...) makes core.hardware.detect() (and so every `auto`) answer for it."""
+    from mtbert.core import hardware
+
+    def pretend(cuda_capability=None, **fields) -> hardware.Capabilities:
+        fields.setdefault("quantized_engines", ("x86", "fbgemm"))
+        if "cpu_flags" in fields:
+            fields["cpu_flags"] = frozenset(fields["cpu_flags"])
+        cuda = (hardware.CudaDevice("mocked GPU", tuple(cuda_capability)),) if cuda_capability else ()
+        caps = hardware.Capabilities(cuda=cuda, **fields)
+        monkeypatch.setattr(hardware, "detect", lambda: caps)
+        for module in ("mtbert.core.runtime",):
+            monkeypatch.setattr(f"{module}.detect", lambda: caps)
+        return caps
+    return pretend
+
+
+@pytest.fixture
 def tiny_encoder():
     torch.manual_seed(0)
     return BertModel(BertConfig(**TINY)).eval()

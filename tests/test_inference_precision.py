@@ -21,11 +21,11 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 @pytest.fixture
-def bf16_cpu(monkeypatch):
-    """Pretend this CPU has (True) or lacks (False) native bf16, through torch's own probes."""
-    def set_native(avx512_bf16: bool, amx: bool = False):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+def bf16_cpu(machine):
+    """Pretend this CPU has (True) or lacks (False) native bf16 (tests/conftest.py: machine)."""
+    def set_native(avx512_bf16: bool, amx: bool = False, cuda_capability=None):
+        flags = {"avx2", "avx512f"} | ({"avx512_bf16"} if avx512_bf16 else set()) | ({"amx_bf16"} if amx else set())
+        machine(cpu_flags=flags, aten_isa="AVX512", cuda_capability=cuda_capability)
     return set_native
 
 
@@ -45,27 +45,26 @@ def test_auto_is_bf16_only_on_cpus_with_native_bf16(bf16_cpu, avx512_bf16, amx, 
     bf16_cpu(avx512_bf16, amx)
     assert resolve_inference_precision("auto", CPU) == expected
     assert resolve_inference_precision("fp32", CPU) == "fp32"
-    assert resolve_precision("auto", CPU) is None  # training's auto is unchanged: fp32 on CPU
+    assert resolve_precision("auto", CPU) == (torch.bfloat16 if expected == "bf16" else None)  # training's rule
 
 
-def test_auto_on_cuda_is_bf16_or_fp16(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+def test_auto_on_cuda_is_bf16_or_fp16(bf16_cpu):
+    bf16_cpu(False, cuda_capability=(8, 0))
     assert resolve_inference_precision("auto", CUDA) == "bf16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    bf16_cpu(False, cuda_capability=(7, 5))
     assert resolve_inference_precision("auto", CUDA) == "fp16"
     assert resolve_inference_precision("fp16", CUDA) == "fp16"
 
 
 @pytest.mark.parametrize("precision, device, reason, alternatives", [
-    ("bf16", CPU, "AVX-512 BF16 or AMX", "use auto, fp32, int8 on cpu"),
-    ("fp16", CPU, "needs a CUDA device", "use auto, fp32, int8 on cpu"),
+    ("bf16", CPU, "neither AVX-512 BF16 nor AMX", "use auto, fp32, int8 on cpu"),
+    ("fp16", CPU, "needs a CUDA (or MPS) device", "use auto, fp32, int8 on cpu"),
     ("int8", CUDA, "CPU only", "use auto, fp32, fp16 on cuda"),
-    ("bf16", CUDA, "not supported on cuda", "use auto, fp32, fp16 on cuda"),
+    ("bf16", CUDA, "compute capability 7.5 < 8.0 only emulates bf16", "use auto, fp32, fp16 on cuda"),
 ])
 def test_a_precision_the_hardware_cannot_run_is_an_error_naming_the_alternatives(
-        bf16_cpu, monkeypatch, precision, device, reason, alternatives):
-    bf16_cpu(False)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+        bf16_cpu, precision, device, reason, alternatives):
+    bf16_cpu(False, cuda_capability=(7, 5))
     with pytest.raises(ValueError) as e:
         resolve_inference_precision(precision, device)
     message = str(e.value)

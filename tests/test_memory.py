@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
+from mtbert.core.hardware import detect
 from mtbert.core.runtime import (
     KERNEL_CACHE_LIMITS,
     allocator_memory_mb,
-    cpu_has_native_bf16,
     release_free_memory,
     resident_memory_mb,
 )
@@ -126,7 +126,7 @@ def _live_growth_over_new_shapes(preamble: str, n_shapes: int) -> tuple[float, s
     return float(out[0]), out[1], out[2]
 
 
-@pytest.mark.skipif(not cpu_has_native_bf16() or not allocator_memory_mb(),
+@pytest.mark.skipif(not detect().cpu_native_bf16 or not allocator_memory_mb(),
                     reason="oneDNN's bf16 kernels are where these caches live; glibc's mallinfo2 counts them")
 def test_bound_kernel_caches_stops_the_growth_of_live_memory_over_new_shapes():
     """Each new input shape of a bf16 matmul leaves a compiled kernel in oneDNN's cache and an object

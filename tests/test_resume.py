@@ -137,7 +137,7 @@ def test_resume_errors_are_clear(tmp_path, tiny_cfg, capsys):
     assert main(["train", "--resume", str(run)]) == 2
     assert "no resumable state" in capsys.readouterr().err
     assert main(["train", "--resume", str(run), "--set", "train.lr=1"]) == 2
-    assert "takes no --config, --set" in capsys.readouterr().err
+    assert "--set train.lr cannot change it (only train.time_budget_min)" in capsys.readouterr().err
     (run / "summary.json").write_text("{}")
     assert main(["train", "--resume", str(run)]) == 2
     assert "already finished" in capsys.readouterr().err

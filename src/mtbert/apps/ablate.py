@@ -11,8 +11,9 @@ budget in words, and the variants, each a list of `--set`-style overrides:
       bi_concat: ["model.pair_encoding={qqp: bi, sts: bi}"]
 
 Each variant trains into RUNS_DIR/NAME/VARIANT. A variant whose summary.json exists is not run
-again, so a stopped ablation continues where it left off (a half-finished variant restarts).
-The table goes to RESULTS_DIR/NAME.md after every variant.
+again, so a stopped ablation continues where it left off (a half-finished variant restarts). A
+variant this hardware cannot run natively (bf16 on a CPU without AVX-512 BF16 or AMX) is skipped,
+with a row saying why. The table goes to RESULTS_DIR/NAME.md after every variant.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import yaml
 from mtbert.core.config import load_config
 from mtbert.core.errors import ConfigError
 from mtbert.core.io import atomic_write_text
+from mtbert.core.runtime import resolve_precision, select_device
 from mtbert.training.trainer import train
 
 
@@ -61,26 +63,44 @@ def run_ablation(path: str | Path, runs_dir: str | Path = "runs/ablations", resu
     rows = []
     for variant, overrides in variants.items():
         cfg = configs[variant]
-        out = Path(runs_dir) / name / variant
-        summary_path = out / "summary.json"
-        if not summary_path.exists():
-            if out.exists():  # interrupted earlier: start this variant again
-                shutil.rmtree(out)
-            train(cfg, out)  # the same entry as `mtbert train`
-        rows.append((variant, overrides, json.loads(summary_path.read_text())))
+        reason = not_native(cfg)
+        if reason:
+            rows.append((variant, overrides, None, reason))
+        else:
+            out = Path(runs_dir) / name / variant
+            summary_path = out / "summary.json"
+            if not summary_path.exists():
+                if out.exists():  # interrupted earlier: start this variant again
+                    shutil.rmtree(out)
+                train(cfg, out)  # the same entry as `mtbert train`
+            rows.append((variant, overrides, json.loads(summary_path.read_text()), None))
         table = format_ablation(name, spec, rows)
         Path(results_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(results_dir) / f"{name}.md", table)
     return Path(results_dir) / f"{name}.md"
 
 
+def not_native(cfg) -> str | None:
+    """Why this hardware cannot run the variant natively (its device or precision), or None."""
+    try:
+        resolve_precision(cfg.train.precision, select_device(cfg.train.device))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def format_ablation(name: str, spec: dict, rows: list) -> str:
-    tasks = sorted({t for _, _, s in rows for t in s["best_dev"] if t != "overall"})
+    tasks = sorted({t for _, _, s, _ in rows if s for t in s["best_dev"] if t != "overall"})
     head = ["variant", *tasks, "overall", "trainable params", "train s", "examples/s", "overrides"]
     lines = [f"# Ablation: {name}", "", spec.get("description", "").strip(), "",
              f"Base config `{spec['config']}`; budget: {spec.get('budget', 'not stated')}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for variant, overrides, s in rows:
+    for variant, overrides, s, skipped in rows:
+        if skipped:
+            cells = [variant, *("—" for _ in tasks), "—", "—", "—", "—",
+                     f"skipped on this machine: {skipped}"]
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
         dev = s["best_dev"]
         speed = s.get("examples_seen", 0) / s["train_seconds"] if s["train_seconds"] else 0.0
         cells = [variant, *(f"{dev[t]:.4f}" if t in dev else "—" for t in tasks),

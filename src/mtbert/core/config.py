@@ -59,13 +59,13 @@ class TrainConfig:
     weighting: str = "sum"             # see mtbert.weighting.WEIGHTINGS
     weighting_args: dict = field(default_factory=dict)
     seed: int = 11711
-    precision: str = "auto"            # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
-    device: str = "auto"               # auto | cpu | cuda
+    precision: str = "auto"            # auto: bf16 where computed natively, fp16 on older CUDA, else fp32 (core.runtime.auto_precision)
+    device: str = "auto"               # auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps
     threads: int | None = None         # torch intra-op threads; None = all cores
     compile: str | None = None         # torch.compile backend for the encoder (inductor); None = eager
     eval_every: int | None = None      # evaluate every N steps as well as each epoch end
     save_every: int | None = None      # also save the resumable state (RUN_DIR/last) every N steps; always at each evaluation
-    time_budget_min: float | None = None  # stop (after a final evaluation) once training has run this long
+    time_budget_min: float | None = None  # fit the plan (steps, LR decay) into this many minutes of training (training.budget)
     grad_accum: int = 1                # micro-batches per optimizer step, per task: effective batch = batch_size x this
     early_stopping: dict | None = None  # {patience, min_delta, metric}: stop after `patience` evaluations without gain
     report_to: list = field(default_factory=list)  # also log metrics.jsonl's rows to: tensorboard | mlflow
@@ -73,6 +73,7 @@ class TrainConfig:
     checkpoint_above_tokens: int | None = None  # recompute the activations of passes over this many tokens (memory)
     release_memory_every: int | None = 10  # give the allocator's free pages back every N steps (memory; null: never)
     fused_optimizer: bool = True       # AdamW as one fused kernel (20% faster steps); false: torch's per-tensor loop
+    int8_check: bool = True            # at the end, score best/ in int8 too: CPU inference's auto uses int8 only where it kept dev
 
 
 @dataclass

@@ -4,106 +4,164 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import logging
 import os
 import random
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from mtbert.core.hardware import Capabilities, detect
+
+log = logging.getLogger("mtbert")
 
 
-def select_device(name: str = "auto") -> torch.device:
-    """auto (CUDA if there is one, else CPU), cpu, cuda, cuda:N or mps; a ValueError for any other
-    name or a device this machine does not have."""
+MPS_FALLBACK_NOTICE = "MPS cannot run {op} (a layer mtbert uses): using the CPU instead"
+
+
+def select_device(name: str = "auto", caps: Capabilities | None = None) -> torch.device:
+    """auto (CUDA if there is one, else Apple's MPS where it runs our layers, else CPU), cpu, cuda,
+    cuda:N or mps; a ValueError for any other name or a device this machine does not have."""
+    caps = caps or detect()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if caps.cuda:
+            return torch.device("cuda")
+        if caps.mps:
+            missing = mps_missing_op()
+            if missing is None:
+                return torch.device("mps")
+            log.warning(MPS_FALLBACK_NOTICE.format(op=missing))
+        return torch.device("cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
         raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name} requested but no CUDA device is available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name} requested but MPS is not available")
+        if not caps.cuda:
+            raise ValueError(f"device {name} requested but no CUDA device is available: use auto or cpu")
+        if device.index is not None and device.index >= len(caps.cuda):
+            raise ValueError(f"device {name} requested but this machine has {len(caps.cuda)} CUDA device(s)")
+    elif device.type == "mps" and not caps.mps:
+        raise ValueError(f"device {name} requested but MPS is not available: use auto or cpu")
     elif device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     return device
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """None = full fp32. 'auto' uses bf16 (or fp16 where bf16 is unsupported) on CUDA, fp32 on CPU."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in table:
-        raise ValueError(f"precision must be auto|fp32|bf16|fp16, got {precision!r}")
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("fp16 autocast is for CUDA; use bf16 on CPU")
-    return table[precision]
+def mps_missing_op() -> str | None:
+    """The first operation of our encoder that MPS cannot run (None if it runs them all): a tiny
+    attention, layer norm, GELU, embedding and log-softmax on the device, as one forward and backward."""
+    try:
+        x = torch.randn(2, 3, 8, device="mps", requires_grad=True)
+        steps = {"scaled_dot_product_attention": lambda t: F.scaled_dot_product_attention(t, t, t),
+                 "layer_norm": lambda t: F.layer_norm(t, (8,)), "gelu": F.gelu,
+                 "embedding": lambda t: t + F.embedding(torch.zeros(2, 3, dtype=torch.long, device="mps"),
+                                                        torch.ones(4, 8, device="mps")),
+                 "log_softmax": lambda t: F.log_softmax(t, dim=-1)}
+        for op, f in steps.items():
+            try:
+                f(x).sum().backward()
+            except (RuntimeError, NotImplementedError):
+                return op
+    except (RuntimeError, NotImplementedError):
+        return "tensors"
+    return None
 
 
-# ---------------------------------------------------------------- inference precision
-# Training keeps resolve_precision above (its `auto` is fp32 on CPU: tests and golden numbers rely
-# on it). Inference resolves separately: `auto` is the fastest precision this hardware runs natively,
-# and a precision it cannot run is an error, never a silent fallback to something slower.
+# ---------------------------------------------------------------- precision
+# A precision is used only where the hardware computes it natively (core.hardware): emulated bf16
+# is slower than fp32 (39x on an AVX2 CPU), so `auto` never picks it and an explicit request for it
+# is refused with the alternatives, never run slowly in silence.
 
+TRAINING_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 INFERENCE_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}  # int8: quantised weights
+INT8_TOLERANCE = 0.005  # int8 inference is `auto` only where the run's check kept its score within this of fp32
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX tiles), as torch detects it.
-    Without either, oneDNN emulates bf16 matmuls and they are slower than fp32."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # a torch without these probes
-        return False
-
-
-def cpu_has_int8() -> bool:
-    """Whether torch has a quantised engine (x86/fbgemm, onednn or qnnpack) for int8 linear layers."""
-    return any(e != "none" for e in torch.backends.quantized.supported_engines)
-
-
-def inference_precisions(device: torch.device) -> list[str]:
-    """The precisions that `device` runs natively, fastest-preferred last."""
+def native_precisions(device: torch.device, caps: Capabilities | None = None, inference: bool = False) -> list[str]:
+    """The precisions `device` computes natively (int8 only for inference, on CPU)."""
+    caps = caps or detect()
     if device.type == "cuda":
-        return ["fp32", "fp16", "bf16"] if torch.cuda.is_bf16_supported() else ["fp32", "fp16"]
+        gpu = caps.cuda_device(device.index)
+        return ["fp32", "fp16"] + (["bf16"] if gpu is not None and gpu.native_bf16 else [])
     if device.type == "cpu":
-        return ["fp32"] + (["int8"] if cpu_has_int8() else []) + (["bf16"] if cpu_has_native_bf16() else [])
-    return ["fp32", "bf16"]  # mps: autocast as in training
+        return (["fp32"] + (["int8"] if inference and caps.cpu_int8 else [])
+                + (["bf16"] if caps.cpu_native_bf16 else []))
+    return ["fp32", "fp16", "bf16"]  # mps: autocast in both (expected, not measured)
 
 
-def _why_not(precision: str, device: torch.device) -> str:
+def auto_precision(device: torch.device, caps: Capabilities | None = None) -> tuple[str, str]:
+    """(precision, why) that training's `auto` picks on `device`: bf16 where computed natively,
+    fp16 with loss scaling on a CUDA GPU without native bf16, fp32 elsewhere."""
+    caps = caps or detect()
+    if device.type == "cuda":
+        gpu = caps.cuda_device(device.index)
+        cc = ".".join(map(str, gpu.capability)) if gpu else "?"
+        if gpu is not None and gpu.native_bf16:
+            return "bf16", f"CUDA compute capability {cc} >= 8.0 computes bf16 natively"
+        return "fp16", f"CUDA compute capability {cc} < 8.0 only emulates bf16: fp16 with loss scaling"
+    if device.type == "cpu":
+        return ("bf16" if caps.cpu_native_bf16 else "fp32"), caps.cpu_bf16_reason()
+    return "fp32", f"{device.type}: fp32 (low precision there is not measured)"
+
+
+def _why_not(precision: str, device: torch.device, caps: Capabilities) -> str:
     if precision == "fp16":
-        return "fp16 autocast needs a CUDA device"
+        return "fp16 autocast needs a CUDA (or MPS) device"
     if precision == "int8":
         return ("int8 (dynamic quantisation of the linear layers) runs on CPU only" if device.type != "cpu"
                 else "this torch has no quantised CPU engine for int8")
     if precision == "bf16" and device.type == "cpu":
-        return "bf16 needs a CPU with AVX-512 BF16 or AMX (this one has neither, so it would be slower than fp32)"
+        return caps.cpu_bf16_reason()
+    if precision == "bf16" and device.type == "cuda":
+        return auto_precision(device, caps)[1]
     return f"{precision} is not supported on {device.type}"
 
 
-def resolve_inference_precision(precision: str, device: torch.device) -> str:
-    """The concrete precision (fp32, bf16, fp16 or int8) that inference on `device` runs.
+def resolve_precision(precision: str, device: torch.device, caps: Capabilities | None = None) -> torch.dtype | None:
+    """Training's autocast dtype (None = fp32) for `precision` on `device`: `auto` is
+    auto_precision's choice; a precision the hardware only emulates is a ValueError naming auto and
+    fp32."""
+    if precision not in TRAINING_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(TRAINING_PRECISIONS)}, got {precision!r}")
+    caps = caps or detect()
+    if precision == "auto":
+        return AMP_DTYPES[auto_precision(device, caps)[0]]
+    if precision not in native_precisions(device, caps):
+        raise ValueError(f"precision {precision} cannot run natively here: {_why_not(precision, device, caps)}; "
+                         f"use auto (picks {auto_precision(device, caps)[0]} here) or fp32")
+    return AMP_DTYPES[precision]
 
-    auto: bf16 on a CPU with native bf16 (AVX-512 BF16 or AMX) and on CUDA (fp16 where CUDA lacks
-    bf16), fp32 elsewhere. int8 stays opt-in: it changes the numbers more than bf16 does. A
-    precision the hardware cannot run raises a ValueError naming those it can."""
+
+def auto_inference_precision(device: torch.device, int8_passed: bool = False,
+                             caps: Capabilities | None = None) -> tuple[str, str]:
+    """(precision, why) that inference's `auto` picks: the fastest accuracy-preserving path. bf16
+    where native (training's rule); else on CPU int8 where the run's own check (int8_passed) kept its
+    dev score within INT8_TOLERANCE of fp32; else training's choice (fp32 on CPU)."""
+    caps = caps or detect()
+    choice, why = auto_precision(device, caps)
+    if device.type == "cpu" and choice == "fp32" and caps.cpu_int8:
+        if int8_passed:
+            return "int8", f"{why}; the run's int8 check kept dev within {INT8_TOLERANCE} of fp32"
+        return "fp32", f"{why}; int8 only for runs whose int8 check passed"
+    return choice, why
+
+
+def resolve_inference_precision(precision: str, device: torch.device, int8_passed: bool = False,
+                                caps: Capabilities | None = None) -> str:
+    """The concrete precision (fp32, bf16, fp16 or int8) that inference on `device` runs
+    (auto: auto_inference_precision). A precision the hardware cannot run raises a ValueError
+    naming those it can."""
     if precision not in INFERENCE_PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {precision!r}")
-    here = inference_precisions(device)
+    caps = caps or detect()
     if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if "bf16" in here else "fp16"
-        return "bf16" if device.type == "cpu" and "bf16" in here else "fp32"
+        return auto_inference_precision(device, int8_passed, caps)[0]
+    here = native_precisions(device, caps, inference=True)
     if precision not in here:
-        raise ValueError(f"precision {precision} cannot run here: {_why_not(precision, device)}; "
+        raise ValueError(f"precision {precision} cannot run here: {_why_not(precision, device, caps)}; "
                          f"use {', '.join(['auto'] + here)} on {device.type}")
     return precision
 

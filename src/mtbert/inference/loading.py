@@ -7,7 +7,8 @@ import torch
 
 from mtbert.core.runtime import resolve_inference_precision, select_device
 from mtbert.core.tasks import overall_scorer
-from mtbert.inference.ensemble import is_ensemble_dir, load_ensemble
+from mtbert.inference import int8_check
+from mtbert.inference.ensemble import is_ensemble_dir, load_ensemble, member_checkpoints
 from mtbert.inference.predictor import BasePredictor, Predictor, for_precision
 from mtbert.modeling.checkpoint import find_checkpoint, load_checkpoint
 
@@ -15,11 +16,12 @@ from mtbert.modeling.checkpoint import find_checkpoint, load_checkpoint
 def load_predictor(path: str | Path, device="auto", precision: str = "auto", batch_size: int = 128) -> BasePredictor:
     """A Predictor for a run directory or checkpoint, an EnsemblePredictor for an ensemble directory.
     `precision`: auto | fp32 | bf16 | fp16 | int8, resolved for this device by
-    core.runtime.resolve_inference_precision (a precision the hardware cannot run is a ValueError)."""
+    core.runtime.resolve_inference_precision (a precision the hardware cannot run is a ValueError);
+    auto is int8 only where the model's own int8 check passed (every member's, for an ensemble)."""
     if not isinstance(batch_size, int) or batch_size < 1:  # 0 would score nothing; negatives slice wrongly
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     device = select_device(device) if isinstance(device, str) else torch.device(device)
-    precision = resolve_inference_precision(precision, device)
+    precision = resolve_inference_precision(precision, device, int8_passed=int8_check_passed(path))
     if is_ensemble_dir(path):
         ensemble = load_ensemble(path, device, precision, batch_size)
         ensemble.precision = precision
@@ -31,3 +33,12 @@ def load_predictor(path: str | Path, device="auto", precision: str = "auto", bat
     predictor.precision = precision
     predictor.scorer = overall_scorer(cfg.data.overall, cfg.data.overall_weights)
     return predictor
+
+
+def int8_check_passed(path: str | Path) -> bool:
+    """Whether the int8 check of the checkpoint at `path` passed, or of every member of an ensemble."""
+    if is_ensemble_dir(path):
+        members = member_checkpoints(path)
+        return bool(members) and all(int8_check.passed(m) for m in members)
+    checkpoint = find_checkpoint(path, required=False)
+    return checkpoint is not None and int8_check.passed(checkpoint)

@@ -48,12 +48,39 @@ def non_empty(groups: list[dict]) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+class WarmupLinearDecay:
+    """The LR factor at step s: (s + 1) / warm-up for the first steps, then linearly down to 0 at
+    `total`. A time budget may refit the end earlier (refit); the factor lives in the scheduler's
+    state (LambdaLR saves a callable object's attributes), so a resumed run keeps the fitted end."""
+
+    def __init__(self, warmup: int, total: int):
+        self.warmup, self.total = warmup, total
+        self.anchor_step: int | None = None    # after a refit past warm-up: decay from here ...
+        self.anchor_factor: float | None = None  # ... and this factor, linearly to 0 at `total`
+
+    def __call__(self, s: int) -> float:
+        if s < self.warmup:
+            return (s + 1) / max(self.warmup, 1)
+        if self.anchor_step is not None and s >= self.anchor_step:
+            return self.anchor_factor * max(0.0, (self.total - s) / max(self.total - self.anchor_step, 1))
+        return max(0.0, (self.total - s) / max(self.total - self.warmup, 1))
+
+    def refit(self, step: int, total: int, warmup: int) -> None:
+        """End the decay at `total` instead (the next factor used is the one for `step`). Still
+        within the new plan's warm-up (`warmup` steps): the new plan's own schedule, as if trained
+        with max_steps=total. Past it: from the factor the LR has now, linearly down to 0 at `total`.
+        Never warms up again."""
+        if step < warmup:
+            self.warmup, self.total, self.anchor_step, self.anchor_factor = warmup, total, None, None
+        else:
+            self.anchor_factor, self.anchor_step = self(step), step
+            self.warmup, self.total = min(self.warmup, step), total
+
+
 def warmup_linear_decay(optimizer: torch.optim.Optimizer, warmup_steps: int,
                         total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """lr · (s + 1) / warm-up for the first steps, then linearly down to 0 at `total_steps`."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / max(warmup_steps, 1) if s < warmup_steps
-        else max(0.0, (total_steps - s) / max(total_steps - warmup_steps, 1)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupLinearDecay(warmup_steps, total_steps))
 
 
 class Updater:
@@ -90,6 +117,13 @@ class Updater:
         if factor != 1.0:
             # LambdaLR multiplies base_lrs by the warm-up/decay factor, so scaling them scales the lr
             self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+
+    def refit(self, step: int, total: int, warmup: int) -> None:
+        """End the LR decay at step `total` (a time budget's fitted plan: WarmupLinearDecay.refit)."""
+        factor = self.scheduler.lr_lambdas[0]
+        factor.refit(step, total, warmup)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor(step)  # (the step about to be taken uses the new factor)
 
     @property
     def lr(self) -> float:

@@ -32,6 +32,8 @@ def capture(trainer) -> dict:
             "elapsed_s": time.time() - trainer.t0,
             # as JSON: metric values of any float type, and weights_only loading accepts it
             "log": json.dumps({"history": trainer.history, "best_metrics": trainer.best_metrics}),
+            # the plan, as a time budget may have fitted it (the LR factor is in the scheduler's state)
+            "plan": json.dumps({"plans": trainer.plans, "planned_steps": trainer.total_steps}),
             **trainer.updater.state_dict(), "weighting": trainer.weighting.state_dict(),
             "data_rng": trainer.rng.getstate(), "streams": {t: s.state_dict() for t, s in trainer.streams.items()},
             "techniques": {tech.name: tech.state_dict() for tech in trainer.techniques},
@@ -68,6 +70,9 @@ def restore(trainer, directory: Path) -> None:
     log_ = json.loads(state["log"])
     trainer.history, trainer.best_metrics = log_["history"], log_["best_metrics"]
     trainer.elapsed = state["elapsed_s"]
+    if "plan" in state:  # (states saved before time budgets planned have the configured plan)
+        plan = json.loads(state["plan"])
+        trainer.plans, trainer.total_steps = plan["plans"], plan["planned_steps"]
     rngs, dist = state["rng"], trainer.dist
     set_rng_state(rngs[dist.rank] if len(rngs) == dist.world else rngs[0])
     if len(rngs) != dist.world and dist.world > 1:  # another world size: fresh dropout streams
@@ -77,7 +82,7 @@ def restore(trainer, directory: Path) -> None:
 def find_state(run_dir: str | Path) -> Path:
     """RUN_DIR/last (or last.old, left by a crash between the two renames of a save)."""
     run_dir = Path(run_dir)
-    if (run_dir / "summary.json").exists():
+    if (run_dir / "summary.json").exists() and not stopped_by_time_budget(run_dir):
         raise ValueError(f"{run_dir} already finished (summary.json exists): nothing to resume")
     for cand in (run_dir / "last", run_dir / "last.old"):
         if (cand / "train_state.pt").exists() and (cand / "model.safetensors").exists():
@@ -88,8 +93,25 @@ def find_state(run_dir: str | Path) -> Path:
                      "its first evaluation or save); start it again without --resume")
 
 
-def resume_config(run_dir: str | Path, data_dir: str | None = None) -> Config:
+def stopped_by_time_budget(run_dir: Path) -> bool:
+    """Whether the run's summary says the budget's hard limit stopped it (it kept RUN_DIR/last)."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("stopped") == "time budget"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+# what `--resume` may change: where the data is now, and how long the run may take in all
+RESUME_OVERRIDES = ("data.data_dir", "train.time_budget_min")
+
+
+def resume_config(run_dir: str | Path, data_dir: str | None = None, overrides: list[str] = ()) -> Config:
     """The config the run was started with (RUN_DIR/config.yaml, as saved with its state);
-    `data_dir` only says where the data is now."""
+    `data_dir` only says where the data is now, and `overrides` may set RESUME_OVERRIDES only."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key not in RESUME_OVERRIDES:
+            raise ValueError(f"--resume continues the run with its own config: --set {key} cannot change it "
+                             f"(only {', '.join(RESUME_OVERRIDES[1:])})")
     raw = yaml.safe_load((find_state(run_dir) / "config.yaml").read_text())
-    return load_config(None, [f"data.data_dir={data_dir}"] if data_dir else [], base=raw)
+    return load_config(None, list(overrides) + ([f"data.data_dir={data_dir}"] if data_dir else []), base=raw)

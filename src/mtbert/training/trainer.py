@@ -14,6 +14,7 @@ import logging
 import math
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from mtbert.core.config import Config, resolve_data_dir
 from mtbert.core.distributed import Dist, process_group
 from mtbert.core.io import atomic_write_text, to_json
 from mtbert.core.runtime import (
+    auto_precision,
     autocast,
     bound_kernel_caches,
     release_free_memory,
@@ -36,9 +38,18 @@ from mtbert.core.runtime import (
 )
 from mtbert.core.tasks import get_task, overall_scorer, selection_score
 from mtbert.data.readers import encode_dataset, load_split
+from mtbert.core.hardware import detect
+from mtbert.inference import int8_check
 from mtbert.inference.predictor import metrics_for
-from mtbert.modeling.checkpoint import build_model, save_checkpoint
+from mtbert.modeling.checkpoint import build_model, find_checkpoint, load_checkpoint, save_checkpoint
 from mtbert.training import state
+from mtbert.training.budget import (
+    BudgetPlanner,
+    epochs_spanned,
+    fit_message,
+    too_short_warning,
+    whole_epochs,
+)
 from mtbert.training.early_stopping import EarlyStopping
 from mtbert.training.gradients import per_task_gradients, set_flat_grad
 from mtbert.training.optimizer import (
@@ -68,6 +79,7 @@ log = logging.getLogger("mtbert")
 
 
 EVAL_RELEASE_EVERY = 4  # evaluation batches between releases of free memory (with train.release_memory_every)
+TIME_BUDGET = "time budget"  # summary.json's `stopped` when the budget's hard limit ended the run
 
 
 def not_recomputable(techniques, model) -> list[str]:
@@ -83,7 +95,8 @@ class Trainer:
                  overwrite: bool = False, command: str | None = None):
         self.cfg, self.out, self.dist = cfg, Path(out_dir), dist or Dist()
         state_dir = state.find_state(self.out) if resume else None
-        select_device(cfg.train.device)  # (an impossible device fails before the run directory is made)
+        # an impossible device, or a precision this hardware only emulates, fails before the run directory is made
+        resolve_precision(cfg.train.precision, select_device(cfg.train.device))
         prepare_run_dir(self.out, resume, overwrite, self.dist)
         self.command = command  # how the run was started, for an export's model card
         tc = cfg.train
@@ -136,12 +149,8 @@ class Trainer:
         # Gradient accumulation: a step takes grad_accum batches of each of its tasks, so schedules
         # plan in batches of batch_size x grad_accum (an epoch is still one pass over the data).
         self.grad_accum = tc.grad_accum
-        self.plans = [self.schedule.plan({t: math.ceil(s.batches_per_pass / tc.grad_accum)
-                                          for t, s in self.streams.items()}, e, tc.epochs, self.rng)
-                      for e in range(tc.epochs)]
-        self.total_steps = sum(len(p) for p in self.plans)
-        if tc.max_steps:
-            self.total_steps = min(self.total_steps, tc.max_steps)
+        self.plan_batches = {t: math.ceil(s.batches_per_pass / tc.grad_accum) for t, s in self.streams.items()}
+        self.plans, self.configured_steps, self.total_steps = self._plan(tc.epochs, tc.max_steps)
         if cfg.model.finetune == "frozen":
             for p in self.model.encoder.parameters():
                 p.requires_grad_(False)
@@ -178,10 +187,87 @@ class Trainer:
                                tc.seed, self.autocast, out_dir=self.out, dist=self.dist)
         for tech in self.techniques:
             tech.setup(self.ctx)
+        self.budget = self._budget_planner()
+        self.budget_announced = False
         if state_dir is not None:
             state.restore(self, state_dir)
-            self.ctx.step = self.step
+            self.ctx.step, self.ctx.total_steps = self.step, self.total_steps
             log.info("resumed %s at step %d of %d", self.out, self.step, self.total_steps)
+
+    def _plan(self, epochs: int, max_steps: int | None) -> tuple[list, int, int]:
+        """(each epoch's steps, configured steps, planned steps). Task sampling follows the plan:
+        where max_steps ends it early, schedules that depend on the number of epochs (annealed) plan
+        for the epochs it spans, drawing the same random numbers."""
+        before = self.rng.getstate()
+        plans = [self.schedule.plan(self.plan_batches, e, epochs, self.rng) for e in range(epochs)]
+        configured = sum(len(p) for p in plans)
+        planned = min(configured, max_steps) if max_steps else configured
+        spanned = whole_epochs([len(p) for p in plans], planned)
+        if spanned < epochs:
+            self.rng.setstate(before)
+            plans = [self.schedule.plan(self.plan_batches, min(e, spanned - 1), spanned, self.rng) for e in range(epochs)]
+        return plans, configured, planned
+
+    def _epoch_ends(self) -> list[int]:
+        ends, total = [], 0
+        for p in self.plans:
+            total += len(p)
+            ends.append(total)
+        return ends
+
+    def _evaluations(self, start: int, end: int) -> int:
+        """Evaluations the plan holds in steps (start, end]: each epoch end, every eval_every steps
+        and the final one."""
+        every = self.cfg.train.eval_every
+        marks = {e for e in self._epoch_ends() if start < e < end}
+        if every:
+            marks |= set(range((start // every + 1) * every, end, every))
+        return len(marks) + 1
+
+    def _budget_planner(self) -> BudgetPlanner | None:
+        budget = self.cfg.train.time_budget_min
+        if not budget:  # none, or 0: stop after the first step (the hard limit alone)
+            return None
+        dev_examples = sum(len(ds) for ds in self.dev_sets.values())
+        # until one is timed: an evaluation is a forward pass (about a third of a training step) per example
+        eval_in_steps = dev_examples / (3 * self.cfg.data.batch_size * max(1, len(self.tasks)))
+        return BudgetPlanner(budget, self._evaluations, eval_in_steps)
+
+    def _fit_budget(self) -> None:
+        """Shorten the plan (steps, LR decay, task sampling) if its rest no longer fits the budget."""
+        fitted = self.budget.fit(self.step, self.total_steps, time.time() - self.t0) if self.dist.main else None
+        fitted = self.dist.broadcast_object(fitted)
+        if fitted is None or fitted >= self.total_steps:
+            return
+        tc = self.cfg.train
+        self.total_steps = self.ctx.total_steps = fitted
+        self.updater.refit(self.step, fitted, int(tc.warmup_ratio * fitted))
+        spanned = whole_epochs([len(p) for p in self.plans], fitted)
+        for e in range(self.epoch + 1, spanned):  # sampling follows: annealing ends in the plan's last epoch
+            self.plans[e] = self.schedule.plan(self.plan_batches, e, spanned, random.Random(f"{tc.seed}/budget/{e}"))
+        del self.plans[spanned:]
+        if not self.dist.main:
+            return
+        per_step = self.budget.step_seconds
+        message = fit_message(per_step, tc.time_budget_min, fitted, self.configured_steps,
+                              epochs_spanned([len(p) for p in self.plans], fitted), tc.epochs)
+        if self.budget_announced:
+            log.info(message)
+        else:  # once, in one line
+            self.budget_announced = True
+            tqdm.write(f"mtbert train: {message}", file=sys.stderr)
+        precision, why = (tc.precision, "") if tc.precision != "auto" else auto_precision(self.device)
+        warning = too_short_warning(fitted, self.configured_steps,
+                                    f"{per_step:.2f} s/step in {precision} on {self.device.type}"
+                                    + (f": {why}" if why else ""))
+        if warning:
+            tqdm.write(f"mtbert train: warning: {warning}", file=sys.stderr)
+
+    def _budget_spent(self) -> bool:
+        """The budget's hard limit (a machine that slowed down after the fit): stop, resumably."""
+        if self._over_budget() and not self.stop_reason:
+            self.stop_reason = TIME_BUDGET
+        return self.stop_reason == TIME_BUDGET
 
     def parameter_counts(self) -> dict[str, int]:
         params = list(self.model.parameters()) + list(self.weighting.parameters())
@@ -306,6 +392,7 @@ class Trainer:
         """Evaluate (main rank; the others get its metrics), log a metrics row, keep the best
         checkpoint and save the resumable state."""
         self.last_recorded_step = self.step
+        started = time.perf_counter()
         release_free_memory()  # the evaluation's batches start from the live memory, not the steps' holes
         metrics = self.dist.broadcast_object(self.evaluate() if self.dist.main else None)
         release_free_memory()  # (and the steps after it from theirs)
@@ -334,10 +421,14 @@ class Trainer:
         reasons = [self.early_stopping.update(metrics)] if self.early_stopping else []
         reasons += [callback(row) for callback in self.eval_callbacks]
         self.stop_reason = self.stop_reason or next((r for r in reasons if r), None)
-        if self.stop_reason:
+        if self.budget is not None:
+            self.budget.evaluation_done(time.perf_counter() - started)
+            if not self.stop_reason and self.step < self.total_steps:
+                self._fit_budget()
+        if self.stop_reason and self.stop_reason != TIME_BUDGET:
             log.info("stopping at step %d: %s", self.step, self.stop_reason)
         elif self.step < self.total_steps:  # the final state is never resumed: the run is over
-            state.save(self)
+            state.save(self)  # (a run the budget's hard limit stopped goes on with --resume)
         return row
 
     def _over_budget(self) -> bool:
@@ -378,6 +469,10 @@ class Trainer:
             bar = tqdm(plan, desc=f"epoch {epoch}", disable=not show, dynamic_ncols=True)
             for i, tasks in enumerate(bar):
                 losses = self.train_step(tasks)
+                if self.budget is not None:
+                    self.budget.step_done()
+                    if self.budget.ready():
+                        self._fit_budget()
                 check_finite_losses(losses, self.step, self.dist, self.best_metrics)
                 for t, l in losses.items():
                     self.loss_sums[t] += l
@@ -388,20 +483,42 @@ class Trainer:
                     self._record()
                 elif save_every and self.step % save_every == 0 and i < len(plan) - 1:  # (epoch ends record)
                     state.save(self)
-                if self.stop_reason or self._over_budget():
+                if self.stop_reason or self._budget_spent() or self.step >= self.total_steps:
                     break
             if self.last_recorded_step != self.step:
                 self._record()
-            if self.stop_reason or self.step >= self.total_steps or self._over_budget():
+            if self.stop_reason or self.step >= self.total_steps or self._budget_spent():
                 break
+        checked = self._int8_check() if self.stop_reason != TIME_BUDGET else None
         summary = {"best_dev": self.best_metrics, "steps": self.step,
+                   "configured_steps": self.configured_steps, "planned_steps": self.total_steps,
                    "train_seconds": round(time.time() - self.t0, 1), "examples_seen": self.examples_seen,
-                   **self.parameter_counts(), **({"stopped": self.stop_reason} if self.stop_reason else {})}
+                   **self.parameter_counts(), **({"stopped": self.stop_reason} if self.stop_reason else {}),
+                   **({"int8_check": {k: checked[k] for k in ("passed", "fp32_score", "int8_score", "delta")}}
+                      if checked else {})}
         if self.dist.main:
             atomic_write_text(self.out / "summary.json", to_json(summary, indent=2))
-            for d in ("last", "last.old"):  # finished: the resumable state is no longer needed
-                shutil.rmtree(self.out / d, ignore_errors=True)
+            if self.stop_reason != TIME_BUDGET:  # finished: the resumable state is no longer needed
+                for d in ("last", "last.old"):
+                    shutil.rmtree(self.out / d, ignore_errors=True)
         return summary
+
+
+    def _int8_check(self) -> dict | None:
+        """Score the best checkpoint's dev sets in int8 and fp32 on the CPU, and store the result
+        beside its weights (inference.int8_check): CPU inference's `auto` uses int8 only where it passed."""
+        best = find_checkpoint(self.out, required=False)
+        if not (self.cfg.train.int8_check and self.dist.main and best is not None and detect().cpu_int8):
+            return None
+        model, _, _, meta = load_checkpoint(best)
+        trained_in_fp32 = self.device.type == "cpu" and self.amp_dtype is None
+        release = EVAL_RELEASE_EVERY if self.cfg.train.release_memory_every else None
+        record = int8_check.measure(model, self.dev_sets, self.scorer, meta.get("step"),
+                                    fp32_metrics=meta.get("dev") if trained_in_fp32 else None,
+                                    batch_size=self.cfg.data.eval_batch_size, pad_id=self.tokenizer.pad_id,
+                                    release_every=release)
+        int8_check.write(best, record)
+        return record
 
 
 def _yaml(cfg: Config) -> str:

@@ -110,7 +110,7 @@ class Distill(Technique):
             # distillation changes the student's loss and nothing else.
             devices = [ctx.device] if ctx.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
-                # the teacher runs at the precision named in the key (training's `auto`: fp32 on CPU)
+                # the teacher runs at the precision named in the key (`auto`: bf16 where native, else fp32)
                 name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[precision]
                 targets = self._label(ctx, name)
             cache.mkdir(parents=True, exist_ok=True)
