@@ -1,8 +1,9 @@
-"""`mtbert` command line: train, evaluate, predict, ensemble, data check, techniques, report, ablate, serve,
-install-backbone."""
+"""`mtbert` command line: train, evaluate, predict, ensemble, data check, techniques, env, report, ablate,
+serve, install-backbone."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -15,6 +16,7 @@ import yaml
 
 from mtbert import __version__
 from mtbert.apps.ablate import run_ablation
+from mtbert.apps.env import environment, format_environment
 from mtbert.apps.export import FORMATS, QUANTIZE, export_run
 from mtbert.apps.report import write_report
 from mtbert.apps.serve import serve
@@ -55,12 +57,12 @@ def _data_dir(args, cfg_value=None) -> Path:
 def cmd_train(args) -> int:
 
     if args.resume:  # the run's own config: changing it halfway would not be the same run
-        if args.config or args.set or (args.out and Path(args.out).resolve() != Path(args.resume).resolve()):
+        if args.config or (args.out and Path(args.out).resolve() != Path(args.resume).resolve()):
             raise ConfigError("--resume RUN_DIR continues with RUN_DIR/config.yaml: "
-                              "it takes no --config, --set or other --out")
+                              "it takes no --config or other --out (--set only train.time_budget_min)")
         if args.overwrite:
             raise ConfigError("--resume continues a run and --overwrite replaces one: give only one of them")
-        out, cfg = args.resume, resume_config(args.resume, args.data_dir)
+        out, cfg = args.resume, resume_config(args.resume, args.data_dir, args.set or [])
     else:
         if not args.out:
             raise ConfigError("--out RUN_DIR is required (or --resume RUN_DIR)")
@@ -71,7 +73,11 @@ def cmd_train(args) -> int:
     command = None if args.resume else shlex.join(["mtbert", *args.argv])
     summary = train(cfg, out, resume=bool(args.resume), overwrite=args.overwrite, command=command)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one table
-        print(format_table(summary["best_dev"], f"best dev metrics ({out}/best)"))
+        title = f"best dev metrics ({out}/best)"
+        if summary.get("stopped") == "time budget":
+            title = (f"stopped by the time budget at step {summary['steps']} of {summary['planned_steps']}; {title}; "
+                     f"continue with: mtbert train --resume {out} --set train.time_budget_min=MINUTES")
+        print(format_table(summary["best_dev"], title))
         print(f"train_seconds={summary['train_seconds']} steps={summary['steps']}")
     return 0
 
@@ -172,6 +178,12 @@ def cmd_techniques(args) -> int:
     print("loss weightings (config: train.weighting):")
     for name, cls in WEIGHTINGS.items():
         print(f"  {name:<14} {_first_line(cls.__doc__)}")
+    return 0
+
+
+def cmd_env(args) -> int:
+    env = environment()
+    print(json.dumps(env, indent=2) if args.json else format_environment(env))
     return 0
 
 
@@ -414,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     tq = sub.add_parser("techniques", help="list the available training techniques")
     tq.set_defaults(func=cmd_techniques)
+
+    ev = sub.add_parser("env", help="what this machine is and what `auto` picks on it (paste it into bug reports)")
+    ev.add_argument("--json", action="store_true", help="print it as JSON")
+    ev.set_defaults(func=cmd_env)
     return p
 
 
