@@ -8,7 +8,7 @@ task's dev examples tokenised once by the run's tokenizer, sorted by length and 
 --batch-size, the same for all paths, with the same thread count (torch.set_num_threads and
 onnxruntime's intra_op_num_threads). The paths:
 
-- ours fp32 and ours in every other precision this CPU runs (core.runtime.inference_precisions:
+- ours fp32 and ours in every other precision this CPU runs (core.runtime.native_precisions:
   bf16 = bf16 encoder weights where the CPU has AVX-512 BF16 or AMX, int8 = dynamically quantised
   linear layers; see modeling.precision); for comparison, not offered: "ours bf16, weights not
   prepacked" (bf16 weights through plain nn.Linear, which oneDNN reorders on every call) and "ours
@@ -27,11 +27,21 @@ during the run touches every path alike) and the dev metric of every task plus t
 score, computed from the untimed pass's outputs.
 A path is accuracy-preserving when its dev overall is within 0.005 of ours fp32.
 
-The last line reads `ours_over_ort=X infer_ratio=Y`: our fastest accuracy-preserving path over
-ONNX Runtime's fastest accuracy-preserving path (X) and over transformers fp32 (Y). Speed is the
-single-sentence task's throughput (SST: sentences/s), the case the issue's measurements and the
-server's p50 are about; the table shows the pair task (QQP, cross-encoded) beside it, and the
-ratio on it is printed on the line above the last.
+The last line reads `ours_over_ort=X infer_ratio=Y auto_over_ort=Z`: our fastest
+accuracy-preserving path over ONNX Runtime's fastest accuracy-preserving path (X) and over
+transformers fp32 (Y); and (Z) the path that `--precision auto` resolves to for this run
+(load_predictor(RUN_DIR, "cpu", "auto").precision: bf16 where the CPU computes it natively, int8
+where the run's own int8 check passed, else fp32), whatever its score, over ONNX Runtime's fastest
+accuracy-preserving path in its own terms: the faster of ORT fp32 and ORT int8, int8 counted only
+where its dev overall is within 0.005 of ORT fp32's. Z is what a user who leaves the precision
+alone gets against a user of ONNX Runtime; the line above the last names the two paths it compares.
+Speed is the single-sentence task's throughput (SST: sentences/s), the case the issue's
+measurements and the server's p50 are about; the table shows the pair task (QQP, cross-encoded)
+beside it, and the ratio on it is printed a few lines above the last.
+
+Progress goes to stderr as it runs (flush=True): a line as each path starts and finishes its
+warm-up pass and each timed round (with its throughput), and a line every ~10 s inside a long
+pass, so that a slow CPU on full dev sets (over 15 minutes on an AVX2 machine) shows where it is.
 
 onnxruntime (with onnx and onnxscript, to export) and transformers are optional: `pip install
 mtbert[export]`; without them the script stops with a one-line message.
@@ -51,7 +61,7 @@ import numpy as np
 import torch
 
 from mtbert.core.config import resolve_data_dir
-from mtbert.core.runtime import inference_precisions
+from mtbert.core.runtime import native_precisions
 from mtbert.data.readers import collate
 from mtbert.inference.loading import load_predictor
 from mtbert.inference.predictor import for_precision, load_examples, score_outputs
@@ -59,6 +69,24 @@ from mtbert.modeling import hf_format
 from mtbert.modeling.precision import encoder_to_bf16
 
 PRESERVING = 0.005  # largest |dev overall - ours fp32| of an accuracy-preserving path
+PROGRESS_SECONDS = 10.0  # a progress line at least this often inside a long pass
+
+
+def say(message: str) -> None:
+    """A progress line: stderr, flushed at once (stdout holds the report)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+class Progress:
+    """`label: i/n batches` every PROGRESS_SECONDS of a long pass."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total, self.last = label, total, time.perf_counter()
+
+    def tick(self, done: int) -> None:
+        if time.perf_counter() - self.last >= PROGRESS_SECONDS:
+            self.last = time.perf_counter()
+            say(f"      {self.label}: {done}/{self.total} batches")
 
 
 class TransformersEncoder(torch.nn.Module):
@@ -115,31 +143,55 @@ def ort_feeds(batch: dict, slots: list[str]) -> dict[str, np.ndarray]:
             for slot, x in zip(slots, batch["inputs"]) for key in ("input_ids", "attention_mask", "token_type_ids")}
 
 
-def first_pass(run, batches: dict[str, list[dict]]) -> dict[str, np.ndarray]:
+def first_pass(label: str, run, batches: dict[str, list[dict]]) -> dict[str, np.ndarray]:
     """One untimed pass (the warm-up): the logits per task, in dataset order."""
-    logits = {}
+    say(f"  warm-up (untimed; its outputs are scored): {label} ...")
+    start, logits = time.perf_counter(), {}
     for task, bs in batches.items():
+        progress, outputs = Progress(f"{label}, {task} warm-up", len(bs)), []
+        for i, b in enumerate(bs):
+            outputs.append(run(task, b))
+            progress.tick(i + 1)
         order = np.concatenate([b["indices"].numpy() for b in bs])
-        logits[task] = np.concatenate([run(task, b) for b in bs])[np.argsort(order)]
+        logits[task] = np.concatenate(outputs)[np.argsort(order)]
+    say(f"  warm-up {label}: done in {time.perf_counter() - start:.1f} s")
     return logits
 
 
-def timed_pass(run, bs: list[dict], task: str) -> float:
+def timed_pass(run, bs: list[dict], task: str, label: str) -> float:
+    progress = Progress(f"{label}, {task}", len(bs))
     start = time.perf_counter()
-    for b in bs:
+    for i, b in enumerate(bs):
         run(task, b)
+        progress.tick(i + 1)  # a clock read per batch: nothing beside a model call
     return sum(len(b["indices"]) for b in bs) / (time.perf_counter() - start)
 
 
-def time_paths(paths: dict, batches: dict[str, list[dict]], repeat: int) -> dict[str, dict[str, float]]:
+def time_paths(paths: dict, batches: dict[str, list[dict]], repeat: int,
+               units: dict[str, str]) -> dict[str, dict[str, float]]:
     """Examples/s per path and task: the best of `repeat` rounds, each round timing every path once
     in turn, so that a machine slowing down or speeding up during the run affects every path alike."""
     speed = {label: dict.fromkeys(batches, 0.0) for label in paths}
-    for _ in range(repeat):
+    for r in range(1, repeat + 1):
         for label, run in paths.items():
-            for task, bs in batches.items():
-                speed[label][task] = max(speed[label][task], timed_pass(run, bs, task))
+            say(f"  round {r}/{repeat}: {label} ...")
+            this_round = {task: timed_pass(run, bs, task, label) for task, bs in batches.items()}
+            say(f"  round {r}/{repeat}: {label}: " + ", ".join(f"{t} {v:.1f} {units[t]}" for t, v in this_round.items()))
+            for task, v in this_round.items():
+                speed[label][task] = max(speed[label][task], v)
     return speed
+
+
+def ort_fastest_preserving(rows: dict, key: str, task: str) -> tuple[str, str]:
+    """(label, why) of ONNX Runtime's fastest accuracy-preserving path on `task`: the faster of its
+    fp32 and int8 graphs, int8 counted only where its dev `key` is within PRESERVING of ORT fp32's
+    (judged against its own fp32 graph, as our int8 check is against ours fp32; each path's dev
+    score here is computed from its own outputs, rows[label][1])."""
+    fp32, int8 = rows["onnxruntime fp32"][1][key], rows["onnxruntime int8"][1][key]
+    if abs(int8 - fp32) > PRESERVING:
+        return "onnxruntime fp32", f"int8 left out: its {key} {int8:.4f} is not within {PRESERVING} of fp32's {fp32:.4f}"
+    label = max(("onnxruntime fp32", "onnxruntime int8"), key=lambda lb: rows[lb][0][task])
+    return label, f"the faster of fp32 and int8 (int8 {key} {int8:.4f} within {PRESERVING} of fp32's {fp32:.4f})"
 
 
 def main(argv=None) -> None:
@@ -160,6 +212,9 @@ def main(argv=None) -> None:
     device = torch.device("cpu")
 
     base = load_predictor(args.run_dir, device="cpu", precision="fp32", batch_size=args.batch_size)
+    # what `auto` resolves to for this run (the loader reads the run's int8 check): its path is timed below
+    auto = load_predictor(args.run_dir, device="cpu", precision="auto", batch_size=args.batch_size).precision
+    say(f"run {args.run_dir}: `auto` resolves to {auto} on this CPU")
     model, scorer = base.model, base.scorer
     examples = load_examples(base.tasks, resolve_data_dir(args.data_dir or base.data_dir), "dev", args.limit)
     datasets = {t: base.encode(t, ex) for t, ex in examples.items()}
@@ -177,10 +232,10 @@ def main(argv=None) -> None:
                       for s in range(0, len(order), args.batch_size)]
 
     paths = {"ours fp32": torch_runner(model, None)}
-    for precision in inference_precisions(device):
+    for precision in native_precisions(device, inference=True):
         if precision != "fp32":
             paths[f"ours {precision}"] = torch_runner(*for_precision(copy.deepcopy(model), precision, device))
-    if "bf16" in inference_precisions(device):  # what `bf16` was before, for comparison
+    if "bf16" in native_precisions(device, inference=True):  # what `bf16` was before, for comparison
         paths["ours bf16, weights not prepacked"] = torch_runner(encoder_to_bf16(copy.deepcopy(model), prepack=False), None)
         paths["ours bf16 autocast"] = torch_runner(model, torch.bfloat16)
 
@@ -199,9 +254,12 @@ def main(argv=None) -> None:
         for b in bs:
             b["feeds"] = ort_feeds(b, manifest["tasks"][t]["slots"])
 
+    units = {t: "pairs/s" if datasets[t].task.is_pair else "sentences/s" for t in batches}
+    sizes = {t: len(ds) for t, ds in datasets.items()}
+    say(f"{len(paths)} paths: {', '.join(paths)}; dev examples per task {sizes}; {args.repeat} timed round(s)")
     rows, reference = {}, None
-    first = {label: first_pass(run, batches) for label, run in paths.items()}
-    speeds = time_paths(paths, batches, args.repeat)
+    first = {label: first_pass(label, run, batches) for label, run in paths.items()}
+    speeds = time_paths(paths, batches, args.repeat, units)
     for label in paths:
         speed, logits = speeds[label], first[label]
         outputs = {t: {"pred": datasets[t].task.kind.predict(torch.from_numpy(lg)).numpy()} for t, lg in logits.items()}
@@ -209,7 +267,7 @@ def main(argv=None) -> None:
         reference = reference or logits
         diff = max(float(np.abs(logits[t] - reference[t]).max()) for t in logits)
         rows[label] = (speed, metrics, diff)
-        print(f"  {label}: " + ", ".join(f"{t} {v:.1f}/s" for t, v in speed.items()), file=sys.stderr)
+        say(f"  best of {args.repeat}, {label}: " + ", ".join(f"{t} {v:.1f}/s" for t, v in speed.items()))
 
     tasks = list(batches)
     key = "overall" if "overall" in rows["ours fp32"][1] else tasks[0]
@@ -246,7 +304,12 @@ def main(argv=None) -> None:
         print(f"\npair task {pair}: ours ({o}) over onnxruntime ({r}) {x:.2f}, over transformers fp32 {y:.2f}")
     x, y, o, r = ratios(single)
     print(f"single-sentence task {single}: fastest accuracy-preserving ours = {o}, onnxruntime = {r}")
-    print(f"ours_over_ort={x:.2f} infer_ratio={y:.2f}")
+    auto_label = f"ours {auto}"  # a path of its own above: auto resolves only to a precision this CPU runs
+    ort_label, ort_why = ort_fastest_preserving(rows, key, single)
+    z = rows[auto_label][0][single] / rows[ort_label][0][single]
+    print(f"auto_over_ort on {single}: {auto_label} (what `auto` resolves to for this run) over {ort_label} "
+          f"(onnxruntime's fastest accuracy-preserving path: {ort_why})")
+    print(f"ours_over_ort={x:.2f} infer_ratio={y:.2f} auto_over_ort={z:.2f}")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,20 @@
 
 Same weights (the default all-MiniLM-L6-v2 backbone), the same examples in the same order, the
 same batch size and the same task heads (our MultitaskModel with the encoder swapped). transformers
-gets plain batches padded to their longest member, as a typical user feeds it; ours forms batches
-its own way (length bucketing) and may use bf16 autocast. Each variant in between is also timed, so
-the table shows what every change bought.
+gets plain batches padded to their longest member, in fp32, as a typical user feeds it; ours forms
+batches its own way (length bucketing) and runs in the precision that training's `auto` picks on
+this CPU (core.runtime.auto_precision: bf16 autocast where the CPU computes bf16 natively, AVX-512
+BF16 or AMX; fp32 elsewhere). Each variant in between is also timed, so the table shows what every
+change bought. A precision this CPU only emulates (bf16 on an AVX2 CPU: 39x slower than fp32) is
+never timed: the script says so and why. The matmul peak, and the share of it that training
+reaches, are given for the precisions the CPU runs natively only.
 
-    python bench/throughput.py [--examples 480] [--batch-size 32] [--threads N] [--compile]
+    python bench/throughput.py [--examples 480] [--infer-examples 1600] [--batch-size 32] [--threads N]
+                               [--compile]
 
-The last line reads `train_ratio=X infer_ratio=Y` (ours over transformers, best configuration of ours).
+The first lines name the CPU, its class and torch's instruction set; progress goes to stderr as the
+script runs (every step count or ~10 s of a long loop). The last line reads `train_ratio=X
+infer_ratio=Y`: ours in `auto`'s precision (its best configuration) over transformers fp32.
 """
 from __future__ import annotations
 
@@ -16,11 +23,14 @@ import argparse
 import contextlib
 import copy
 import random
+import sys
 import time
 
 import torch
 
 from mtbert.core.config import load_config, resolve_data_dir
+from mtbert.core.hardware import detect
+from mtbert.core.runtime import AMP_DTYPES, auto_precision, native_precisions
 from mtbert.core.tasks import get_task
 from mtbert.data.readers import collate, encode_dataset, load_split
 from mtbert.modeling.checkpoint import build_model
@@ -74,12 +84,39 @@ def matmul_peak(dtype, n=2048, seconds=1.5) -> float:
     return 2 * n ** 3 * count / (time.perf_counter() - t0) / 1e9
 
 
-def time_train(model, task_batches, amp, fused=False):
+class Progress:
+    """`label: i/n` on stderr every `every` seconds of a long loop (flush=True: a slow CPU, or output
+    sent to a file, still shows the script is working)."""
+
+    def __init__(self, label: str, total: int, every: float = 10.0):
+        self.label, self.total, self.every = label, total, every
+        self.last = time.perf_counter()
+
+    def tick(self, done: int) -> None:
+        if time.perf_counter() - self.last >= self.every:
+            self.last = time.perf_counter()
+            print(f"    {self.label}: {done}/{self.total}", file=sys.stderr, flush=True)
+
+
+def timed(label: str, measure):
+    """Runs `measure()` (examples/s) between a start and a finish line on stderr."""
+    print(f"  {label} ...", file=sys.stderr, flush=True)
+    speed = measure()
+    print(f"  {label}: {speed:.1f} examples/s", file=sys.stderr, flush=True)
+    return speed
+
+
+def precision_context(precision: str):
+    dtype = AMP_DTYPES[precision]
+    return (lambda: torch.autocast("cpu", dtype=dtype)) if dtype is not None else contextlib.nullcontext
+
+
+def time_train(model, task_batches, precision, fused=False, label="train"):
     """`fused`: our trainer's optimizer (training.optimizer.adamw: fused AdamW, its parameter
     groups); otherwise torch's default AdamW, as a transformers user gets it."""
     opt = adamw(parameter_groups(model, 1e-5), 1e-5, 0.01) if fused else torch.optim.AdamW(model.parameters(), lr=1e-5)
     model.train()
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+    ctx, progress = precision_context(precision), Progress(f"{label}, step", len(task_batches))
     n, t0 = 0, None
     for step, (task, batch) in enumerate(task_batches):
         if step == 2:  # two warm-up steps
@@ -90,22 +127,69 @@ def time_train(model, task_batches, amp, fused=False):
         opt.step()
         opt.zero_grad(set_to_none=True)
         n += len(batch["labels"])
+        progress.tick(step + 1)
     return n / (time.perf_counter() - t0)
 
 
 @torch.inference_mode()
-def time_infer(model, task, batches, amp):
+def time_infer(model, task, batches, precision, label="infer"):
     model.eval()
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+    ctx, progress = precision_context(precision), Progress(f"{label}, batch", len(batches))
     for b in batches[:1]:
         with ctx():
             model(task, b["inputs"])
     n, t0 = 0, time.perf_counter()
-    for b in batches:
+    for i, b in enumerate(batches):
         with ctx():
             model(task, b["inputs"])
         n += len(b["indices"])
+        progress.tick(i + 1)
     return n / (time.perf_counter() - t0)
+
+
+def describe_cpu(caps, auto: str, why: str, timed_precisions: list[str]) -> None:
+    """The machine the numbers belong to, first; and which precisions are timed, and why not the others."""
+    onednn = f", ONEDNN_MAX_CPU_ISA={caps.onednn_max_isa}" if caps.onednn_max_isa else ""
+    print(f"cpu: {caps.cpu_model}; class {caps.cpu_isa_class}; torch {caps.torch_version} instruction set "
+          f"{caps.aten_isa}{onednn}", flush=True)
+    print(f"training's auto precision here: {auto} ({why})", flush=True)
+    if "bf16" not in timed_precisions:
+        print(f"bf16: not timed: {caps.cpu_bf16_reason()}", flush=True)
+
+
+def training_variants(auto: str, timed_precisions: list[str]) -> list[tuple]:
+    """(label, ours?, bucketed?, precision, fused AdamW?, recompute?) in the table's order: each row
+    adds one change to the one before; the last two are ours as training runs it, in `auto`'s precision
+    (the last: train.checkpoint_above_tokens=1024, which bounds train's memory; its cost)."""
+    rows = [("transformers, padded, fp32", False, False, "fp32", False, False),
+            ("ours, padded, fp32", True, False, "fp32", False, False),
+            ("ours, bucketed, fp32", True, True, "fp32", False, False)]
+    if "bf16" in timed_precisions:
+        rows.append(("ours, bucketed, bf16 autocast", True, True, "bf16", False, False))
+    return rows + [(f"ours, {auto}, fused AdamW", True, True, auto, True, False),
+                   (f"ours, {auto}, fused, recompute>1024", True, True, auto, True, True)]
+
+
+def inference_variants(timed_precisions: list[str]) -> list[tuple]:
+    """(label, ours?, sorted?, precision) in the table's order."""
+    rows = [("transformers, padded, fp32", False, False, "fp32"),
+            ("ours, padded, fp32", True, False, "fp32"),
+            ("ours, sorted, fp32", True, True, "fp32")]
+    if "bf16" in timed_precisions:
+        rows.append(("ours, sorted, bf16 autocast", True, True, "bf16"))
+    return rows
+
+
+def report_peaks(rows, timed_precisions: list[str], flops_per_example: float) -> None:
+    """The matmul peak of each precision timed (those the CPU runs natively: an emulated one's 'peak'
+    would make any share of it meaningless) and the share of it that training's best row reaches."""
+    peaks = {p: matmul_peak(AMP_DTYPES[p] or torch.float32) for p in timed_precisions}
+    print("\nmatmul peak (2048^2): " + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peaks.items()))
+    achieved = []
+    for p, peak in peaks.items():
+        gflops = max(v for label, p_, v in rows if p_ == p and label.startswith("ours")) * flops_per_example / 1e9
+        achieved.append(f"{p} {gflops:.0f} GFLOP/s ({gflops / peak:.0%} of {p} peak)")
+    print("achieved in training (useful FLOPs, real tokens only): " + ", ".join(achieved))
 
 
 def main():
@@ -120,6 +204,10 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    cpu, caps = torch.device("cpu"), detect()
+    auto, why = auto_precision(cpu, caps)
+    timed_precisions = native_precisions(cpu, caps)  # training's: fp32, and bf16 where native
+    describe_cpu(caps, auto, why, timed_precisions)
     cfg = load_config("configs/default.yaml", ["model.pooling=cls", "model.pair_encoding={qqp: cross, sts: cross}"])
     data_dir = resolve_data_dir(None)
     ours, tok = build_model(cfg)
@@ -147,9 +235,9 @@ def main():
     _, padded_bucket = tokens_in([b for _, b in bucketed])
     print(f"threads={torch.get_num_threads()} batch={args.batch_size} train examples={sum(len(b['labels']) for _, b in plain)}")
     print(f"tokens: real={real} padded-to-longest={padded_plain} ({padded_plain / real:.2f}x) "
-          f"bucketed={padded_bucket} ({padded_bucket / real:.2f}x)")
+          f"bucketed={padded_bucket} ({padded_bucket / real:.2f}x)", flush=True)
 
-    rows = []
+    rows = []  # (label, precision, examples/s)
     base_state = {k: v.clone() for k, v in ours.state_dict().items()}
 
     def reset():
@@ -157,59 +245,57 @@ def main():
         theirs.load_state_dict(base_state, strict=False)
         theirs.encoder.bert.load_state_dict(HFEncoder(default_backbone_dir()).bert.state_dict())
 
-    for label, model, batches, amp in [("transformers, padded, fp32", theirs, plain, False),
-                                       ("ours, padded, fp32", ours, plain, False),
-                                       ("ours, bucketed, fp32", ours, bucketed, False),
-                                       ("ours, bucketed, bf16 autocast", ours, bucketed, True),
-                                       ("ours, bf16, fused AdamW", ours, bucketed, "fused"),
-                                       ("ours, bf16, fused, recompute>1024", ours, bucketed, "fused+recompute")]:
+    print("training:", file=sys.stderr, flush=True)
+    for label, is_ours, bucket, precision, fused, recompute in training_variants(auto, timed_precisions):
         reset()
-        # (the last row: make train's memory bound, train.checkpoint_above_tokens=1024; its cost)
-        model.encoder.checkpoint_above_tokens = 1024 if amp == "fused+recompute" else None
-        rows.append((label, time_train(model, batches, bool(amp), fused=str(amp).startswith("fused"))))
+        model = ours if is_ours else theirs
+        model.encoder.checkpoint_above_tokens = 1024 if recompute else None
+        batches = bucketed if bucket else plain
+        rows.append((label, precision, timed(label, lambda: time_train(model, batches, precision, fused, label))))
     ours.encoder.checkpoint_above_tokens = None
     if args.compile:  # a compiled copy; its first pass (compilation) is not timed
         compiled = copy.deepcopy(ours)
         compiled.encoder.compile(dynamic=True)
-        time_train(compiled, bucketed, True, fused=True)
+        timed("compiling (untimed pass)", lambda: time_train(compiled, bucketed, auto, fused=True, label="compile"))
         compiled.load_state_dict(base_state)
-        rows.append(("ours, bf16, fused, compile", time_train(compiled, bucketed, True, fused=True)))
+        label = f"ours, {auto}, fused, compile"
+        rows.append((label, auto, timed(label, lambda: time_train(compiled, bucketed, auto, fused=True, label=label))))
     print("\ntraining (forward + backward + AdamW step, examples/s):")
-    for label, v in rows:
-        print(f"  {label:<32} {v:8.1f}   x{v / rows[0][1]:.2f}")
+    for label, _, v in rows:
+        print(f"  {label:<34} {v:8.1f}   x{v / rows[0][2]:.2f}")
     reset()
 
-    infer_rows = []
+    infer_rows = []  # (task, unit, label, precision, examples/s)
+    print("inference:", file=sys.stderr, flush=True)
     for task in ("sst", "qqp"):
         ds = sets[task]
         ds = encode_dataset(ds.task, ds.examples[: args.infer_examples], tok, "cross")
         plain_b = batches_in_order(ds, args.batch_size, False)
         sorted_b = batches_in_order(ds, args.batch_size, True, window=10 ** 9)  # inference: sort all
         unit = "sentences/s" if task == "sst" else "pairs/s"
-        for label, model, batches, amp in [("transformers, padded, fp32", theirs, plain_b, False),
-                                           ("ours, padded, fp32", ours, plain_b, False),
-                                           ("ours, sorted, fp32", ours, sorted_b, False),
-                                           ("ours, sorted, bf16 autocast", ours, sorted_b, True)]:
-            infer_rows.append((task, unit, label, time_infer(model, task, batches, amp)))
+        for label, is_ours, sort, precision in inference_variants(timed_precisions):
+            model, batches = (ours if is_ours else theirs), (sorted_b if sort else plain_b)
+            speed = timed(f"{task} {label}", lambda: time_infer(model, task, batches, precision, f"{task} {label}"))
+            infer_rows.append((task, unit, label, precision, speed))
         if args.compile:
-            time_infer(compiled, task, sorted_b, True)
-            infer_rows.append((task, unit, "ours, sorted, bf16 + compile", time_infer(compiled, task, sorted_b, True)))
+            label = f"ours, sorted, {auto} + compile"
+            time_infer(compiled, task, sorted_b, auto)
+            speed = timed(f"{task} {label}", lambda: time_infer(compiled, task, sorted_b, auto, f"{task} {label}"))
+            infer_rows.append((task, unit, label, auto, speed))
     print("\ninference (torch.inference_mode):")
-    for task, unit, label, v in infer_rows:
-        base = next(r[3] for r in infer_rows if r[0] == task)
+    for task, unit, label, _, v in infer_rows:
+        base = next(r[4] for r in infer_rows if r[0] == task)
         print(f"  {task} {label:<30} {v:8.1f} {unit}   x{v / base:.2f}")
 
-    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
     mean_len = real / sum(len(b["labels"]) for _, b in bucketed)
     flops_ex = 3 * encoder_flops_per_token(ours.encoder.config, mean_len) * mean_len  # fwd + bwd ≈ 3x fwd
-    best_fp32, best_bf16 = rows[2][1], max(rows[3][1], rows[4][1])
-    print(f"\nmatmul peak (2048^2): fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
-    print(f"achieved in training (useful FLOPs, real tokens only): fp32 {best_fp32 * flops_ex / 1e9:.0f} GFLOP/s "
-          f"({best_fp32 * flops_ex / 1e9 / peak32:.0%} of fp32 peak), bf16 {best_bf16 * flops_ex / 1e9:.0f} GFLOP/s "
-          f"({best_bf16 * flops_ex / 1e9 / peak16:.0%} of bf16 peak)")
-    train_ratio = max(v for _, v in rows[1:]) / rows[0][1]
-    infer_ratio = min(max(r[3] for r in infer_rows if r[0] == t and not r[2].startswith("transformers"))
-                      / next(r[3] for r in infer_rows if r[0] == t) for t in ("sst", "qqp"))
+    report_peaks(rows, timed_precisions, flops_ex)
+
+    # the ratios: ours in auto's precision (its best configuration) over transformers fp32
+    train_ratio = max(v for label, p, v in rows if label.startswith("ours") and p == auto) / rows[0][2]
+    infer_ratio = min(max(r[4] for r in infer_rows if r[0] == t and r[2].startswith("ours") and r[3] == auto)
+                      / next(r[4] for r in infer_rows if r[0] == t) for t in ("sst", "qqp"))
+    print(f"\nratios: ours in {auto} (training's auto here) over transformers fp32")
     print(f"train_ratio={train_ratio:.2f} infer_ratio={infer_ratio:.2f}")
 
 

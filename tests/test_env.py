@@ -45,7 +45,7 @@ def test_capped_cpu_reports_bf16_not_native(machine):
     assert env["cpu"]["flags"]["avx512_bf16"] is True
     assert env["cpu"]["native_bf16"] is False
     assert env["auto"]["training_precision"] == "fp32"
-    assert "caps them off" in env["auto"]["training_reason"]
+    assert "leaves them out" in env["auto"]["training_reason"]
 
 
 def test_isa_caps_come_from_the_environment(machine, monkeypatch):
