@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from mtbert.core.kinds import BINARY, BINNED_STS, CLASSIFICATION, REGRESSION
+from mtbert.core.runtime import auto_precision
 from mtbert.inference.ensemble import build_ensemble
 from mtbert.inference.loading import load_predictor
 from mtbert.training.techniques.base import StepContext
@@ -147,9 +148,11 @@ def test_targets_are_cached_by_teacher_and_data(tmp_path, tiny_cfg, teacher, dat
     targets = load_file(str(files[0]))
     assert targets["sst"].shape == (24, 5) and targets["qqp"].shape == (24, 2) and targets["sts"].shape == (24,)
     assert torch.allclose(targets["sst"].exp().sum(-1), torch.ones(24), atol=1e-5)  # log-probabilities
-    # the teacher's own predictions, stored as they are (distill.precision auto = training's: fp32 on CPU)
+    # the teacher's own predictions, stored as they are (distill.precision auto = training's rule:
+    # bf16 where the CPU computes it natively, else fp32)
     sst = first.train_sets["sst"]
-    ref = load_predictor(teacher, device="cpu", precision="fp32").predict("sst", sst.examples)
+    precision = auto_precision(torch.device("cpu"))[0]
+    ref = load_predictor(teacher, device="cpu", precision=precision).predict("sst", sst.examples)
     assert torch.allclose(targets["sst"].exp(), torch.as_tensor(ref["prob"]), atol=1e-5)
 
     # same teacher and data: read from the cache, no teacher is loaded

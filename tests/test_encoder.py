@@ -35,6 +35,7 @@ def _compare(ours, theirs, ids, mask, types):
     assert (a["pooler_output"] - b.pooler_output).abs().max() < 1e-4
 
 
+@pytest.mark.numerics
 def test_minilm_parity_with_transformers():
     transformers = pytest.importorskip("transformers")
     d = default_backbone_dir()
@@ -43,6 +44,7 @@ def test_minilm_parity_with_transformers():
     _compare(ours, theirs, *_inputs())
 
 
+@pytest.mark.numerics
 def test_tiny_random_parity_and_bin_format(tmp_path):
     """A random HF BERT saved as pytorch_model.bin with a 'bert.' prefix loads identically."""
     transformers = pytest.importorskip("transformers")

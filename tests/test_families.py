@@ -35,6 +35,7 @@ def _batch(pad_id: int, vocab: int = 400, B: int = 4, T: int = 70, seed: int = 0
     return ids, mask, types
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("prefixed", [False, True], ids=["base", "task-model-prefix"])
 def test_parity_with_transformers(tmp_path, family, prefixed):
@@ -88,6 +89,7 @@ def test_unsupported_model_type_names_the_supported_ones(tmp_path):
         load_hf_encoder(tmp_path)
 
 
+@pytest.mark.numerics
 def test_mpnet_bias_under_bf16_autocast():
     """The additive bias is cast to the autocast dtype that SDPA requires."""
     enc = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,

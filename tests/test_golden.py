@@ -23,7 +23,7 @@ import torch
 from mtbert.core.config import load_config
 from mtbert.training.trainer import Trainer
 
-pytestmark = pytest.mark.real_data  # the pre-redesign numbers were made on the real data
+pytestmark = [pytest.mark.real_data, pytest.mark.numerics]  # the pre-redesign numbers were made on the real data
 
 RECORD = json.loads((Path(__file__).parent / "golden" / "pre_redesign_tiny.json").read_text())
 GOLDEN = RECORD["runs"]

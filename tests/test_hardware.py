@@ -20,6 +20,8 @@ from mtbert.core.runtime import (
 )
 from mtbert.training.optimizer import Updater
 
+pytestmark = pytest.mark.numerics
+
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 AVX2 = {"avx2", "fma", "f16c"}
 AVX512 = AVX2 | {"avx512f", "avx512_vnni"}
