@@ -79,6 +79,12 @@ def cmd_train(args) -> int:
                      f"continue with: mtbert train --resume {out} --set train.time_budget_min=MINUTES")
         print(format_table(summary["best_dev"], title))
         print(f"train_seconds={summary['train_seconds']} steps={summary['steps']}")
+        if "int8_check" in summary:
+            check = summary["int8_check"]
+            verdict = ("passed: CPU inference's auto may use int8" if check["passed"]
+                       else "failed: CPU inference's auto stays in fp32 for this run")
+            print(f"int8 check: dev score {check['int8_score']:.4f} in int8 against {check['fp32_score']:.4f} "
+                  f"in fp32 ({verdict})")
     return 0
 
 

@@ -8,8 +8,10 @@ to end inside the budget (optimizer.WarmupLinearDecay.refit), and task sampling 
 epochs the plan now spans (the annealed schedule reaches its final mix in the last of them).
 
 It fits after a short warm-up of steps (the first steps pick kernels and grow the allocator: they
-are not representative) and again after each evaluation, with the evaluations' measured cost. A fit
-only shortens the plan. The plan's length is part of the resumable state; its timings are not.
+are not representative) and again after each evaluation, with the evaluations' measured cost and
+more steps measured. A later fit may also lengthen the plan again (up to the configured one) where
+the first one, from few steps, was too cautious; the LR decay then ends later, from where it is,
+and is never warmed up again. The plan is part of the resumable state; its timings are not.
 The budget itself stays a hard limit (trainer._over_budget) for a machine that slows down later.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ WARMUP_STEPS = 10   # steps of each process that the cost per step leaves out
 MEASURED_STEPS = 30  # steps measured after them before the first fit
 SAFETY = 0.97        # a fitted plan aims at this share of the time left (noise must not trip the hard limit)
 TOO_SHORT = 0.10     # a fitted plan under this share of the configured one gets a warning
+EXTEND_MARGIN = 0.10  # a fit lengthens the plan only for this share more of its remaining steps
 
 
 class BudgetPlanner:
@@ -69,8 +72,11 @@ class BudgetPlanner:
         return self.session_steps == WARMUP_STEPS + MEASURED_STEPS
 
     # ------------------------------------------------------------ fitting
-    def fit(self, step: int, planned: int, elapsed_s: float) -> int | None:
-        """The number of planned steps that fits the time left, if fewer than `planned` (else None)."""
+    def fit(self, step: int, planned: int, elapsed_s: float, most: int | None = None) -> int | None:
+        """The number of planned steps that fits the time left, if it differs enough from `planned`
+        (else None): fewer where the plan no longer fits; more, up to `most` (the configured plan),
+        where measurement shows EXTEND_MARGIN more room (an earlier fit from warm-up steps that
+        ran slow, or a machine that got faster)."""
         per_step = self.step_seconds
         if per_step is None:
             return None
@@ -79,14 +85,15 @@ class BudgetPlanner:
         def cost(end: int) -> float:
             return (end - step) * per_step + self.evaluations(step, end) * self.evaluation_seconds(per_step)
 
-        if cost(planned) <= left:
-            return None
         target = SAFETY * left
-        lo, hi = step, planned  # the largest end with cost(end) <= target (at least one more step)
+        lo, hi = step, max(planned, most or planned)  # the largest end with cost(end) <= target
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if cost(mid) <= target else (lo, mid - 1)
-        return max(lo, step + 1)
+        fits = max(lo, step + 1)
+        if cost(planned) > left or fits > planned + EXTEND_MARGIN * (planned - step):
+            return fits
+        return None
 
 
 def fit_message(per_step: float, budget_min: float, planned: int, configured: int, epochs: float,
