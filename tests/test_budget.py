@@ -94,7 +94,7 @@ def test_a_later_fit_lengthens_a_plan_that_slow_early_steps_cut_too_short(clock)
     for i in range(budget_module.WARMUP_STEPS + budget_module.MEASURED_STEPS):
         clock.now += 1.0 if i < budget_module.WARMUP_STEPS else 3.0  # measured steps still slow
         planner.step_done()
-    first = planner.fit(40, planned=600, elapsed_s=100.0, most=600)
+    first = planner.fit(40, planned=600, elapsed_s=100.0, most=600, first=True)
     assert first < 600
     for _ in range(200):  # then the steps settle at 1 s
         clock.now += 1.0
@@ -102,6 +102,18 @@ def test_a_later_fit_lengthens_a_plan_that_slow_early_steps_cut_too_short(clock)
     later = planner.fit(240, planned=first, elapsed_s=400.0, most=600)
     assert later is not None and first < later <= 600
     assert planner.fit(240, planned=later, elapsed_s=400.0, most=600) is None  # no change without news
+
+
+def test_the_first_fit_waits_for_an_evaluation_on_a_close_call(clock):
+    planner = BudgetPlanner(budget_min=10, evaluations=lambda start, end: 1, eval_in_steps=0)
+    for _ in range(budget_module.WARMUP_STEPS + budget_module.MEASURED_STEPS):
+        clock.now += 1.0
+        planner.step_done()
+    # 600 - 40 steps of 1 s and an evaluation: 560 s against 500 left, 12% over
+    assert planner.fit(40, planned=600, elapsed_s=100.0, most=600, first=True) is None
+    assert planner.fit(40, planned=600, elapsed_s=100.0, most=600) < 600
+    # twice over: the first fit acts at once
+    assert planner.fit(40, planned=600, elapsed_s=320.0, most=600, first=True) < 600
 
 
 def test_epochs_spanned_by_a_plan():

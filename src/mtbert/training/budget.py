@@ -25,6 +25,7 @@ MEASURED_STEPS = 30  # steps measured after them before the first fit
 SAFETY = 0.97        # a fitted plan aims at this share of the time left (noise must not trip the hard limit)
 TOO_SHORT = 0.10     # a fitted plan under this share of the configured one gets a warning
 EXTEND_MARGIN = 0.10  # a fit lengthens the plan only for this share more of its remaining steps
+FIRST_FIT_DOUBT = 1.25  # the first fit, from few early steps, acts only on a plan this much over the time left
 
 
 class BudgetPlanner:
@@ -72,11 +73,14 @@ class BudgetPlanner:
         return self.session_steps == WARMUP_STEPS + MEASURED_STEPS
 
     # ------------------------------------------------------------ fitting
-    def fit(self, step: int, planned: int, elapsed_s: float, most: int | None = None) -> int | None:
+    def fit(self, step: int, planned: int, elapsed_s: float, most: int | None = None,
+            first: bool = False) -> int | None:
         """The number of planned steps that fits the time left, if it differs enough from `planned`
         (else None): fewer where the plan no longer fits; more, up to `most` (the configured plan),
         where measurement shows EXTEND_MARGIN more room (an earlier fit from warm-up steps that
-        ran slow, or a machine that got faster)."""
+        ran slow, or a machine that got faster). The `first` fit, from the few steps after the
+        warm-up (early steps run slow: 1.65x on the base run), shortens only a plan more than
+        FIRST_FIT_DOUBT over the time left; a closer call waits for the first evaluation."""
         per_step = self.step_seconds
         if per_step is None:
             return None
@@ -91,7 +95,9 @@ class BudgetPlanner:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if cost(mid) <= target else (lo, mid - 1)
         fits = max(lo, step + 1)
-        if cost(planned) > left or fits > planned + EXTEND_MARGIN * (planned - step):
+        if cost(planned) > left * (FIRST_FIT_DOUBT if first else 1.0):
+            return fits
+        if not first and fits > planned + EXTEND_MARGIN * (planned - step):
             return fits
         return None
 

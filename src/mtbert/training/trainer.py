@@ -237,10 +237,12 @@ class Trainer:
         eval_in_steps = dev_examples / (3 * max(per_step, 1.0))
         return BudgetPlanner(budget, self._evaluations, eval_in_steps)
 
-    def _fit_budget(self) -> None:
-        """Shorten the plan (steps, LR decay, task sampling) if its rest no longer fits the budget."""
+    def _fit_budget(self, first: bool = False) -> None:
+        """Refit the plan (steps, LR decay, task sampling) to the budget where its rest no longer
+        fits, or fits with room to spare after an earlier cut (training.budget)."""
         elapsed = time.time() - self.t0
-        fitted = self.budget.fit(self.step, self.total_steps, elapsed, self.configured_steps) if self.dist.main else None
+        fitted = (self.budget.fit(self.step, self.total_steps, elapsed, self.configured_steps, first)
+                  if self.dist.main else None)
         fitted = self.dist.broadcast_object(fitted)
         if fitted is None or fitted == self.total_steps:
             return
@@ -478,7 +480,7 @@ class Trainer:
                 if self.budget is not None:
                     self.budget.step_done()
                     if self.budget.ready():
-                        self._fit_budget()
+                        self._fit_budget(first=True)
                 check_finite_losses(losses, self.step, self.dist, self.best_metrics)
                 for t, l in losses.items():
                     self.loss_sums[t] += l
