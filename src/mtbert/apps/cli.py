@@ -25,6 +25,7 @@ from mtbert.core.config import load_config, resolve_data_dir
 from mtbert.core.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from mtbert.core.io import write_json
 from mtbert.core.registry import STAGES
+from mtbert.core.trust import reading_run, run_code_trusted
 from mtbert.core.tasks import TASKS
 from mtbert.data.readers import NOT_CHECKED, check_data_dir
 from mtbert.inference.ensemble import build_ensemble, format_summary, parse_thresholds
@@ -55,21 +56,24 @@ def _data_dir(args, cfg_value=None) -> Path:
 
 
 def cmd_train(args) -> int:
-
     if args.resume:  # the run's own config: changing it halfway would not be the same run
         if args.config or (args.out and Path(args.out).resolve() != Path(args.resume).resolve()):
             raise ConfigError("--resume RUN_DIR continues with RUN_DIR/config.yaml: "
                               "it takes no --config or other --out (--set only train.time_budget_min)")
         if args.overwrite:
             raise ConfigError("--resume continues a run and --overwrite replaces one: give only one of them")
-        out, cfg = args.resume, resume_config(args.resume, args.data_dir, args.set or [])
+        with reading_run(args.resume):  # a run directory is data (core.trust); so is what it builds
+            return _train_and_report(resume_config(args.resume, args.data_dir, args.set or []), args.resume, args)
     else:
         if not args.out:
             raise ConfigError("--out RUN_DIR is required (or --resume RUN_DIR)")
         overrides = list(args.set or [])
         if args.data_dir:
             overrides.append(f"data.data_dir={args.data_dir}")
-        out, cfg = args.out, load_config(args.config or "configs/default.yaml", overrides)
+        return _train_and_report(load_config(args.config or "configs/default.yaml", overrides), args.out, args)
+
+
+def _train_and_report(cfg, out, args) -> int:
     command = None if args.resume else shlex.join(["mtbert", *args.argv])
     summary = train(cfg, out, resume=bool(args.resume), overwrite=args.overwrite, command=command)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one table
@@ -295,7 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     def add_data_dir(sp):
         sp.add_argument("--data-dir", help="directory of the CS224N CSVs (default: $MTBERT_DATA or ../shared/data)")
 
+    def add_trust(sp):
+        sp.add_argument("--trust-run-code", action="store_true",
+                        help="import the code a run directory names (plugins, module:attr paths); "
+                             "only for runs you trust (docs/security.md)")
+
     def add_runtime(sp):
+        add_trust(sp)
         sp.add_argument("--device", default="auto")
         sp.add_argument("--precision", default="auto",
                         help="auto (bf16 on CUDA and on CPUs with AVX-512 BF16 or AMX, else fp32) | fp32 | bf16 | "
@@ -313,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last saved state (RUN_DIR/last)")
     t.add_argument("--overwrite", action="store_true",
                    help="train into an --out that already holds a run, deleting that run (its model and metrics)")
+    add_trust(t)
     t.set_defaults(func=cmd_train, config=None)  # None: --resume can tell that no --config was given
 
     pt = sub.add_parser("pretrain", help="contrastive pre-training stage (SimCSE, MNRL) -> OUT/best")
@@ -418,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="export directory (refused if it exists, unless --force)")
     ex.add_argument("--force", action="store_true", help="replace an existing --out")
     ex.add_argument("--quantize", choices=QUANTIZE, help="onnx: also write dynamically quantised graphs")
+    add_trust(ex)
     ex.set_defaults(func=cmd_export)
 
     tu = sub.add_parser("tune", help="hyperparameter search with Optuna over a YAML search space")
@@ -474,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     name = f"mtbert {args.command}"
     try:
-        return args.func(args)
+        with run_code_trusted(getattr(args, "trust_run_code", False)):
+            return args.func(args)
     except KeyboardInterrupt:
         if args.verbose:
             traceback.print_exc()

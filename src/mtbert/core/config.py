@@ -17,6 +17,7 @@ import yaml
 
 from mtbert.core.errors import ConfigError
 from mtbert.core.tasks import OVERALL_SCORES, TASKS, register_tasks
+from mtbert.core.trust import check_import
 
 
 @dataclass
@@ -242,8 +243,10 @@ def _resolve_task_paths(tasks: dict, base_dir: Path) -> dict:
 
 
 def import_plugins(modules: list[str]) -> None:
-    """Import the user's modules named in `plugins:`; their registrations take effect on import."""
+    """Import the user's modules named in `plugins:`; their registrations take effect on import
+    (never those a run directory names, unless run code is trusted: core.trust)."""
     for name in modules:
+        check_import(name, "plugin module")
         try:
             importlib.import_module(name)
         except ImportError as e:

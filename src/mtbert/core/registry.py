@@ -5,7 +5,8 @@ A registry maps names to entries (classes, functions or objects). `build(name, *
 checks the options against the entry's signature first, so a typo is an error, not a silent
 default. Users add entries from outside the package in two ways:
 - an import path in the config, `my_package.module:Name`, wherever a name is expected: the module
-  is imported and `Name` is registered under that path;
+  is imported and `Name` is registered under that path (never while reading a run directory,
+  unless run code is trusted: core.trust);
 - a Python entry point in the group `mtbert.<kind>s` (e.g. `mtbert.weightings`), loaded the
   first time a name is not found.
 """
@@ -15,6 +16,8 @@ import importlib
 import inspect
 from importlib.metadata import entry_points
 from typing import Any, Callable, Generic, Iterator, TypeVar
+
+from mtbert.core.trust import check_import
 
 T = TypeVar("T")
 
@@ -89,6 +92,7 @@ class Registry(Generic[T]):
 
     # ------------------------------------------------------------ plug-ins
     def _import(self, path: str) -> T:
+        check_import(path, self.kind)
         module, _, attr = path.partition(":")
         try:
             entry = getattr(importlib.import_module(module), attr)

@@ -17,6 +17,7 @@ import torch
 from mtbert.core.runtime import autocast
 from mtbert.core.tasks import TaskSpec
 from mtbert.data.readers import Example, pad
+from mtbert.core.trust import run_code_trusted
 from mtbert.inference.loading import load_predictor
 from mtbert.inference.outputs import prediction_records
 from mtbert.inference.predictor import BasePredictor, EnsemblePredictor, Predictor
@@ -86,6 +87,9 @@ def describe_task(spec: TaskSpec) -> dict:
     return info
 
 
-def load(run_dir: str | Path, device: str = "auto", precision: str = "auto", batch_size: int = 128) -> Model:
-    """Open a run directory, checkpoint or ensemble directory for prediction and embedding."""
-    return Model(load_predictor(run_dir, device, precision, batch_size))
+def load(run_dir: str | Path, device: str = "auto", precision: str = "auto", batch_size: int = 128,
+         trust_run_code: bool = False) -> Model:
+    """Open a run directory, checkpoint or ensemble directory for prediction and embedding. Code the
+    directory names (plugins, import paths) is imported only with `trust_run_code` (core.trust)."""
+    with run_code_trusted(trust_run_code):
+        return Model(load_predictor(run_dir, device, precision, batch_size))

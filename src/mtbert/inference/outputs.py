@@ -61,6 +61,8 @@ def predict_file(predictor: BasePredictor, task_name: str, input_path: str | Pat
         raise DataError(f"this model has no task {task_name!r}; it has {predictor.tasks}")
     task = predictor.task_spec(task_name)
     input_path, out_path = Path(input_path), Path(out_path)
+    if out_path.exists() and input_path.exists() and out_path.resolve() == input_path.resolve():
+        raise DataError(f"--out {out_path} is the input file: the predictions would replace it; choose another --out")
     fmt = fmt or format_of_path(input_path)
     columns = tuple(text_columns or task.text_columns)
     if len(columns) != len(task.text_columns):

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from mtbert.core.config import Config, load_config
 from mtbert.core.errors import CheckpointError
+from mtbert.core.trust import UntrustedCodeError, reading_run
 from mtbert.core.tasks import get_task
 from mtbert.data.tokenizer import BertTokenizer
 from mtbert.modeling.adapters import EXTENSIONS, merge_lora
@@ -134,12 +135,17 @@ def find_checkpoint(path: str | Path, required: bool = True) -> Path | None:
 def load_checkpoint(path: str | Path, device: str = "cpu"):
     """-> (model, tokenizer, config, meta) with heads and options restored."""
     ckpt = find_checkpoint(path)
+    with reading_run(ckpt):  # a checkpoint is data: nothing it names is imported (core.trust)
+        return _load_checkpoint(ckpt, device)
+
+
+def _load_checkpoint(ckpt: Path, device: str):
     try:
         spec = json.loads((ckpt / "model.json").read_text())
         cfg = load_config(None, base=yaml.safe_load((ckpt / "config.yaml").read_text()))
         meta = json.loads((ckpt / "meta.json").read_text()) if (ckpt / "meta.json").exists() else {}
         state = load_file(str(ckpt / "model.safetensors"), device=device)
-    except CheckpointError:
+    except (CheckpointError, UntrustedCodeError):
         raise
     except Exception as e:
         raise CheckpointError(f"corrupt checkpoint {ckpt}: {e}") from e

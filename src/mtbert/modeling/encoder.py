@@ -365,6 +365,11 @@ def load_state_checked(model: nn.Module, sd: dict[str, torch.Tensor], source: st
               for k, v in own.items() if k in sd and sd[k].shape != v.shape]
     if missing or shapes:
         raise CheckpointError(f"{source}: missing keys {missing[:10]}; mis-shaped keys {shapes[:10]}")
+    # NaN or infinite weights would load and answer every input wrongly, in silence
+    broken = [k for k, v in sd.items() if k in own and v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(f"{source}: weights that are NaN or infinite in {broken[:5]}"
+                              f"{f' and {len(broken) - 5} more' if len(broken) > 5 else ''}: the model is unusable")
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
 
 

@@ -97,7 +97,6 @@ class Trainer:
         state_dir = state.find_state(self.out) if resume else None
         # an impossible device, or a precision this hardware only emulates, fails before the run directory is made
         resolve_precision(cfg.train.precision, select_device(cfg.train.device))
-        prepare_run_dir(self.out, resume, overwrite, self.dist)
         self.command = command  # how the run was started, for an export's model card
         tc = cfg.train
         bound_kernel_caches()  # (before this process's first matmul, or it has no effect)
@@ -113,6 +112,8 @@ class Trainer:
         if variants or len(set(cfg.data.tasks)) != len(cfg.data.tasks):
             raise ValueError(f"data.tasks lists a task twice (or with its variant {variants}): {cfg.data.tasks}")
         examples = {split: self._read(split) for split in ("train", "dev")}  # (checks files and columns)
+        # only now, with the config, tasks and data checked, may --overwrite delete the run there
+        prepare_run_dir(self.out, resume, overwrite, self.dist)
         self.scorer = overall_scorer(cfg.data.overall, cfg.data.overall_weights)
         if cfg.pretrain.enabled and self.dist.world > 1:
             raise ValueError("pretrain.enabled is single-process: run `mtbert pretrain` first, then train from "

@@ -1,0 +1,150 @@
+"""A run directory is data, not code (docs/security.md): crafted runs that, before core.trust,
+ran a command on --resume, imported a module on load, or answered with NaN weights. Each must now
+fail safely: nothing runs, nothing is imported, one line and exit 2. And the user's own files:
+predict --out equal to --input, and --overwrite with a mistyped --data-dir."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file, save_file
+
+import mtbert
+from mtbert.apps.cli import main
+from mtbert.core.trust import UntrustedCodeError
+from tests.conftest import TINY_YAML
+
+
+@pytest.fixture
+def stopped_run(tmp_path, data_dir):
+    """A tiny run stopped by its time budget after one step: it keeps last/ for --resume."""
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(TINY_YAML), "--out", str(run), "--data-dir", str(data_dir),
+                 "--set", "train.time_budget_min=0", "--set", "train.int8_check=false"]) == 0
+    assert (run / "last" / "train_state.pt").exists()
+    return run
+
+
+@pytest.fixture
+def finished_run(tmp_path_factory, synthetic_data_dir):
+    run = tmp_path_factory.mktemp("hostile") / "run"
+    assert main(["train", "--config", str(TINY_YAML), "--out", str(run), "--data-dir", str(synthetic_data_dir),
+                 "--set", "train.max_steps=2", "--set", "train.int8_check=false"]) == 0
+    return run
+
+
+def _edit_yaml(path: Path, edit) -> None:
+    raw = yaml.safe_load(path.read_text())
+    edit(raw)
+    path.write_text(yaml.safe_dump(raw))
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("key, value", [
+    ("schedule", "subprocess:run"),
+    ("weighting", "subprocess:run"),
+])
+def test_resume_runs_no_command_a_run_names(stopped_run, tmp_path, capsys, key, value):
+    marker = tmp_path / "pwned"
+    for config in (stopped_run / "config.yaml", stopped_run / "last" / "config.yaml"):
+        _edit_yaml(config, lambda raw: raw["train"].update({key: value, f"{key}_args": {
+            "args": [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]}}))
+    assert main(["train", "--resume", str(stopped_run)]) == 2
+    err = _one_line_error(capsys)
+    assert "a run directory is data, not code" in err and "--trust-run-code" in err
+    assert not marker.exists()
+
+
+def test_resume_runs_no_technique_a_run_names(stopped_run, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    for config in (stopped_run / "config.yaml", stopped_run / "last" / "config.yaml"):
+        _edit_yaml(config, lambda raw: raw.update({"techniques": {"subprocess:run": {
+            "args": [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]}}}))
+    assert main(["train", "--resume", str(stopped_run)]) == 2
+    assert "--trust-run-code" in _one_line_error(capsys) and not marker.exists()
+
+
+@pytest.fixture
+def evil_module(tmp_path, monkeypatch):
+    """A module on sys.path (as the current directory is under `python -m`) that leaves a marker
+    when imported."""
+    name = f"evil_{abs(hash(tmp_path)) % 10**8}"
+    marker = tmp_path / "imported"
+    (tmp_path / f"{name}.py").write_text(f"open({str(marker)!r}, 'w').write('imported')\nx = None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name, marker
+    sys.modules.pop(name, None)
+
+
+def _copy_run(run: Path, to: Path) -> Path:
+    import shutil
+    shutil.copytree(run, to)
+    return to
+
+
+def test_load_imports_no_plugin_a_run_names(finished_run, tmp_path, evil_module, capsys):
+    name, marker = evil_module
+    run = _copy_run(finished_run, tmp_path / "copy")
+    _edit_yaml(run / "best" / "config.yaml", lambda raw: raw.update({"plugins": [name]}))
+    with pytest.raises(UntrustedCodeError, match="plugin module"):
+        mtbert.load(run, device="cpu")
+    assert main(["evaluate", str(run), "--device", "cpu"]) == 2
+    assert "--trust-run-code" in _one_line_error(capsys)
+    assert not marker.exists()
+    mtbert.load(run, device="cpu", trust_run_code=True)  # the user's word: then it is imported
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("field", ["bi_head", "tasks"])
+def test_load_imports_no_path_a_model_json_names(finished_run, tmp_path, evil_module, capsys, field):
+    name, marker = evil_module
+    run = _copy_run(finished_run, tmp_path / "copy")
+    spec_path = run / "best" / "model.json"
+    spec = json.loads(spec_path.read_text())
+    spec[field] = f"{name}:x" if field == "bi_head" else [f"{name}:x", *spec["tasks"][1:]]
+    spec_path.write_text(json.dumps(spec))
+    assert main(["predict", str(run), "--out", str(tmp_path / "preds"), "--device", "cpu"]) == 2
+    assert "a run directory is data, not code" in _one_line_error(capsys)
+    assert not marker.exists() and not (tmp_path / "preds").exists()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_checkpoint_with_non_finite_weights_is_refused(finished_run, tmp_path, capsys, bad):
+    run = _copy_run(finished_run, tmp_path / "copy")
+    weights = load_file(str(run / "best" / "model.safetensors"))
+    name = next(k for k in weights if k.endswith("weight") and "heads" in k) if any("heads" in k for k in weights) \
+        else next(iter(weights))
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[0] = bad
+    save_file(weights, str(run / "best" / "model.safetensors"))
+    assert main(["predict", str(run), "--out", str(tmp_path / "preds"), "--device", "cpu"]) == 2
+    err = _one_line_error(capsys)
+    assert "NaN or infinite" in err and name in err
+    assert not (tmp_path / "preds").exists()
+
+
+def test_predict_refuses_an_out_that_is_its_input(finished_run, tmp_path, capsys):
+    source = tmp_path / "reviews.csv"
+    source.write_text("id,sentence\n1,A gorgeous film.\n")
+    before = source.read_bytes()
+    assert main(["predict", str(finished_run), "--task", "sst", "--input", str(source), "--out", str(source),
+                 "--device", "cpu"]) == 2
+    assert "is the input file" in _one_line_error(capsys)
+    assert source.read_bytes() == before
+
+
+def test_overwrite_with_a_mistyped_data_dir_deletes_nothing(finished_run, tmp_path, capsys):
+    run = _copy_run(finished_run, tmp_path / "copy")
+    before = sorted(p.name for p in run.iterdir())
+    assert main(["train", "--config", str(TINY_YAML), "--out", str(run), "--overwrite",
+                 "--data-dir", str(tmp_path / "no-such-dir")]) == 2
+    assert "not found" in _one_line_error(capsys)
+    assert sorted(p.name for p in run.iterdir()) == before and (run / "best" / "model.safetensors").exists()
