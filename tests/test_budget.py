@@ -18,7 +18,6 @@ from mtbert.training.optimizer import WarmupLinearDecay
 from mtbert.training.schedules import Annealed
 from tests.conftest import TINY_YAML
 
-
 # ---------------------------------------------------------------- the LR factor
 
 def test_refit_within_warmup_is_the_shorter_plans_own_schedule():

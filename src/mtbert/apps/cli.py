@@ -25,8 +25,8 @@ from mtbert.core.config import load_config, resolve_data_dir
 from mtbert.core.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from mtbert.core.io import write_json
 from mtbert.core.registry import STAGES
-from mtbert.core.trust import reading_run, run_code_trusted
 from mtbert.core.tasks import TASKS
+from mtbert.core.trust import reading_run, run_code_trusted
 from mtbert.data.readers import NOT_CHECKED, check_data_dir
 from mtbert.inference.ensemble import build_ensemble, format_summary, parse_thresholds
 from mtbert.inference.loading import load_predictor

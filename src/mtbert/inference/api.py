@@ -16,8 +16,8 @@ import torch
 
 from mtbert.core.runtime import autocast
 from mtbert.core.tasks import TaskSpec
-from mtbert.data.readers import Example, pad
 from mtbert.core.trust import run_code_trusted
+from mtbert.data.readers import Example, pad
 from mtbert.inference.loading import load_predictor
 from mtbert.inference.outputs import prediction_records
 from mtbert.inference.predictor import BasePredictor, EnsemblePredictor, Predictor

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from mtbert.core.config import Config, load_config
 from mtbert.core.errors import CheckpointError
-from mtbert.core.trust import UntrustedCodeError, reading_run
 from mtbert.core.tasks import get_task
+from mtbert.core.trust import UntrustedCodeError, reading_run
 from mtbert.data.tokenizer import BertTokenizer
 from mtbert.modeling.adapters import EXTENSIONS, merge_lora
 from mtbert.modeling.backbones import ARCHIVES, BACKBONES

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from mtbert.core.config import Config, resolve_data_dir
 from mtbert.core.distributed import Dist, process_group
+from mtbert.core.hardware import detect
 from mtbert.core.io import atomic_write_text, to_json
 from mtbert.core.runtime import (
     auto_precision,
@@ -38,7 +39,6 @@ from mtbert.core.runtime import (
 )
 from mtbert.core.tasks import get_task, overall_scorer, selection_score
 from mtbert.data.readers import encode_dataset, load_split
-from mtbert.core.hardware import detect
 from mtbert.inference import int8_check
 from mtbert.inference.predictor import metrics_for
 from mtbert.modeling.checkpoint import build_model, find_checkpoint, load_checkpoint, save_checkpoint
