@@ -148,3 +148,33 @@ def test_overwrite_with_a_mistyped_data_dir_deletes_nothing(finished_run, tmp_pa
                  "--data-dir", str(tmp_path / "no-such-dir")]) == 2
     assert "not found" in _one_line_error(capsys)
     assert sorted(p.name for p in run.iterdir()) == before and (run / "best" / "model.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def custom_task_run(tmp_path_factory, synthetic_data_dir):
+    """A tiny run of a user task `mine` (SST's files) whose predictions have CS224N-style names."""
+    root = tmp_path_factory.mktemp("custom")
+    config = root / "mine.yaml"
+    config.write_text(yaml.safe_dump({
+        "base": str(TINY_YAML), "data": {"tasks": ["mine"]},
+        "tasks": {"mine": {"files": {"train": "{data_dir}/ids-sst-train.csv", "dev": "{data_dir}/ids-sst-dev.csv"},
+                           "format": "tsv", "text": "sentence",
+                           "label": {"column": "sentiment", "kind": "classification", "names": list("abcde")},
+                           "cs224n_output": {"prefix": "mine", "header": "Predicted"}}}}))
+    run = root / "run"
+    assert main(["train", "--config", str(config), "--out", str(run), "--data-dir", str(synthetic_data_dir),
+                 "--set", "train.max_steps=1", "--set", "train.int8_check=false"]) == 0
+    return run
+
+
+@pytest.mark.parametrize("output", [
+    {"prefix": "/tmp/elsewhere/sst", "header": "Predicted_Sentiment"},
+    {"prefix": "../sst", "header": "Predicted_Sentiment"},
+    {"prefix": "sst", "header": "Predicted\nattacker text"},
+])
+def test_a_run_task_cannot_write_outside_out_or_add_lines(custom_task_run, tmp_path, capsys, output):
+    run = _copy_run(custom_task_run, tmp_path / "copy")
+    _edit_yaml(run / "best" / "config.yaml", lambda raw: raw["tasks"]["mine"].update({"cs224n_output": output}))
+    assert main(["predict", str(run), "--out", str(tmp_path / "preds"), "--device", "cpu"]) == 2
+    assert "cs224n_output's prefix and header must be words" in _one_line_error(capsys)
+    assert not (tmp_path / "elsewhere").exists() and not list(tmp_path.glob("*-output.csv"))

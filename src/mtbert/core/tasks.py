@@ -11,6 +11,7 @@ scorer (OVERALL_SCORES).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -110,6 +111,8 @@ class TaskSpec:
 
 
 # ---------------------------------------------------------------- reading definitions
+
+OUTPUT_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a prediction file's prefix, a header field
 
 def task_from_definition(name: str, d: dict, base_dir: Path | None = None, builtin: bool = False) -> TaskSpec:
     """Check a YAML definition and build its TaskSpec; every problem is one ConfigError naming
@@ -211,6 +214,9 @@ def task_from_definition(name: str, d: dict, base_dir: Path | None = None, built
     out = d.get("cs224n_output")
     if out is not None and (not isinstance(out, dict) or set(out) != {"prefix", "header"}):
         fail("cs224n_output must be {prefix: ..., header: ...}")
+    if out is not None and not all(isinstance(out[k], str) and OUTPUT_WORD.fullmatch(out[k]) for k in out):
+        # (a run's task definition must not name a path outside --out, nor write lines of its own)
+        fail("cs224n_output's prefix and header must be words of letters, digits, '_' or '-' (at most 64)")
     return TaskSpec(name=name, text_columns=text_columns, label_column=str(label["column"]), kind=kind,
                     num_labels=num_labels, metrics=tuple(metrics), files=files or {}, dataset=dataset,
                     format=fmt, delimiter=d.get("delimiter"), columns=tuple(header) if isinstance(header, list) else None,

@@ -158,6 +158,8 @@ def write_prediction_files(predictor: BasePredictor, data_dir, out_dir, splits=(
                 writer.writeheader()
                 writer.writerows(records)
                 text = buf.getvalue()
+            if path.resolve().parent != out_dir.resolve():  # (task definitions are checked; this is the last word)
+                raise DataError(f"task {name}: its prediction file {path.name!r} would fall outside {out_dir}")
             atomic_write_text(path, text)
             written.append(path)
     return written
