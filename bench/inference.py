@@ -30,7 +30,7 @@ A path is accuracy-preserving when its dev overall is within 0.005 of ours fp32.
 The last line reads `ours_over_ort=X infer_ratio=Y auto_over_ort=Z`: our fastest
 accuracy-preserving path over ONNX Runtime's fastest accuracy-preserving path (X) and over
 transformers fp32 (Y); and (Z) the path that `--precision auto` resolves to for this run
-(load_predictor(RUN_DIR, "cpu", "auto").precision: bf16 where the CPU computes it natively, int8
+(core.runtime.resolve_inference_precision with the run's int8 check: bf16 where the CPU computes it natively, int8
 where the run's own int8 check passed, else fp32), whatever its score, over ONNX Runtime's fastest
 accuracy-preserving path in its own terms: the faster of ORT fp32 and ORT int8, int8 counted only
 where its dev overall is within 0.005 of ORT fp32's. Z is what a user who leaves the precision
@@ -61,9 +61,9 @@ import numpy as np
 import torch
 
 from mtbert.core.config import resolve_data_dir
-from mtbert.core.runtime import native_precisions
+from mtbert.core.runtime import native_precisions, resolve_inference_precision
 from mtbert.data.readers import collate
-from mtbert.inference.loading import load_predictor
+from mtbert.inference.loading import int8_check_passed, load_predictor
 from mtbert.inference.predictor import for_precision, load_examples, score_outputs
 from mtbert.modeling import hf_format
 from mtbert.modeling.precision import encoder_to_bf16
@@ -213,7 +213,7 @@ def main(argv=None) -> None:
 
     base = load_predictor(args.run_dir, device="cpu", precision="fp32", batch_size=args.batch_size)
     # what `auto` resolves to for this run (the loader reads the run's int8 check): its path is timed below
-    auto = load_predictor(args.run_dir, device="cpu", precision="auto", batch_size=args.batch_size).precision
+    auto = resolve_inference_precision("auto", torch.device("cpu"), int8_passed=int8_check_passed(args.run_dir))
     say(f"run {args.run_dir}: `auto` resolves to {auto} on this CPU")
     model, scorer = base.model, base.scorer
     examples = load_examples(base.tasks, resolve_data_dir(args.data_dir or base.data_dir), "dev", args.limit)

@@ -37,11 +37,22 @@ def test_refit_after_warmup_decays_from_where_the_lr_is_to_zero_at_the_new_end()
     assert all(a >= b for a, b in zip(values, values[1:]))  # never warms up again
 
 
-def test_refit_between_the_new_and_the_old_warmup_end_does_not_warm_up_further():
-    factor = WarmupLinearDecay(100, 1000)
-    now = factor(80)  # 0.81, still warming up on the old plan
-    factor.refit(step=80, total=400, warmup=40)
-    assert factor(80) == pytest.approx(now) and factor(81) < now and factor(400) == 0.0
+def test_refit_past_the_new_warmup_inside_the_old_one_takes_the_new_plans_schedule():
+    factor = WarmupLinearDecay(357, 3576)
+    factor.refit(step=40, total=380, warmup=38)  # the new plan's warm-up is over at step 40
+    fresh = WarmupLinearDecay(38, 380)
+    assert [factor(s) for s in range(40, 381)] == [fresh(s) for s in range(40, 381)]
+    assert factor(40) > 0.99  # not frozen at the old warm-up's 0.115
+
+
+def test_a_later_refit_never_warms_up_again():
+    factor = WarmupLinearDecay(357, 3576)
+    factor.refit(step=40, total=380, warmup=38)
+    factor.refit(step=100, total=1200, warmup=120)  # lengthened: decays from here, slower
+    now = factor(100)
+    values = [factor(s) for s in range(100, 1201)]
+    assert values[0] == pytest.approx(now) and all(a >= b for a, b in zip(values, values[1:]))
+    assert factor(1200) == 0.0
 
 
 # ---------------------------------------------------------------- the planner
@@ -64,55 +75,65 @@ def clock(monkeypatch):
     return c
 
 
+def _steps(planner, clock, n, seconds):
+    for _ in range(n):
+        clock.now += seconds
+        planner.step_done()
+
+
 def test_the_planner_fits_steps_and_evaluations_into_the_time_left(clock):
     evaluations = lambda start, end: len([e for e in (100, 200, 300) if start < e < end]) + 1  # noqa: E731
     planner = BudgetPlanner(budget_min=5, evaluations=evaluations, eval_in_steps=10)
-    for _ in range(budget_module.WARMUP_STEPS):
-        clock.now += 5.0  # the first steps are slow: not counted
-        planner.step_done()
-    for _ in range(budget_module.MEASURED_STEPS):
-        clock.now += 1.0
-        planner.step_done()
-    assert planner.ready() and planner.step_seconds == pytest.approx(1.0)
-    step, elapsed = 40, 80.0
-    fitted = planner.fit(step, planned=400, elapsed_s=elapsed)  # 360 steps + 4 evaluations do not fit 220 s
+    _steps(planner, clock, budget_module.WARMUP_STEPS, 5.0)  # the first steps are slow: not counted
+    _steps(planner, clock, budget_module.MEASURED_STEPS, 2.0)
+    assert planner.first_check_due() and planner.step_seconds == pytest.approx(2.0)
+    step = 40
+    # the first check expects later steps EARLY_SLOWDOWN times faster: 2 s -> 1.2 s a step
+    assert planner.fit(step, planned=200, elapsed_s=70.0) is None  # 160 x 1.21 s + 2 evaluations of 12 s fit 223 s
+    _steps(planner, clock, 10, 2.0)  # a later check sees 2 s a step: the plan no longer fits
+    elapsed = 130.0
+    fitted = planner.fit(step, planned=400, elapsed_s=elapsed)
     left = budget_module.SAFETY * (300 - elapsed)
 
     def cost(end):
-        return (end - step) + 10 * evaluations(step, end)
+        return 2.0 * (end - step) + 20.0 * evaluations(step, end)  # (an evaluation guessed at 10 steps)
     assert cost(fitted) <= left < cost(fitted + 1)
     assert planner.fit(step, planned=fitted, elapsed_s=elapsed) is None  # the fitted plan fits
-    clock.now += 30.0
-    planner.evaluation_done(30.0)  # an evaluation costs more than guessed: the next fit shortens again
-    assert planner.step_seconds == pytest.approx(1.0)  # (evaluations are not steps)
+    clock.now += 60.0
+    planner.evaluation_done(60.0)  # an evaluation costs more than guessed: the next fit shortens again
+    assert planner.step_seconds == pytest.approx(2.0)  # (evaluations are not steps)
     assert planner.fit(step, planned=fitted, elapsed_s=elapsed) < fitted
+
+
+def test_checks_come_every_twentieth_of_the_budget_between_evaluations(clock):
+    planner = BudgetPlanner(budget_min=10, evaluations=lambda start, end: 1, eval_in_steps=0)
+    _steps(planner, clock, budget_module.WARMUP_STEPS + budget_module.MEASURED_STEPS, 1.0)
+    assert planner.check_due()
+    planner.fit(40, planned=100, elapsed_s=40.0)
+    _steps(planner, clock, 29, 1.0)
+    assert not planner.check_due()  # 29 s after the first, of a 600 s budget
+    _steps(planner, clock, 1, 1.0)
+    assert planner.check_due()
 
 
 def test_a_later_fit_lengthens_a_plan_that_slow_early_steps_cut_too_short(clock):
     planner = BudgetPlanner(budget_min=10, evaluations=lambda start, end: 1, eval_in_steps=0)
-    for i in range(budget_module.WARMUP_STEPS + budget_module.MEASURED_STEPS):
-        clock.now += 1.0 if i < budget_module.WARMUP_STEPS else 3.0  # measured steps still slow
-        planner.step_done()
-    first = planner.fit(40, planned=600, elapsed_s=100.0, most=600, first=True)
+    _steps(planner, clock, budget_module.WARMUP_STEPS, 1.0)
+    _steps(planner, clock, budget_module.MEASURED_STEPS, 6.0)  # the measured steps still very slow
+    first = planner.fit(40, planned=600, elapsed_s=100.0, most=600)
     assert first < 600
-    for _ in range(200):  # then the steps settle at 1 s
-        clock.now += 1.0
-        planner.step_done()
+    _steps(planner, clock, 200, 1.0)  # then the steps settle at 1 s
     later = planner.fit(240, planned=first, elapsed_s=400.0, most=600)
     assert later is not None and first < later <= 600
     assert planner.fit(240, planned=later, elapsed_s=400.0, most=600) is None  # no change without news
 
 
-def test_the_first_fit_waits_for_an_evaluation_on_a_close_call(clock):
+def test_the_first_check_cuts_only_a_plan_that_overruns_even_at_the_later_speed(clock):
     planner = BudgetPlanner(budget_min=10, evaluations=lambda start, end: 1, eval_in_steps=0)
-    for _ in range(budget_module.WARMUP_STEPS + budget_module.MEASURED_STEPS):
-        clock.now += 1.0
-        planner.step_done()
-    # 600 - 40 steps of 1 s and an evaluation: 560 s against 500 left, 12% over
-    assert planner.fit(40, planned=600, elapsed_s=100.0, most=600, first=True) is None
-    assert planner.fit(40, planned=600, elapsed_s=100.0, most=600) < 600
-    # twice over: the first fit acts at once
-    assert planner.fit(40, planned=600, elapsed_s=320.0, most=600, first=True) < 600
+    _steps(planner, clock, budget_module.WARMUP_STEPS + budget_module.MEASURED_STEPS, 1.0)
+    # 560 steps of 1 s against 500 s left: over at the measured speed, not at 1 / 1.65 s
+    assert planner.fit(40, planned=600, elapsed_s=100.0, most=600) is None
+    assert planner.fit(40, planned=600, elapsed_s=100.0, most=600) < 600  # a later check: it is over
 
 
 def test_epochs_spanned_by_a_plan():
@@ -180,6 +201,8 @@ def test_sampling_follows_the_fitted_plan(tmp_path, data_dir, clock, monkeypatch
     spanned = whole_epochs([18] * 8, summary["planned_steps"])
     assert len(trainer.plans) == spanned < 8
     assert seen[-1] == (spanned - 1, spanned)  # the last epoch planned is the plan's last, at its end mix
+    positions = trainer.sampling_positions[:spanned]
+    assert positions[-1] == 1.0 and all(a <= b for a, b in zip(positions, positions[1:]))  # never back
 
 
 def _cfg(data_dir, *extra):
@@ -193,7 +216,7 @@ def test_max_steps_replays_a_fitted_plans_length_and_sampling(tmp_path, data_dir
     monkeypatch.setattr(Annealed, "plan", lambda self, b, e, n, rng: seen.append((e, n)) or real_plan(self, b, e, n, rng))
     trainer = trainer_module.Trainer(_cfg(data_dir, "train.time_budget_min=null", "train.max_steps=20"),
                                      tmp_path / "run")
-    assert trainer.total_steps == 20 and trainer.configured_steps == 144
+    assert trainer.total_steps == 20 and trainer.configured_steps == 20  # (the ceiling of a budget's fits)
     assert {n for _, n in seen[-8:]} == {2}  # 20 steps span 2 epochs: annealing planned over 2
     factor = trainer.updater.scheduler.lr_lambdas[0]
     assert (factor.warmup, factor.total) == (2, 20)
@@ -238,11 +261,26 @@ def test_a_fitted_plan_is_part_of_the_resumable_state(tmp_path, data_dir, clock,
     for tasks in [t for plan in trainer.plans for t in plan][:40]:
         trainer.train_step(tasks)
         trainer.budget.step_done()
-        if trainer.budget.ready():
-            trainer._fit_budget()
+    clock.now += 200.0  # the steps were slower than the measured ones suggest: the check must cut
+    trainer._fit_budget()
     assert trainer.total_steps < trainer.configured_steps
     state_module.save(trainer)
     fresh = trainer_module.Trainer(_cfg(data_dir), tmp_path / "run", resume=True)
     assert fresh.total_steps == trainer.total_steps and fresh.plans == trainer.plans
     a, b = fresh.updater.scheduler.lr_lambdas[0], trainer.updater.scheduler.lr_lambdas[0]
     assert [a(s) for s in range(40, fresh.total_steps + 1)] == [b(s) for s in range(40, trainer.total_steps + 1)]
+
+
+def test_a_budget_never_lengthens_the_plan_past_max_steps(tmp_path, data_dir, clock, monkeypatch):
+    timed(monkeypatch, clock, step_s=0.01)  # plenty of time: a fit could lengthen the plan
+    summary = trainer_module.Trainer(_cfg(data_dir, "train.max_steps=60", "train.eval_every=20"),
+                                     tmp_path / "run").run()
+    assert summary["steps"] == summary["planned_steps"] == summary["configured_steps"] == 60
+
+
+def test_a_run_that_finishes_its_plan_is_not_stopped_by_the_clock(tmp_path, data_dir, clock, monkeypatch):
+    timed(monkeypatch, clock, step_s=1.0, eval_s=0.0)
+    # three 1-second steps against a 2.4-second budget: the third ends the plan past the limit
+    summary = trainer_module.Trainer(_cfg(data_dir, "train.max_steps=3", "train.time_budget_min=0.04"),
+                                     tmp_path / "run").run()
+    assert summary["steps"] == 3 and "stopped" not in summary and not (tmp_path / "run" / "last").exists()

@@ -178,3 +178,33 @@ def test_a_run_task_cannot_write_outside_out_or_add_lines(custom_task_run, tmp_p
     assert main(["predict", str(run), "--out", str(tmp_path / "preds"), "--device", "cpu"]) == 2
     assert "cs224n_output's prefix and header must be words" in _one_line_error(capsys)
     assert not (tmp_path / "elsewhere").exists() and not list(tmp_path.glob("*-output.csv"))
+
+
+def test_an_hf_export_imports_nothing_it_names(finished_run, tmp_path, evil_module):
+    from mtbert.modeling.hf_format import HEADS_SPEC, load_hf_export
+    name, marker = evil_module
+    out = tmp_path / "export"
+    assert main(["export", str(finished_run), "--format", "hf", "--out", str(out)]) == 0
+    spec = json.loads((out / HEADS_SPEC).read_text())
+    spec["bi_head"] = f"{name}:x"
+    (out / HEADS_SPEC).write_text(json.dumps(spec))
+    with pytest.raises(UntrustedCodeError):
+        load_hf_export(out)
+    assert not marker.exists()
+
+
+def test_a_run_trained_with_the_users_own_plugins_finishes_with_its_int8_check(tmp_path, data_dir):
+    """The trainer reloads the checkpoint it wrote (the int8 check): the user's own plugins, named
+    in their own --config, are theirs to import."""
+    (tmp_path / "my_plugin_for_mtbert.py").write_text("LOADED = True\n")
+    config = tmp_path / "mine.yaml"
+    config.write_text(yaml.safe_dump({"base": str(TINY_YAML), "plugins": ["my_plugin_for_mtbert"]}))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        run = tmp_path / "run"
+        assert main(["train", "--config", str(config), "--out", str(run), "--data-dir", str(data_dir),
+                     "--set", "train.max_steps=2"]) == 0
+        assert (run / "best" / "int8_check.json").exists()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("my_plugin_for_mtbert", None)

@@ -58,7 +58,7 @@ def test_auto_on_cuda_is_bf16_or_fp16(bf16_cpu):
 
 @pytest.mark.parametrize("precision, device, reason, alternatives", [
     ("bf16", CPU, "neither AVX-512 BF16 nor AMX", "use auto, fp32, int8 on cpu"),
-    ("fp16", CPU, "needs a CUDA (or MPS) device", "use auto, fp32, int8 on cpu"),
+    ("fp16", CPU, "needs a CUDA device", "use auto, fp32, int8 on cpu"),
     ("int8", CUDA, "CPU only", "use auto, fp32, fp16 on cuda"),
     ("bf16", CUDA, "compute capability 7.5 < 8.0 only emulates bf16", "use auto, fp32, fp16 on cuda"),
 ])

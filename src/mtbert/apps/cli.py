@@ -80,7 +80,8 @@ def _train_and_report(cfg, out, args) -> int:
         title = f"best dev metrics ({out}/best)"
         if summary.get("stopped") == "time budget":
             title = (f"stopped by the time budget at step {summary['steps']} of {summary['planned_steps']}; {title}; "
-                     f"continue with: mtbert train --resume {out} --set train.time_budget_min=MINUTES")
+                     f"continue with: mtbert train --resume {out} --set train.time_budget_min=MINUTES "
+                     f"(the whole run's minutes, the {summary['train_seconds'] / 60:.0f} spent included)")
         print(format_table(summary["best_dev"], title))
         print(f"train_seconds={summary['train_seconds']} steps={summary['steps']}")
         if "int8_check" in summary:
@@ -308,8 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_trust(sp)
         sp.add_argument("--device", default="auto")
         sp.add_argument("--precision", default="auto",
-                        help="auto (bf16 on CUDA and on CPUs with AVX-512 BF16 or AMX, else fp32) | fp32 | bf16 | "
-                             "fp16 (CUDA) | int8 (CPU: dynamically quantised linear layers)")
+                        help="auto (the fastest path that keeps accuracy: bf16 where native, fp16 on CUDA < 8.0, "
+                             "int8 on other CPUs where the run's int8 check passed, else fp32; `mtbert env` says "
+                             "which) | fp32 | bf16 | fp16 (CUDA) | int8 (CPU: dynamically quantised linear layers)")
         sp.add_argument("--batch-size", type=POSITIVE, default=128)
 
     def add_config(sp, out_help, example, out_required=True):
@@ -328,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pt = sub.add_parser("pretrain", help="contrastive pre-training stage (SimCSE, MNRL) -> OUT/best")
     add_config(pt, "stage directory; train from it with model.backbone=OUT", "pretrain.lr=1e-5")
+    add_trust(pt)
     pt.add_argument("--overwrite", action="store_true", help="replace the stage already in --out")
     pt.set_defaults(func=cmd_pretrain)
 
@@ -378,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--results-dir", default="results/ablations")
     ab.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every variant")
     add_data_dir(ab)
+    add_trust(ab)
     ab.set_defaults(func=cmd_ablate)
 
     rp = sub.add_parser("report", help="HTML analysis report: curves, confusion matrices, t-SNE, attention, errors")
@@ -440,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--results-dir", default="results/tune", help="results table: RESULTS_DIR/NAME.md")
     tu.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every trial")
     add_data_dir(tu)
+    add_trust(tu)
     tu.set_defaults(func=cmd_tune)
 
     tq = sub.add_parser("techniques", help="list the available training techniques")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import random
@@ -49,6 +50,7 @@ def select_device(name: str = "auto", caps: Capabilities | None = None) -> torch
     return device
 
 
+@functools.lru_cache(maxsize=1)
 def mps_missing_op() -> str | None:
     """The first operation of our encoder that MPS cannot run (None if it runs them all): a tiny
     attention, layer norm, GELU, embedding and log-softmax on the device, as one forward and backward."""
@@ -89,7 +91,7 @@ def native_precisions(device: torch.device, caps: Capabilities | None = None, in
     if device.type == "cpu":
         return (["fp32"] + (["int8"] if inference and caps.cpu_int8 else [])
                 + (["bf16"] if caps.cpu_native_bf16 else []))
-    return ["fp32", "fp16", "bf16"]  # mps: autocast in both (expected, not measured)
+    return ["fp32", "bf16"]  # mps: autocast (expected, not measured; fp16 training would need CUDA's loss scaler)
 
 
 def auto_precision(device: torch.device, caps: Capabilities | None = None) -> tuple[str, str]:
@@ -109,7 +111,7 @@ def auto_precision(device: torch.device, caps: Capabilities | None = None) -> tu
 
 def _why_not(precision: str, device: torch.device, caps: Capabilities) -> str:
     if precision == "fp16":
-        return "fp16 autocast needs a CUDA (or MPS) device"
+        return "fp16 autocast (with its loss scaler) needs a CUDA device"
     if precision == "int8":
         return ("int8 (dynamic quantisation of the linear layers) runs on CPU only" if device.type != "cpu"
                 else "this torch has no quantised CPU engine for int8")

@@ -3,12 +3,14 @@ length-bucketed dynamic-padding batches.
 
 Reading never stops at a bad row: it is skipped and counted by reason (ReadReport). What counts
 as bad: undecodable bytes, an unparseable line, missing or extra fields, an empty or over-long
-text, an invalid label. Tab-separated files are read one line per record: a quoted field (the
-CS224N files use "" escapes) cannot run past the end of its line, so a stray quote costs at most
-its own row, counted, and never merges rows. Comma-separated files are read the same way (RFC 4180
-quoting within a line; a field holding a newline is an unparseable row, counted). A byte-order
-mark before the header is dropped. Ids of files without an id column are row numbers, counting
-skipped rows too, so they match the file's lines.
+text, an invalid label. Tab-separated files (the CS224N format) are read one line per record: a
+quoted field (the CS224N files use "" escapes) cannot run past the end of its line, so a stray
+quote costs at most its own row, counted, and never merges rows. Comma-separated files follow RFC
+4180 as Python's csv module and pandas write them: a quoted field may hold newlines, so a review
+with a line break is one record; a record still open after MAX_RECORD_CHARS characters is a stray
+quote, skipped and counted, and reading resumes on the line after it began. A byte-order mark
+before the header is dropped. Ids of files without an id column are record numbers, counting
+skipped records too.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from mtbert.core.tasks import FORMATS, TaskSpec
 log = logging.getLogger("mtbert")
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 MAX_FIELD_CHARS = 100_000  # longer texts are skipped as malformed: they cannot be sentences
+MAX_RECORD_CHARS = 200_000  # a CSV record spanning lines ends within this, or it is a stray quote
 NOT_CHECKED = "-"  # data check: a file outside the data directory has no checksum to compare
 
 
@@ -77,18 +80,50 @@ def _decoded_lines(fp, report: ReadReport) -> Iterator[str]:
         yield line
 
 
-def _split_lines(lines: Iterator[str], delimiter: str, report: ReadReport, one_line_records: bool):
-    """Lists of fields. With `one_line_records`, each line is parsed alone, so an unbalanced quote
-    is an error of that line only."""
-    if not one_line_records:
-        reader = csv.reader(lines, delimiter=delimiter)
+class _RecordTooLong(Exception):
+    pass
+
+
+def _csv_records(lines: Iterator[str], delimiter: str, max_chars: int) -> Iterator[list[str] | None]:
+    """RFC 4180 records: a quoted field may hold delimiters, newlines and "" escapes. A record
+    that is unterminated, malformed or longer than `max_chars` (a stray quote) is None, and reading
+    resumes at the line after its first one: one bad quote costs a bounded stretch, never the rest
+    of the file."""
+    taken: list[str] = []  # the lines of the record being read
+
+    def feed(source: Iterator[str]):
+        size = 0
+        for line in source:
+            taken.append(line)
+            size += len(line)
+            if size > max_chars and len(taken) > 1:
+                raise _RecordTooLong
+            yield line
+            if not taken:  # a record ended with that line
+                size = 0
+
+    source = lines
+    while True:
+        reader = csv.reader(feed(source), delimiter=delimiter, strict=True)
         while True:
             try:
-                yield next(reader)
+                record = next(reader)
             except StopIteration:
                 return
-            except csv.Error:
+            except (csv.Error, _RecordTooLong):
                 yield None
+                source, taken[:] = itertools.chain(taken[1:], source), []
+                break
+            taken.clear()
+            yield record
+
+
+def _split_lines(lines: Iterator[str], delimiter: str, report: ReadReport, one_line_records: bool):
+    """Lists of fields (None for a record that cannot be parsed). With `one_line_records` (TSV),
+    each line is parsed alone, so an unbalanced quote is an error of that line only; otherwise
+    records follow RFC 4180 (_csv_records)."""
+    if not one_line_records:
+        yield from _csv_records(lines, delimiter, MAX_RECORD_CHARS)
         return
     for line in lines:
         line = line.rstrip("\r\n")
@@ -127,7 +162,7 @@ def read_rows(path: str | Path, fmt: str, delimiter: str | None = None, columns:
                 yield row
             return
         sep = delimiter or FORMATS[fmt]
-        rows = _split_lines(lines, sep, report, one_line_records=True)
+        rows = _split_lines(lines, sep, report, one_line_records=sep != ",")
         header = list(columns) if columns else next(rows, [])
         if header is None:
             raise DataError(f"{path}: unreadable header")

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from mtbert.core.errors import CheckpointError
 from mtbert.core.tasks import get_task
+from mtbert.core.trust import reading_run
 from mtbert.data.tokenizer import BertTokenizer
 from mtbert.modeling.encoder import BertModel, load_hf_bert, load_state_checked
 from mtbert.modeling.model import MultitaskModel
@@ -119,6 +120,11 @@ def load_hf_export(directory: str | Path, device: str = "cpu") -> tuple[Multitas
     directory = Path(directory)
     if not (directory / HEADS_SPEC).exists():
         raise CheckpointError(f"{directory} has no {HEADS_SPEC}: not an mtbert Hugging Face export")
+    with reading_run(directory):  # an export is data: nothing it names is imported (core.trust)
+        return _load_hf_export(directory, device)
+
+
+def _load_hf_export(directory: Path, device: str) -> tuple[MultitaskModel, BertTokenizer]:
     spec = json.loads((directory / HEADS_SPEC).read_text())
     encoder = load_hf_bert(directory)
     model = MultitaskModel(encoder, [get_task(t) for t in spec["tasks"]], spec["pair_encoding"], spec["bi_head"],

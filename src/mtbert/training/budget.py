@@ -7,25 +7,30 @@ plan no longer fits the rest of the budget it shortens the plan: fewer steps, th
 to end inside the budget (optimizer.WarmupLinearDecay.refit), and task sampling refitted to the
 epochs the plan now spans (the annealed schedule reaches its final mix in the last of them).
 
-It fits after a short warm-up of steps (the first steps pick kernels and grow the allocator: they
-are not representative) and again after each evaluation, with the evaluations' measured cost and
-more steps measured. A later fit may also lengthen the plan again (up to the configured one) where
-the first one, from few steps, was too cautious; the LR decay then ends later, from where it is,
-and is never warmed up again. The plan is part of the resumable state; its timings are not.
-The budget itself stays a hard limit (trainer._over_budget) for a machine that slows down later.
+When it checks: after a short warm-up of steps, after each evaluation, and every CHECK_SHARE of the
+budget in between. Early steps are not representative (they pick kernels for each new batch shape
+and grow the allocator: 1.65x the later cost on the base run, 1.5x on make train's recipe capped to
+AVX2), so the first check assumes steps will get EARLY_SLOWDOWN times faster and only cuts a plan
+that overruns even then; later checks use the recent steps' cost (the last WINDOW steps) and the
+evaluations' measured cost, and may also lengthen the plan again, up to the configured one, where
+an earlier cut was too cautious. The plan is part of the resumable state; its timings are not. The
+budget itself stays a hard limit (trainer._budget_spent) for a machine that slows down later.
 """
 from __future__ import annotations
 
+import collections
 import math
 import time
 from typing import Callable
 
-WARMUP_STEPS = 10   # steps of each process that the cost per step leaves out
-MEASURED_STEPS = 30  # steps measured after them before the first fit
-SAFETY = 0.97        # a fitted plan aims at this share of the time left (noise must not trip the hard limit)
-TOO_SHORT = 0.10     # a fitted plan under this share of the configured one gets a warning
+WARMUP_STEPS = 10     # steps of each process that the cost per step leaves out
+MEASURED_STEPS = 30   # steps measured after them before the first check
+WINDOW = 200          # the steps whose mean cost later checks use
+EARLY_SLOWDOWN = 1.65  # how much slower the first steps ran than later ones (base run)
+CHECK_SHARE = 0.05    # a check every this share of the budget, besides those after evaluations
+SAFETY = 0.97         # a fitted plan aims at this share of the time left (noise must not trip the hard limit)
+TOO_SHORT = 0.10      # a fitted plan under this share of the configured one gets a warning
 EXTEND_MARGIN = 0.10  # a fit lengthens the plan only for this share more of its remaining steps
-FIRST_FIT_DOUBT = 1.25  # the first fit, from few early steps, acts only on a plan this much over the time left
 
 
 class BudgetPlanner:
@@ -40,14 +45,16 @@ class BudgetPlanner:
         self.eval_in_steps = eval_in_steps  # an evaluation's guessed cost in training steps, until one is timed
         self.eval_seconds: list[float] = []
         self.session_steps = 0
-        self.measure_from: tuple[float, int, float] | None = None  # (clock, steps, evaluation seconds) after warm-up
         self.eval_total = 0.0
+        # (clock, evaluation seconds so far) after each step since the warm-up, the last WINDOW + 1
+        self.marks: collections.deque = collections.deque(maxlen=WINDOW + 1)
+        self.checked_at: float | None = None  # the clock at the last check
 
     # ------------------------------------------------------------ measuring
     def step_done(self) -> None:
         self.session_steps += 1
-        if self.session_steps == WARMUP_STEPS:
-            self.measure_from = (time.perf_counter(), self.session_steps, self.eval_total)
+        if self.session_steps >= WARMUP_STEPS:
+            self.marks.append((time.perf_counter(), self.eval_total))
 
     def evaluation_done(self, seconds: float) -> None:
         self.eval_seconds.append(seconds)
@@ -55,35 +62,39 @@ class BudgetPlanner:
 
     @property
     def step_seconds(self) -> float | None:
-        """Mean seconds per training step since the warm-up (saves included, evaluations not)."""
-        if self.measure_from is None:
+        """Mean seconds per training step over the last WINDOW steps since the warm-up (saves
+        included, evaluations not)."""
+        if len(self.marks) < 2:
             return None
-        clock, steps, evals = self.measure_from
-        n = self.session_steps - steps
-        if n <= 0:
-            return None
-        return (time.perf_counter() - clock - (self.eval_total - evals)) / n
+        (t0, e0), (t1, e1) = self.marks[0], self.marks[-1]
+        return (t1 - t0 - (e1 - e0)) / (len(self.marks) - 1)
 
     def evaluation_seconds(self, per_step: float) -> float:
         """The costliest of the last three evaluations (they save checkpoints too), or the guess."""
         return max(self.eval_seconds[-3:]) if self.eval_seconds else self.eval_in_steps * per_step
 
-    def ready(self) -> bool:
-        """Whether the first fit is due (after the warm-up and the measured steps)."""
+    def first_check_due(self) -> bool:
         return self.session_steps == WARMUP_STEPS + MEASURED_STEPS
 
+    def check_due(self) -> bool:
+        """Whether a check between evaluations is due: the first one, then every CHECK_SHARE of the budget."""
+        if self.first_check_due():
+            return True
+        return self.checked_at is not None and time.perf_counter() - self.checked_at >= CHECK_SHARE * self.budget_s
+
     # ------------------------------------------------------------ fitting
-    def fit(self, step: int, planned: int, elapsed_s: float, most: int | None = None,
-            first: bool = False) -> int | None:
+    def fit(self, step: int, planned: int, elapsed_s: float, most: int | None = None) -> int | None:
         """The number of planned steps that fits the time left, if it differs enough from `planned`
         (else None): fewer where the plan no longer fits; more, up to `most` (the configured plan),
-        where measurement shows EXTEND_MARGIN more room (an earlier fit from warm-up steps that
-        ran slow, or a machine that got faster). The `first` fit, from the few steps after the
-        warm-up (early steps run slow: 1.65x on the base run), shortens only a plan more than
-        FIRST_FIT_DOUBT over the time left; a closer call waits for the first evaluation."""
+        where measurement shows EXTEND_MARGIN more room. The first check, from a few early steps,
+        assumes later steps EARLY_SLOWDOWN times faster, and only shortens."""
         per_step = self.step_seconds
         if per_step is None:
             return None
+        first = self.checked_at is None
+        self.checked_at = time.perf_counter()
+        if first:
+            per_step /= EARLY_SLOWDOWN
         left = self.budget_s - elapsed_s
 
         def cost(end: int) -> float:
@@ -95,7 +106,7 @@ class BudgetPlanner:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if cost(mid) <= target else (lo, mid - 1)
         fits = max(lo, step + 1)
-        if cost(planned) > left * (FIRST_FIT_DOUBT if first else 1.0):
+        if cost(planned) > target:
             return fits
         if not first and fits > planned + EXTEND_MARGIN * (planned - step):
             return fits

@@ -66,12 +66,12 @@ class WarmupLinearDecay:
         return max(0.0, (self.total - s) / max(self.total - self.warmup, 1))
 
     def refit(self, step: int, total: int, warmup: int) -> None:
-        """End the decay at `total` instead (the next factor used is the one for `step`). Still
-        within the new plan's warm-up (`warmup` steps): the new plan's own schedule, as if trained
-        with max_steps=total. Past it: from the factor the LR has now, linearly down to 0 at `total`.
-        Never warms up again."""
-        if step < warmup:
-            self.warmup, self.total, self.anchor_step, self.anchor_factor = warmup, total, None, None
+        """End the decay at `total` instead (the next factor used is the one for `step`). Still in
+        the first warm-up, with no earlier refit: the new plan's own schedule (`warmup` steps, then
+        down to 0 at `total`), as if trained with max_steps=total. Otherwise: from the factor the LR
+        has now, linearly down to 0 at `total`. Never warms up again."""
+        if self.anchor_step is None and step < self.warmup:
+            self.warmup, self.total = warmup, total
         else:
             self.anchor_factor, self.anchor_step = self(step), step
             self.warmup, self.total = min(self.warmup, step), total
@@ -119,11 +119,14 @@ class Updater:
             self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
 
     def refit(self, step: int, total: int, warmup: int) -> None:
-        """End the LR decay at step `total` (a time budget's fitted plan: WarmupLinearDecay.refit)."""
-        factor = self.scheduler.lr_lambdas[0]
-        factor.refit(step, total, warmup)
+        """End the LR decay at optimizer step `total` (a time budget's fitted plan:
+        WarmupLinearDecay.refit). The schedule counts the steps really taken, fewer than `step` where
+        fp16 overflows skipped some: the refit is made in its count."""
+        factor, taken = self.scheduler.lr_lambdas[0], self.scheduler.last_epoch
+        lag = step - taken
+        factor.refit(taken, total - lag, max(warmup - lag, 0))
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-            group["lr"] = base * factor(step)  # (the step about to be taken uses the new factor)
+            group["lr"] = base * factor(taken)  # (the step about to be taken uses the new factor)
 
     @property
     def lr(self) -> float:

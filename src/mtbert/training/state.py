@@ -33,7 +33,8 @@ def capture(trainer) -> dict:
             # as JSON: metric values of any float type, and weights_only loading accepts it
             "log": json.dumps({"history": trainer.history, "best_metrics": trainer.best_metrics}),
             # the plan, as a time budget may have fitted it (the LR factor is in the scheduler's state)
-            "plan": json.dumps({"plans": trainer.plans, "planned_steps": trainer.total_steps}),
+            "plan": json.dumps({"plans": trainer.plans, "planned_steps": trainer.total_steps,
+                                "sampling_positions": trainer.sampling_positions}),
             **trainer.updater.state_dict(), "weighting": trainer.weighting.state_dict(),
             "data_rng": trainer.rng.getstate(), "streams": {t: s.state_dict() for t, s in trainer.streams.items()},
             "techniques": {tech.name: tech.state_dict() for tech in trainer.techniques},
@@ -73,6 +74,7 @@ def restore(trainer, directory: Path) -> None:
     if "plan" in state:  # (states saved before time budgets planned have the configured plan)
         plan = json.loads(state["plan"])
         trainer.plans, trainer.total_steps = plan["plans"], plan["planned_steps"]
+        trainer.sampling_positions = plan.get("sampling_positions", trainer.sampling_positions)
     rngs, dist = state["rng"], trainer.dist
     set_rng_state(rngs[dist.rank] if len(rngs) == dist.world else rngs[0])
     if len(rngs) != dist.world and dist.world > 1:  # another world size: fresh dropout streams

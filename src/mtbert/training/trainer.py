@@ -38,6 +38,7 @@ from mtbert.core.runtime import (
     set_threads,
 )
 from mtbert.core.tasks import get_task, overall_scorer, selection_score
+from mtbert.core.trust import run_code_trusted
 from mtbert.data.readers import encode_dataset, load_split
 from mtbert.inference import int8_check
 from mtbert.inference.predictor import metrics_for
@@ -112,8 +113,8 @@ class Trainer:
         if variants or len(set(cfg.data.tasks)) != len(cfg.data.tasks):
             raise ValueError(f"data.tasks lists a task twice (or with its variant {variants}): {cfg.data.tasks}")
         examples = {split: self._read(split) for split in ("train", "dev")}  # (checks files and columns)
-        # only now, with the config, tasks and data checked, may --overwrite delete the run there
-        prepare_run_dir(self.out, resume, overwrite, self.dist)
+        if not overwrite:  # refuse a directory that holds a run now; deleting one waits (below)
+            prepare_run_dir(self.out, resume, overwrite, self.dist)
         self.scorer = overall_scorer(cfg.data.overall, cfg.data.overall_weights)
         if cfg.pretrain.enabled and self.dist.world > 1:
             raise ValueError("pretrain.enabled is single-process: run `mtbert pretrain` first, then train from "
@@ -121,7 +122,10 @@ class Trainer:
         # Contrastive stage first (mtbert.pretrain). A resumed run skips it: every weight comes from
         # RUN_DIR/last, and the architecture is the backbone's either way.
         if cfg.pretrain.enabled and not resume:
-            self.model, self.tokenizer = build_model(pretrained_start(cfg, self.out / "pretrain"))
+            if overwrite:  # (the stage is written into the run directory)
+                prepare_run_dir(self.out, resume, overwrite, self.dist)
+            with run_code_trusted():  # the stage this process just wrote, from the user's own config
+                self.model, self.tokenizer = build_model(pretrained_start(cfg, self.out / "pretrain"))
         else:
             self.model, self.tokenizer = build_model(cfg)
         self.techniques = build_techniques(cfg.techniques)
@@ -153,6 +157,9 @@ class Trainer:
         self.plan_batches = {t: math.ceil(s.batches_per_pass / tc.grad_accum) for t, s in self.streams.items()}
         self.plans, self.configured_steps, self.total_steps = self._plan(tc.epochs, tc.max_steps)
         self.epoch_lengths = [len(p) for p in self.plans]  # (as configured: a time budget's fit may drop epochs)
+        # each epoch's share of the way through the schedule, as its plan was drawn (a fit may change it)
+        spanned = whole_epochs(self.epoch_lengths, self.total_steps)
+        self.sampling_positions = [min(e, spanned - 1) / max(spanned - 1, 1) for e in range(tc.epochs)]
         if cfg.model.finetune == "frozen":
             for p in self.model.encoder.parameters():
                 p.requires_grad_(False)
@@ -187,6 +194,10 @@ class Trainer:
             torch.manual_seed(tc.seed + self.dist.rank)
         self.ctx = StepContext(self.model, self.total_steps, self.device, self.tokenizer, self.train_sets,
                                tc.seed, self.autocast, out_dir=self.out, dist=self.dist)
+        # Only now, with the config, tasks, data, model, techniques, schedule and weighting built,
+        # may --overwrite delete the run there (techniques' setup may write into it).
+        if overwrite and not (cfg.pretrain.enabled and not resume):
+            prepare_run_dir(self.out, resume, overwrite, self.dist)
         for tech in self.techniques:
             tech.setup(self.ctx)
         self.budget = self._budget_planner()
@@ -197,9 +208,10 @@ class Trainer:
             log.info("resumed %s at step %d of %d", self.out, self.step, self.total_steps)
 
     def _plan(self, epochs: int, max_steps: int | None) -> tuple[list, int, int]:
-        """(each epoch's steps, configured steps, planned steps). Task sampling follows the plan:
-        where max_steps ends it early, schedules that depend on the number of epochs (annealed) plan
-        for the epochs it spans, drawing the same random numbers."""
+        """(each epoch's steps, configured steps, planned steps): the steps of `epochs`, cut at
+        max_steps (a time budget's fit may then shorten the plan, or lengthen it back to this).
+        Task sampling follows the plan: where max_steps ends it early, schedules that depend on the
+        number of epochs (annealed) plan for the epochs it spans, drawing the same random numbers."""
         before = self.rng.getstate()
         plans = [self.schedule.plan(self.plan_batches, e, epochs, self.rng) for e in range(epochs)]
         configured = sum(len(p) for p in plans)
@@ -208,12 +220,13 @@ class Trainer:
         if spanned < epochs:
             self.rng.setstate(before)
             plans = [self.schedule.plan(self.plan_batches, min(e, spanned - 1), spanned, self.rng) for e in range(epochs)]
-        return plans, configured, planned
+        return plans, planned, planned
 
     def _epoch_ends(self) -> list[int]:
+        """The step at which each configured epoch ends (also those a time budget's fit dropped)."""
         ends, total = [], 0
-        for p in self.plans:
-            total += len(p)
+        for length in self.epoch_lengths:
+            total += length
             ends.append(total)
         return ends
 
@@ -238,22 +251,18 @@ class Trainer:
         eval_in_steps = dev_examples / (3 * max(per_step, 1.0))
         return BudgetPlanner(budget, self._evaluations, eval_in_steps)
 
-    def _fit_budget(self, first: bool = False) -> None:
+    def _fit_budget(self) -> None:
         """Refit the plan (steps, LR decay, task sampling) to the budget where its rest no longer
         fits, or fits with room to spare after an earlier cut (training.budget)."""
         elapsed = time.time() - self.t0
-        fitted = (self.budget.fit(self.step, self.total_steps, elapsed, self.configured_steps, first)
-                  if self.dist.main else None)
+        fitted = self.budget.fit(self.step, self.total_steps, elapsed, self.configured_steps) if self.dist.main else None
         fitted = self.dist.broadcast_object(fitted)
         if fitted is None or fitted == self.total_steps:
             return
         tc = self.cfg.train
         self.total_steps = self.ctx.total_steps = fitted
         self.updater.refit(self.step, fitted, int(tc.warmup_ratio * fitted))
-        spanned = whole_epochs(self.epoch_lengths, fitted)
-        self.plans = self.plans[:self.epoch + 1] + [  # sampling follows: annealing ends in the plan's last epoch
-            self.schedule.plan(self.plan_batches, e, spanned, random.Random(f"{tc.seed}/budget/{e}"))
-            for e in range(self.epoch + 1, spanned)]
+        self._refit_sampling(whole_epochs(self.epoch_lengths, fitted))
         if not self.dist.main:
             return
         per_step = self.budget.step_seconds
@@ -271,8 +280,30 @@ class Trainer:
         if warning:
             tqdm.write(f"mtbert train: warning: {warning}", file=sys.stderr)
 
+    def _refit_sampling(self, spanned: int) -> None:
+        """Plan the epochs after this one for a plan that now spans `spanned` epochs: where that
+        changes, their share of the way through the schedule (what the annealed mix follows) goes
+        on from this epoch's to the end, reached in the plan's last epoch, and never back."""
+        if spanned == len(self.plans):
+            return
+        now, tc = self.sampling_positions[self.epoch], self.cfg.train
+        last = max(spanned - 1, 1)
+        for e in range(self.epoch + 1, spanned):
+            share = now + (1.0 - now) * (e - self.epoch) / max(spanned - 1 - self.epoch, 1)
+            self.sampling_positions[e] = share
+            # (a fractional epoch: schedules that anneal read epoch / (num_epochs - 1) as the share)
+            plan = self.schedule.plan(self.plan_batches, share * last, spanned, random.Random(f"{tc.seed}/budget/{e}"))
+            if e < len(self.plans):
+                self.plans[e] = plan
+            else:
+                self.plans.append(plan)
+        del self.plans[spanned:]
+
     def _budget_spent(self) -> bool:
-        """The budget's hard limit (a machine that slowed down after the fit): stop, resumably."""
+        """The budget's hard limit (a machine that slowed down after the fit): stop, resumably.
+        A run that has finished its plan is finished, whatever the clock says."""
+        if self.step >= self.total_steps:
+            return False
         if self._over_budget() and not self.stop_reason:
             self.stop_reason = TIME_BUDGET
         return self.stop_reason == TIME_BUDGET
@@ -480,8 +511,8 @@ class Trainer:
                 losses = self.train_step(tasks)
                 if self.budget is not None:
                     self.budget.step_done()
-                    if self.budget.ready():
-                        self._fit_budget(first=True)
+                    if self.budget.check_due():
+                        self._fit_budget()
                 check_finite_losses(losses, self.step, self.dist, self.best_metrics)
                 for t, l in losses.items():
                     self.loss_sums[t] += l
@@ -490,9 +521,10 @@ class Trainer:
                 bar.set_postfix({t: f"{sums[t] / counts[t]:.3f}" for t in sums if counts[t]})
                 if eval_every and self.step % eval_every == 0 and self.step < self.total_steps:
                     self._record()
-                elif save_every and self.step % save_every == 0 and i < len(plan) - 1:  # (epoch ends record)
+                elif save_every and self.step % save_every == 0 and i < len(plan) - 1 and self.step < self.total_steps:
+                    # (epoch ends and the plan's end record: no separate save)
                     state.save(self)
-                if self.stop_reason or self._budget_spent() or self.step >= self.total_steps:
+                if self.stop_reason or self.step >= self.total_steps or self._budget_spent():
                     break
             if self.last_recorded_step != self.step:
                 self._record()
@@ -520,9 +552,11 @@ class Trainer:
         """Score the best checkpoint's dev sets in int8 and fp32 on the CPU, and store the result
         beside its weights (inference.int8_check): CPU inference's `auto` uses int8 only where it passed."""
         best = find_checkpoint(self.out, required=False)
-        if not (self.cfg.train.int8_check and self.dist.main and best is not None and detect().cpu_int8):
+        # (single-process runs: under torchrun the other ranks would wait on the main one's CPU passes)
+        if not (self.cfg.train.int8_check and self.dist.world == 1 and best is not None and detect().cpu_int8):
             return None
-        model, _, _, meta = load_checkpoint(best)
+        with run_code_trusted():  # the checkpoint this run just wrote, from the user's own config
+            model, _, _, meta = load_checkpoint(best)
         trained_in_fp32 = self.device.type == "cpu" and self.amp_dtype is None
         release = EVAL_RELEASE_EVERY if self.cfg.train.release_memory_every else None
         record = int8_check.measure(model, self.dev_sets, self.scorer, meta.get("step"),
