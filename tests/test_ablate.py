@@ -27,6 +27,18 @@ def test_runs_variants_tabulates_and_skips_finished_ones(tmp_path, data_dir):
     assert (tmp_path / "runs" / "mini" / "sequential" / "summary.json").exists()
 
 
+def test_a_variant_the_hardware_cannot_run_natively_is_skipped_with_a_row(tmp_path, data_dir, machine):
+    """configs/ablations/precision.yaml on an AVX2-only CPU: bf16 would be emulated, so it is not
+    trained; the table says why."""
+    machine(cpu_flags={"avx2", "fma"}, aten_isa="AVX2")
+    path = _write(tmp_path, {"bf16": ["train.precision=bf16"], "fp32": ["train.precision=fp32"]})
+    text = run_ablation(path, tmp_path / "runs", tmp_path / "results", [f"data.data_dir={data_dir}"]).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| bf16 |"))
+    assert "skipped on this machine" in row and "neither AVX-512 BF16 nor AMX" in row
+    assert not (tmp_path / "runs" / "mini" / "bf16").exists()
+    assert (tmp_path / "runs" / "mini" / "fp32" / "summary.json").exists()
+
+
 def test_bad_ablation_files(tmp_path):
     with pytest.raises(ConfigError, match="variants"):
         run_ablation(_write(tmp_path, {}), tmp_path / "r", tmp_path / "t")
@@ -34,7 +46,8 @@ def test_bad_ablation_files(tmp_path):
         run_ablation(_write(tmp_path, {"x": ["train.nope=1"]}), tmp_path / "r", tmp_path / "t")
 
 
-@pytest.mark.parametrize("name", ["pair_encoding", "schedules", "weightings", "techniques", "single_vs_multi"])
+@pytest.mark.parametrize("name", ["pair_encoding", "schedules", "weightings", "techniques", "single_vs_multi",
+                                  "precision"])
 def test_shipped_ablation_variants_are_valid_configs(name):
     spec = yaml.safe_load(open(f"configs/ablations/{name}.yaml"))
     for overrides in spec["variants"].values():
