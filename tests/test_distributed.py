@@ -72,3 +72,17 @@ def test_task_stream_shards_one_global_batch(data_dir):
     streams = [TaskStream(ds, 9, True, random.Random(0), tok.pad_id, rank, 10) for rank in range(10)]
     parts = [next(s) for s in streams]
     assert [p["share"] for p in parts[-1:]] == [0.0] and len(parts[-1]["indices"]) == 1
+
+
+def test_two_processes_with_a_time_budget_check_it_together(tmp_path, data_dir):
+    """The budget's checks are collectives (the main rank's clock decides for every rank): a run long
+    enough to check after its warm-up, and every 3 s after that, ends on every rank."""
+    out = tmp_path / "ddp"
+    sets = [*SETS[1:], "train.epochs=12", "train.max_steps=70", "train.time_budget_min=1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "mtbert.cli", "train", "--config", str(TINY_YAML), "--out", str(out), "--data-dir", str(data_dir),
+           *[a for s in sets for a in ("--set", s)]]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == summary["planned_steps"] and summary["steps"] > 40

@@ -511,7 +511,7 @@ class Trainer:
                 losses = self.train_step(tasks)
                 if self.budget is not None:
                     self.budget.step_done()
-                    if self.budget.check_due():
+                    if self.dist.any(self.budget.check_due()):  # (the main rank's clock decides for all)
                         self._fit_budget()
                 check_finite_losses(losses, self.step, self.dist, self.best_metrics)
                 for t, l in losses.items():
