@@ -208,3 +208,20 @@ def test_a_run_trained_with_the_users_own_plugins_finishes_with_its_int8_check(t
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("my_plugin_for_mtbert", None)
+
+
+def test_outputs_respect_the_umask(finished_run, tmp_path):
+    """mkstemp / mkdtemp make 0600 / 0700 temporaries; renamed into place they would be private."""
+    import os
+
+    from mtbert.core.io import atomic_write_text
+    from mtbert.modeling.checkpoint import load_checkpoint, save_checkpoint
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "out.csv", "id,label\n")
+        model, tok, cfg, meta = load_checkpoint(finished_run)
+        save_checkpoint(tmp_path / "ckpt", model, tok, cfg, meta)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.csv").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o755

@@ -36,6 +36,7 @@ import torch
 
 from mtbert.apps import model_card
 from mtbert.core.errors import CheckpointError, ConfigError
+from mtbert.core.io import umask_mode
 from mtbert.data.readers import pad
 from mtbert.data.tokenizer import BertTokenizer
 from mtbert.inference.ensemble import is_ensemble_dir
@@ -294,9 +295,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, force: bool = Fal
     summary, command = model_card.read_run_files(run_root)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the export private
+    os.chmod(tmp, umask_mode(directory=True))
     try:
         torch.manual_seed(0)
         if fmt == "hf":

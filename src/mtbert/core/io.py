@@ -12,6 +12,14 @@ from pathlib import Path
 from typing import IO, Iterator
 
 
+def umask_mode(directory: bool = False) -> int:
+    """The mode a new file (or directory) gets under this process's umask. mkstemp and mkdtemp
+    create 0600 / 0700 instead, which would leave a renamed output private to its writer."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | Path, mode: str = "w", newline: str | None = None) -> Iterator[IO]:
     """A file opened beside `path`; on success it is fsynced and renamed over `path`, on any error
@@ -19,6 +27,7 @@ def atomic_writer(path: str | Path, mode: str = "w", newline: str | None = None)
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.chmod(tmp, umask_mode())
         with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": newline, "encoding": "utf-8"})) as f:
             yield f
             f.flush()

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from mtbert.core.config import Config, load_config
 from mtbert.core.errors import CheckpointError
+from mtbert.core.io import umask_mode
 from mtbert.core.tasks import get_task
 from mtbert.core.trust import UntrustedCodeError, reading_run
 from mtbert.data.tokenizer import BertTokenizer
@@ -87,6 +88,7 @@ def save_checkpoint(directory: str | Path, model: MultitaskModel, tokenizer: Ber
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
     try:
+        os.chmod(tmp, umask_mode(directory=True))
         state, seen = {}, set()
         for k, v in model.state_dict().items():
             if v.data_ptr() not in seen:  # tied parameters are stored once (safetensors requires it)
