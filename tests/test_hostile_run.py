@@ -225,3 +225,18 @@ def test_outputs_respect_the_umask(finished_run, tmp_path):
         os.umask(old)
     assert (tmp_path / "out.csv").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize("content", [b"not a torch file", "pickle"])
+def test_a_corrupt_or_pickled_train_state_gives_no_advice_to_unpickle(stopped_run, tmp_path, capsys, content):
+    import pickle
+
+    class Payload:  # what a pickle that runs code looks like to torch.load(weights_only=True)
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+    data = pickle.dumps(Payload()) if content == "pickle" else content
+    (stopped_run / "last" / "train_state.pt").write_bytes(data)
+    assert main(["train", "--resume", str(stopped_run)]) == 2
+    err = _one_line_error(capsys)
+    assert "train_state.pt is corrupt" in err and "weights_only" not in err
+    assert not (tmp_path / "pwned").exists()

@@ -53,6 +53,11 @@ def restore(trainer, directory: Path) -> None:
     """Load RUN_DIR/last into a freshly built trainer (same config, so same structure)."""
     try:
         state = torch.load(directory / "train_state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:
+        # (not torch's own text: it advises weights_only=False, which would run the file's pickled code)
+        raise ValueError(f"cannot resume from {directory}: train_state.pt is corrupt or holds objects other than "
+                         f"tensors and plain data ({type(e).__name__}); mtbert never unpickles code") from None
+    try:
         weights = load_file(str(directory / "model.safetensors"), device="cpu")
     except Exception as e:
         raise ValueError(f"cannot resume from {directory}: {e}") from e
