@@ -103,6 +103,7 @@ def test_info_health_page_and_openapi(client, run_dir):
     ("sentiment", b'{"texts": ["fine", 7]}', 422, "texts[1]: Input should be a valid string"),
     ("sentiment", b'{"texts": []}', 422, "at least 1 item"),
     ("sentiment", b'{"texts": ["fine", "   "]}', 422, "texts[1] is empty"),
+    ("sentiment", b'{"texts": ["\\u200b\\u0301\\ufeff"]}', 422, "texts[0] is empty"),  # zero-width + combining only
     ("paraphrase", b'{"pairs": [["only one"]]}', 422, "pairs[0][1]: Field required"),
     ("similarity", b'{"pairs": [["a", ""]]}', 422, "pairs[0][1] is empty"),
     ("sentiment", b'{"texts": ["x"], "extra": 1}', 422, "extra: Extra inputs are not permitted"),

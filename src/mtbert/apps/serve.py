@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import socket
+import unicodedata
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -80,6 +81,15 @@ MAX_ERRORS = 10         # validation errors listed per response
 
 
 # ---------------------------------------------------------------- request and response bodies
+
+
+# Characters that show nothing on their own: spaces and line breaks, format characters (zero-width
+# space and joiners, BOM) and combining marks. A text of only these is blank.
+INVISIBLE = {"Zs", "Zl", "Zp", "Cc", "Cf", "Mn", "Me"}
+
+
+def is_blank(text: str) -> bool:
+    return all(c.isspace() or unicodedata.category(c) in INVISIBLE for c in text)
 
 class TextsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -213,7 +223,7 @@ class ModelService:
         for i, texts in enumerate(items):
             for j, text in enumerate(texts):
                 where = f"{field}[{i}]" + (f"[{j}]" if len(texts) > 1 else "")
-                if not text.strip():
+                if is_blank(text):
                     raise HTTPException(422, f"{where} is empty")
                 if len(text) > self.max_chars:
                     raise HTTPException(413, f"{where} has {len(text)} characters; the limit is {self.max_chars}")
