@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -55,7 +55,6 @@ class Capabilities:
     mps: bool = False
     torch_version: str = torch.__version__
     torch_cuda: str | None = None              # the CUDA version torch was built for, None on a CPU build
-    notes: tuple = field(default=())
 
     # ------------------------------------------------------------------ CPU
     @property

@@ -10,6 +10,7 @@ torchrun the ranks share one global batch (see core.distributed and training.str
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -155,11 +156,10 @@ class Trainer:
         # plan in batches of batch_size x grad_accum (an epoch is still one pass over the data).
         self.grad_accum = tc.grad_accum
         self.plan_batches = {t: math.ceil(s.batches_per_pass / tc.grad_accum) for t, s in self.streams.items()}
-        self.plans, self.configured_steps, self.total_steps = self._plan(tc.epochs, tc.max_steps)
+        # configured_steps: the plan before any time budget's fit, and the most a fit may give back
+        self.plans, self.sampling_positions, self.total_steps = self._plan(tc.epochs, tc.max_steps)
+        self.configured_steps = self.total_steps
         self.epoch_lengths = [len(p) for p in self.plans]  # (as configured: a time budget's fit may drop epochs)
-        # each epoch's share of the way through the schedule, as its plan was drawn (a fit may change it)
-        spanned = whole_epochs(self.epoch_lengths, self.total_steps)
-        self.sampling_positions = [min(e, spanned - 1) / max(spanned - 1, 1) for e in range(tc.epochs)]
         if cfg.model.finetune == "frozen":
             for p in self.model.encoder.parameters():
                 p.requires_grad_(False)
@@ -207,34 +207,27 @@ class Trainer:
             self.ctx.step, self.ctx.total_steps = self.step, self.total_steps
             log.info("resumed %s at step %d of %d", self.out, self.step, self.total_steps)
 
-    def _plan(self, epochs: int, max_steps: int | None) -> tuple[list, int, int]:
-        """(each epoch's steps, configured steps, planned steps): the steps of `epochs`, cut at
-        max_steps (a time budget's fit may then shorten the plan, or lengthen it back to this).
-        Task sampling follows the plan: where max_steps ends it early, schedules that depend on the
-        number of epochs (annealed) plan for the epochs it spans, drawing the same random numbers."""
+    def _plan(self, epochs: int, max_steps: int | None) -> tuple[list, list[float], int]:
+        """(each epoch's steps, each epoch's share of the way through the schedule, planned steps):
+        the steps of `epochs`, cut at max_steps. Task sampling follows the plan: where max_steps
+        ends it early, schedules that depend on the number of epochs (annealed) plan for the epochs
+        it spans, drawing the same random numbers."""
         before = self.rng.getstate()
         plans = [self.schedule.plan(self.plan_batches, e, epochs, self.rng) for e in range(epochs)]
-        configured = sum(len(p) for p in plans)
-        planned = min(configured, max_steps) if max_steps else configured
+        planned = sum(len(p) for p in plans)
+        planned = min(planned, max_steps) if max_steps else planned
         spanned = whole_epochs([len(p) for p in plans], planned)
+        drawn_as = [min(e, spanned - 1) for e in range(epochs)]  # (as drawn before: the same where spanned == epochs)
         if spanned < epochs:
             self.rng.setstate(before)
-            plans = [self.schedule.plan(self.plan_batches, min(e, spanned - 1), spanned, self.rng) for e in range(epochs)]
-        return plans, planned, planned
-
-    def _epoch_ends(self) -> list[int]:
-        """The step at which each configured epoch ends (also those a time budget's fit dropped)."""
-        ends, total = [], 0
-        for length in self.epoch_lengths:
-            total += length
-            ends.append(total)
-        return ends
+            plans = [self.schedule.plan(self.plan_batches, e, spanned, self.rng) for e in drawn_as]
+        return plans, [e / max(spanned - 1, 1) for e in drawn_as], planned
 
     def _evaluations(self, start: int, end: int) -> int:
-        """Evaluations the plan holds in steps (start, end]: each epoch end, every eval_every steps
-        and the final one."""
+        """Evaluations the plan holds in steps (start, end]: each configured epoch's end (also of
+        those a time budget's fit dropped), every eval_every steps and the final one."""
         every = self.cfg.train.eval_every
-        marks = {e for e in self._epoch_ends() if start < e < end}
+        marks = {e for e in itertools.accumulate(self.epoch_lengths) if start < e < end}
         if every:
             marks |= set(range((start // every + 1) * every, end, every))
         return len(marks) + 1
@@ -546,7 +539,6 @@ class Trainer:
                 for d in ("last", "last.old"):
                     shutil.rmtree(self.out / d, ignore_errors=True)
         return summary
-
 
     def _int8_check(self) -> dict | None:
         """Score the best checkpoint's dev sets in int8 and fp32 on the CPU, and store the result
