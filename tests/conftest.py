@@ -27,6 +27,14 @@ async def wait_until(condition, tries: int = 500, interval: float = 0.01) -> Non
         await asyncio.sleep(interval)
 
 
+def train_tiny_run(out: Path, data_dir: Path, *sets: str, config: Path = TINY_YAML) -> Path:
+    """Train a tiny run into `out` through the CLI (`--set` each of `sets`); returns `out`."""
+    from mtbert.apps.cli import main
+    assert main(["train", "--config", str(config), "--out", str(out), "--data-dir", str(data_dir),
+                 *[a for s in sets for a in ("--set", s)]]) == 0
+    return out
+
+
 @pytest.fixture
 def tiny_cfg():
     return lambda *overrides: load_config(TINY_YAML, list(overrides))

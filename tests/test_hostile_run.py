@@ -15,25 +15,21 @@ from safetensors.torch import load_file, save_file
 import mtbert
 from mtbert.apps.cli import main
 from mtbert.core.trust import UntrustedCodeError
-from tests.conftest import TINY_YAML
+from tests.conftest import TINY_YAML, train_tiny_run
 
 
 @pytest.fixture
 def stopped_run(tmp_path, data_dir):
     """A tiny run stopped by its time budget after one step: it keeps last/ for --resume."""
-    run = tmp_path / "run"
-    assert main(["train", "--config", str(TINY_YAML), "--out", str(run), "--data-dir", str(data_dir),
-                 "--set", "train.time_budget_min=0", "--set", "train.int8_check=false"]) == 0
+    run = train_tiny_run(tmp_path / "run", data_dir, "train.time_budget_min=0", "train.int8_check=false")
     assert (run / "last" / "train_state.pt").exists()
     return run
 
 
 @pytest.fixture
 def finished_run(tmp_path_factory, synthetic_data_dir):
-    run = tmp_path_factory.mktemp("hostile") / "run"
-    assert main(["train", "--config", str(TINY_YAML), "--out", str(run), "--data-dir", str(synthetic_data_dir),
-                 "--set", "train.max_steps=2", "--set", "train.int8_check=false"]) == 0
-    return run
+    return train_tiny_run(tmp_path_factory.mktemp("hostile") / "run", synthetic_data_dir, "train.max_steps=2",
+                          "train.int8_check=false")
 
 
 def _edit_yaml(path: Path, edit) -> None:
@@ -161,10 +157,8 @@ def custom_task_run(tmp_path_factory, synthetic_data_dir):
                            "format": "tsv", "text": "sentence",
                            "label": {"column": "sentiment", "kind": "classification", "names": list("abcde")},
                            "cs224n_output": {"prefix": "mine", "header": "Predicted"}}}}))
-    run = root / "run"
-    assert main(["train", "--config", str(config), "--out", str(run), "--data-dir", str(synthetic_data_dir),
-                 "--set", "train.max_steps=1", "--set", "train.int8_check=false"]) == 0
-    return run
+    return train_tiny_run(root / "run", synthetic_data_dir, "train.max_steps=1", "train.int8_check=false",
+                          config=config)
 
 
 @pytest.mark.parametrize("output", [

@@ -7,22 +7,18 @@ import json
 
 import pytest
 
-from mtbert.apps.cli import main
 from mtbert.core.runtime import INT8_TOLERANCE
 from mtbert.inference import int8_check
 from mtbert.inference.ensemble import build_ensemble
 from mtbert.inference.loading import load_predictor
-from tests.conftest import TINY_YAML
+from tests.conftest import train_tiny_run
 
 AVX2 = {"avx2", "fma", "f16c"}
 
 
 @pytest.fixture(scope="module")
 def checked_run(tmp_path_factory, synthetic_data_dir):
-    run = tmp_path_factory.mktemp("int8") / "run"
-    assert main(["train", "--config", str(TINY_YAML), "--out", str(run), "--data-dir", str(synthetic_data_dir),
-                 "--set", "train.max_steps=3"]) == 0
-    return run
+    return train_tiny_run(tmp_path_factory.mktemp("int8") / "run", synthetic_data_dir, "train.max_steps=3")
 
 
 def _set_passed(checkpoint, passed: bool) -> None:
