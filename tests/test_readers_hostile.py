@@ -60,5 +60,5 @@ def test_a_byte_order_mark_is_dropped_from_the_header(tmp_path):
 def test_a_file_that_is_not_text_is_one_clear_error(tmp_path):
     path = tmp_path / "bin.csv"
     path.write_bytes(b"\xff\xd8\xff\xe0 not a header\n")
-    with pytest.raises(DataError, match="not UTF-8"):
+    with pytest.raises(DataError, match="not utf-8 text; give the file.s encoding"):
         read_task_file(get_task("sst"), path)

@@ -34,6 +34,7 @@ from mtbert.inference.outputs import (
     check_input_columns,
     format_table,
     predict_file,
+    report_line,
     write_prediction_files,
 )
 from mtbert.inference.predictor import evaluate_examples, load_examples
@@ -124,13 +125,12 @@ def cmd_predict(args) -> int:
     if args.input or args.task:  # any input file -> one prediction file
         if not (args.input and args.task):
             raise ConfigError("predict --input FILE needs --task T (and --task needs --input)")
-        check_input_columns(args.input, args.format, args.delimiter, args.text_column, args.id_column)
+        named = list(args.text_column or []) + ([args.id_column] if args.id_column else [])
+        check_input_columns(args.input, args.format, args.delimiter, named, args.encoding)  # before the model loads
         predictor = _load_predictor(args)
         report = predict_file(predictor, args.task, args.input, args.out, fmt=args.format, delimiter=args.delimiter,
-                              text_columns=args.text_column, id_column=args.id_column)
-        print(f"{args.out}: {report.rows - report.skipped} predictions"
-              + (f"; skipped {report.skipped} rows ({', '.join(f'{k}: {v}' for k, v in sorted(report.reasons.items()))})"
-                 if report.skipped else ""))
+                              text_columns=args.text_column, id_column=args.id_column, encoding=args.encoding)
+        print(f"{args.out}: {report.rows - report.skipped} predictions{report_line(report)}")
         return 0
     predictor = _load_predictor(args)
     paths = write_prediction_files(predictor, _data_dir(args, predictor.data_dir), args.out)
@@ -162,9 +162,10 @@ def cmd_data_check(args) -> int:
             print(f"{r['file']:<30} {r['checksum']:<10} error: {r['error']}")
             bad = True
             continue
+        empty = r["examples"] == 0  # a task that cannot train or be scored on this file
         print(f"{r['file']:<30} {r['checksum']:<10} {r['rows']:>7} {r['malformed']:>9}"
-              + (f"  {r['reasons']}" if r["malformed"] else ""))
-        bad |= r["checksum"] not in ("ok", NOT_CHECKED)
+              + (f"  {r['reasons']}" if r["malformed"] else "") + (f"  task {r['task']}: no valid rows" if empty else ""))
+        bad |= r["checksum"] not in ("ok", NOT_CHECKED) or empty
     print("data check: " + ("PROBLEMS FOUND" if bad else "all files present and checksums match"))
     return 1 if bad else 0
 
@@ -354,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--text-column", action="append", metavar="COL",
                     help="the input's text column (twice for a pair; default: the task's own names)")
     pr.add_argument("--id-column", help="the input's id column (default: row numbers)")
+    pr.add_argument("--encoding", default="utf-8", help="the input's text encoding (default: utf-8; e.g. latin-1)")
     add_data_dir(pr)
     add_runtime(pr)
     pr.set_defaults(func=cmd_predict)

@@ -2,6 +2,7 @@
 one), strict JSON, and file checksums."""
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import json
@@ -10,6 +11,16 @@ import os
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
+
+
+def text_encoding(name) -> str:
+    """`name` if Python knows it as a text encoding (utf-8, latin-1, cp1252, utf-16, ...), else ValueError."""
+    try:
+        if isinstance(name, str) and codecs.lookup(name)._is_text_encoding:
+            return name
+    except LookupError:
+        pass
+    raise ValueError(f"{name!r} is not a text encoding Python knows (e.g. utf-8, latin-1, cp1252, utf-16)")
 
 
 def umask_mode(directory: bool = False) -> int:

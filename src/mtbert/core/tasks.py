@@ -19,6 +19,7 @@ from typing import Callable
 import yaml
 
 from mtbert.core.errors import ConfigError
+from mtbert.core.io import text_encoding
 from mtbert.core.kinds import BINARY, CLASSIFICATION, REGRESSION, Binned, OutputKind
 from mtbert.core.metrics import METRICS, accuracy, pearson, rescaled  # noqa: F401  (accuracy, pearson: re-exported)
 from mtbert.core.registry import Registry
@@ -26,7 +27,7 @@ from mtbert.core.registry import Registry
 FORMATS = {"csv": ",", "tsv": "\t", "jsonl": None}
 KINDS = ("classification", "binary", "regression", "binned")
 PAIR_ENCODINGS = ("cross", "bi", "cross+cos")
-DEFINITION_KEYS = {"files", "dataset", "format", "delimiter", "header", "id_column", "text", "pair_encoding",
+DEFINITION_KEYS = {"files", "dataset", "format", "delimiter", "encoding", "header", "id_column", "text", "pair_encoding",
                    "label", "metrics", "main_metric", "leaderboard", "cs224n_output", "variant_of", "description"}
 
 
@@ -42,6 +43,7 @@ class TaskSpec:
     dataset: dict | None = field(default=None, compare=False)  # Hugging Face datasets source instead
     format: str = "tsv"                  # csv | tsv | jsonl
     delimiter: str | None = None         # None: the format's
+    encoding: str = "utf-8"              # the files' text encoding
     columns: tuple[str, ...] | None = None  # header names of files without a header row
     id_column: str | None = "id"         # None: ids are row numbers
     label_range: tuple[float, float] | None = None  # regression / binned: valid gold values
@@ -207,6 +209,11 @@ def task_from_definition(name: str, d: dict, base_dir: Path | None = None, built
     delimiter = d.get("delimiter")
     if delimiter is not None and (not isinstance(delimiter, str) or len(delimiter) != 1):
         fail("delimiter must be one character")
+    encoding = d.get("encoding", "utf-8")
+    try:
+        text_encoding(encoding)
+    except ValueError as e:
+        fail(f"encoding: {e}")
     main = d.get("main_metric", metrics[0])
     if main not in metrics:
         fail(f"main_metric {main!r} is not among its metrics {metrics}")
@@ -219,7 +226,7 @@ def task_from_definition(name: str, d: dict, base_dir: Path | None = None, built
         fail("cs224n_output's prefix and header must be words of letters, digits, '_' or '-' (at most 64)")
     return TaskSpec(name=name, text_columns=text_columns, label_column=str(label["column"]), kind=kind,
                     num_labels=num_labels, metrics=tuple(metrics), files=files or {}, dataset=dataset,
-                    format=fmt, delimiter=d.get("delimiter"), columns=tuple(header) if isinstance(header, list) else None,
+                    format=fmt, delimiter=d.get("delimiter"), encoding=encoding, columns=tuple(header) if isinstance(header, list) else None,
                     id_column=d.get("id_column", "id" if builtin else None), label_range=rng, label_names=names,
                     pair_encoding=pair_encoding, variant_of=d.get("variant_of"), leaderboard=d.get("leaderboard"),
                     cs224n_output=out, builtin=builtin, definition=_portable(d, files))

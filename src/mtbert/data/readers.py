@@ -10,10 +10,12 @@ quote costs at most its own row, counted, and never merges rows. Comma-separated
 with a line break is one record; a record still open after MAX_RECORD_CHARS characters is a stray
 quote, skipped and counted, and reading resumes on the line after it began. A byte-order mark
 before the header is dropped. Ids of files without an id column are record numbers, counting
-skipped records too.
+skipped records too. Files are UTF-8 unless told otherwise (`encoding:` in a task definition,
+`--encoding` for `predict --input`); a file that does not decode says how to name its encoding.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import itertools
@@ -28,7 +30,7 @@ from typing import Iterator
 import torch
 
 from mtbert.core.errors import DataError
-from mtbert.core.io import sha256
+from mtbert.core.io import sha256, text_encoding
 from mtbert.core.tasks import FORMATS, TaskSpec
 
 log = logging.getLogger("mtbert")
@@ -36,6 +38,14 @@ csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 MAX_FIELD_CHARS = 100_000  # longer texts are skipped as malformed: they cannot be sentences
 MAX_RECORD_CHARS = 200_000  # a CSV record spanning lines ends within this, or it is a stray quote
 NOT_CHECKED = "-"  # data check: a file outside the data directory has no checksum to compare
+ENCODING_HINT = "give the file's encoding: --encoding (e.g. latin-1) for predict --input, encoding: in a task definition"
+
+
+def check_encoding(encoding: str) -> str:
+    try:
+        return text_encoding(encoding)
+    except ValueError as e:
+        raise DataError(f"encoding: {e}") from None
 
 
 @dataclass
@@ -63,21 +73,39 @@ class ReadReport:
 
 # ---------------------------------------------------------------- rows of a file
 
-def _decoded_lines(fp, report: ReadReport) -> Iterator[str]:
-    """Text lines of a binary file; a line that is not UTF-8 is counted (it is a row) and dropped."""
+def _decoded_lines(fp, report: ReadReport, encoding: str = "utf-8") -> Iterator[str]:
+    """Text lines of a binary file; a line that does not decode is counted (it is a row) and dropped."""
+    check_encoding(encoding)
+    if codecs.lookup(encoding).name.startswith(("utf-16", "utf-32")):
+        yield from _decoded_wide_lines(fp, report, encoding)  # (a newline byte may sit inside a character)
+        return
     first = True
     for raw in fp:
         try:
-            line = raw.decode("utf-8")
+            line = raw.decode(encoding)
         except UnicodeDecodeError:
             if first:
-                raise DataError(f"{report.path}: the first line is not UTF-8 text") from None
+                raise DataError(f"{report.path}: the first line is not {encoding} text; {ENCODING_HINT}") from None
             report.rows += 1
             report.skip("undecodable bytes")
             continue
         if first:
             line, first = line.removeprefix("\ufeff"), False  # byte-order mark
         yield line
+
+
+def _decoded_wide_lines(fp, report: ReadReport, encoding: str) -> Iterator[str]:
+    """Lines of a UTF-16 / UTF-32 file (its codec drops the byte-order mark). Bytes that do not
+    decode end the file as one counted row: a wide encoding cannot resynchronise on a line break."""
+    text = io.TextIOWrapper(fp, encoding=encoding, newline="")
+    try:
+        yield from text
+    except UnicodeDecodeError:
+        report.rows += 1
+        report.skip("undecodable bytes")
+    finally:
+        if not fp.closed:  # (the caller's file: not the wrapper's to close)
+            text.detach()
 
 
 class _RecordTooLong(Exception):
@@ -134,7 +162,7 @@ def _split_lines(lines: Iterator[str], delimiter: str, report: ReadReport, one_l
 
 
 def read_rows(path: str | Path, fmt: str, delimiter: str | None = None, columns: tuple[str, ...] | None = None,
-              report: ReadReport | None = None) -> Iterator[dict]:
+              report: ReadReport | None = None, encoding: str = "utf-8") -> Iterator[dict]:
     """Stream the rows of a CSV / TSV / JSON Lines file as mappings column -> value. Rows that
     cannot be parsed, and rows with fewer or more fields than the header, are counted in
     `report` and skipped. `columns` names the columns of a file without a header row."""
@@ -145,7 +173,7 @@ def read_rows(path: str | Path, fmt: str, delimiter: str | None = None, columns:
     if path.is_dir():
         raise DataError(f"{path} is a directory, not a data file")
     with open(path, "rb") as fp:
-        lines = _decoded_lines(fp, report)
+        lines = _decoded_lines(fp, report, encoding)
         if fmt == "jsonl":
             for line in lines:
                 if not line.strip():
@@ -183,15 +211,12 @@ def read_rows(path: str | Path, fmt: str, delimiter: str | None = None, columns:
                 yield dict(zip(header, row))
 
 
-def header_of(path: str | Path, fmt: str, delimiter: str | None = None) -> list[str] | None:
+def header_of(path: str | Path, fmt: str, delimiter: str | None = None, encoding: str = "utf-8") -> list[str] | None:
     """The column names of a CSV / TSV file (None for JSON Lines, whose rows name their own)."""
     if fmt == "jsonl":
         return None
     with open(path, "rb") as fp:
-        try:
-            first = fp.readline().decode("utf-8").removeprefix("\ufeff")
-        except UnicodeDecodeError:
-            raise DataError(f"{path}: the first line is not UTF-8 text") from None
+        first = next(_decoded_lines(fp, ReadReport(str(path)), encoding), "")
     try:
         return [h.strip() for h in next(csv.reader(io.StringIO(first), delimiter=delimiter or FORMATS[fmt]), [])]
     except csv.Error as e:
@@ -257,7 +282,7 @@ def task_rows(task: TaskSpec, split: str, data_dir: str | Path, report: ReadRepo
         return
     path = task.path(split, data_dir)  # (its existence and columns: check_task_columns)
     report.path = str(path)
-    yield from read_rows(path, task.format, task.delimiter, task.columns, report)
+    yield from read_rows(path, task.format, task.delimiter, task.columns, report, task.encoding)
 
 
 def _dataset_rows(task: TaskSpec, split: str, report: ReadReport) -> Iterator[dict]:
@@ -309,8 +334,8 @@ def read_task_file(task: TaskSpec, path: str | Path, labeled: bool = True) -> tu
         raise DataError(f"data file not found: {path} (set --data-dir or MTBERT_DATA)")
     require_columns(task, path, labeled)
     report = ReadReport(str(path))
-    examples = list(examples_from_rows(task, read_rows(path, task.format, task.delimiter, task.columns, report),
-                                       report, labeled))
+    examples = list(examples_from_rows(task, read_rows(path, task.format, task.delimiter, task.columns, report,
+                                                       task.encoding), report, labeled))
     if report.skipped:
         log.warning("%s", report)
     return examples, report
@@ -322,7 +347,7 @@ def load_split(task: TaskSpec, data_dir: Path, split: str, limit: int | None = N
 
 def require_columns(task: TaskSpec, path: Path, labeled: bool) -> None:
     """The file's header has the task's columns (JSON Lines rows name their own: not checked)."""
-    header = list(task.columns) if task.columns else header_of(path, task.format, task.delimiter)
+    header = list(task.columns) if task.columns else header_of(path, task.format, task.delimiter, task.encoding)
     if header is None:
         return
     needed = list(task.text_columns) + [task.label_column] * labeled + ([task.id_column] if task.id_column else [])

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from mtbert.core.errors import DataError
 from mtbert.core.io import atomic_write_text, atomic_writer
 from mtbert.core.tasks import TaskSpec, format_of_path
-from mtbert.data.readers import ReadReport, examples_from_rows, header_of, read_rows
+from mtbert.data.readers import ENCODING_HINT, ReadReport, examples_from_rows, header_of, read_rows
 from mtbert.inference.predictor import BasePredictor, load_examples
 
 # ---------------------------------------------------------------- records
@@ -53,10 +53,14 @@ def _flat(record: dict) -> dict:
 
 def predict_file(predictor: BasePredictor, task_name: str, input_path: str | Path, out_path: str | Path, *,
                  fmt: str | None = None, delimiter: str | None = None, text_columns: list[str] | None = None,
-                 id_column: str | None = None, chunk: int = 1024, progress: bool = True) -> ReadReport:
+                 id_column: str | None = None, encoding: str = "utf-8", chunk: int = 1024,
+                 progress: bool = True) -> ReadReport:
     """Predict `task_name` for every row of a CSV / TSV / JSONL file and write CSV or JSONL (by
     `out_path`'s suffix), streaming `chunk` rows at a time. Rows without usable text are skipped
-    and counted. Output rows keep the input's id (or row number) and add the prediction."""
+    and counted. Output rows keep the input's id (or row number) and add the prediction; an input
+    with no rows gives an output with the header only. An input none of whose rows can be
+    predicted is an error (DataError, nothing written) that says why: a missing column, an
+    encoding."""
     if task_name not in predictor.tasks:
         raise DataError(f"this model has no task {task_name!r}; it has {predictor.tasks}")
     task = predictor.task_spec(task_name)
@@ -67,51 +71,83 @@ def predict_file(predictor: BasePredictor, task_name: str, input_path: str | Pat
     columns = tuple(text_columns or task.text_columns)
     if len(columns) != len(task.text_columns):
         raise DataError(f"task {task_name} takes {len(task.text_columns)} text column(s); got {list(columns)}")
+    wanted = list(columns) + ([id_column] if id_column else [])
+    check_input_columns(input_path, fmt, delimiter, wanted, encoding)
     reading = _reading_task(task, columns, id_column)
     out_fmt = "jsonl" if out_path.suffix.lower() in (".jsonl", ".json") else "csv"
     report = ReadReport(str(input_path))
-    rows = read_rows(input_path, fmt, delimiter, report=report)
+    found: set[str] = set()  # JSON Lines: every key seen, for the error when no row has the columns
+    rows = _noting_keys(read_rows(input_path, fmt, delimiter, report=report, encoding=encoding), found)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    predicted = 0
     with atomic_writer(out_path, newline="") as f:  # the previous file stays until this one is whole
-        writer = None
+        writer = csv.DictWriter(f, fieldnames=_csv_fields(task)) if out_fmt == "csv" else None
+        if writer is not None:
+            writer.writeheader()
         bar = tqdm(desc=f"predict {task_name}", unit=" rows", disable=not progress)
         for examples in _chunks(examples_from_rows(reading, rows, report, labeled=False), chunk):
             out = predictor.predict(task_name, examples)
             for ex, rec in zip(examples, prediction_records(task, out)):
                 rec = {"id": ex.id, **rec}
-                if out_fmt == "jsonl":
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    continue
-                rec = _flat(rec)
                 if writer is None:
-                    writer = csv.DictWriter(f, fieldnames=list(rec))
-                    writer.writeheader()
-                writer.writerow(rec)
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                else:
+                    writer.writerow(_flat(rec))
+            predicted += len(examples)
             bar.update(len(examples))
         bar.close()
+        if report.rows and not predicted:
+            raise DataError(_nothing_predicted(input_path, report, wanted, found))
     return report
 
 
-def check_input_columns(path: str | Path, fmt: str | None, delimiter: str | None,
-                        text_columns: list[str] | None, id_column: str | None) -> None:
-    """Before any model loads: the input exists and has the named columns (for JSON Lines, its
-    first object). Without --text-column the task's own names are checked later, per row."""
+def report_line(report: ReadReport) -> str:
+    """What skipping cost, for the line `predict --input` prints ('' when nothing was skipped)."""
+    if not report.skipped:
+        return ""
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report.reasons.items()))
+    hint = f"; {ENCODING_HINT}" if "undecodable bytes" in report.reasons else ""
+    return f"; skipped {report.skipped} rows ({reasons}){hint}"
+
+
+def _nothing_predicted(path: Path, report: ReadReport, wanted: list[str], found: set[str]) -> str:
+    why = f"{path}: none of its {report.rows} rows could be predicted{report_line(report)}"
+    absent = [c for c in wanted if c not in found]
+    if found and absent and report.reasons.get("missing fields") == report.skipped:
+        why += f"; no row has column(s) {absent}: its rows have {sorted(found)[:20]}; choose with --text-column"
+    return why
+
+
+def _noting_keys(rows: Iterator[dict], found: set[str]) -> Iterator[dict]:
+    for row in rows:
+        if len(found) < 1000:
+            found.update(k for k in row if isinstance(k, str))
+        yield row
+
+
+def _csv_fields(task: TaskSpec) -> list[str]:
+    """The columns of a CSV prediction file (as _flat lays out prediction_records)."""
+    if task.kind.scores:
+        return ["id", "score"]
+    if task.kind.positive_class is not None:
+        return ["id", "label", "label_index", "probability"]
+    return ["id", "label", "label_index"] + [f"prob_{task.label_name(k)}" for k in range(task.num_labels)]
+
+
+def check_input_columns(path: str | Path, fmt: str | None, delimiter: str | None, wanted: list[str],
+                        encoding: str = "utf-8") -> None:
+    """The input exists and has the `wanted` columns in its header (CSV / TSV; a JSON Lines file's
+    rows name their own columns: checked as they are read). Fails naming the columns found and the
+    flag that selects one."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"input file not found: {path}")
-    fmt = fmt or format_of_path(path)
-    wanted = list(text_columns or []) + ([id_column] if id_column else [])
-    if not wanted:
-        return
-    if fmt == "jsonl":
-        first = next(read_rows(path, fmt), None)
-        header = list(first) if first is not None else None
-    else:
-        header = header_of(path, fmt, delimiter)
+    header = header_of(path, fmt or format_of_path(path), delimiter, encoding)
     if header is not None:
         absent = [c for c in wanted if c not in header]
         if absent:
-            raise DataError(f"{path} has no column(s) {absent}; its columns are {header}")
+            raise DataError(f"{path} has no column(s) {absent}; its columns are {header}; "
+                            f"choose with --text-column (and --id-column)")
 
 
 def _reading_task(task: TaskSpec, columns: tuple[str, ...], id_column: str | None) -> TaskSpec:
