@@ -234,3 +234,76 @@ def test_a_corrupt_or_pickled_train_state_gives_no_advice_to_unpickle(stopped_ru
     err = _one_line_error(capsys)
     assert "train_state.pt is corrupt" in err and "weights_only" not in err
     assert not (tmp_path / "pwned").exists()
+
+
+def _set(path: list, value):
+    """An edit of model.json: set the key at `path` (a missing value deletes it)."""
+    def edit(spec):
+        *parents, last = path
+        for key in parents:
+            spec = spec[key]
+        if value is _DELETE:
+            del spec[last]
+        else:
+            spec[last] = value
+    return edit
+
+
+_DELETE = object()
+
+
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory, synthetic_data_dir):
+    """One tiny run for the tests that only read copies of it."""
+    return train_tiny_run(tmp_path_factory.mktemp("shared") / "run", synthetic_data_dir, "train.max_steps=1",
+                          "train.int8_check=false")
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (_set(["encoder", "num_attention_heads"], 7), "does not divide hidden_size"),
+    (_set(["encoder", "vocab_size"], 200_000_000), "vocab_size 200000000 is outside"),
+    (_set(["encoder", "vocab_size"], 900_000), "mis-shaped keys"),          # plausible, but not the file's tensors
+    (_set(["encoder", "num_hidden_layers"], 40), "missing keys"),
+    (_set(["encoder", "hidden_size"], "384"), "hidden_size must be int"),
+    (_set(["encoder", "layer_norm_eps"], True), "layer_norm_eps must be float"),
+    (_set(["encoder", "hidden_act"], "os.system"), "hidden_act"),
+    (_set(["encoder"], [1, 2]), "encoder must be dict"),
+    (_set(["pooling"], _DELETE), "lacks 'pooling'"),
+    (_set(["tasks"], [1]), "tasks must be a list of task names"),
+    (_set(["tasks"], []), "tasks must be a list of task names"),
+    (_set(["dropout"], "0.1"), "dropout must be a number"),
+    (_set(["extensions"], {"no_such": {}}), "unknown to this mtbert"),
+    (lambda spec: spec.clear(), "lacks 'encoder'"),
+])
+def test_a_malformed_model_json_is_one_line_before_anything_is_allocated(shared_run, tmp_path, capsys, edit, expected):
+    run = _copy_run(shared_run, tmp_path / "copy")
+    spec_path = run / "best" / "model.json"
+    spec = json.loads(spec_path.read_text())
+    edit(spec)
+    spec_path.write_text(json.dumps(spec))
+    assert main(["predict", str(run), "--out", str(tmp_path / "preds"), "--device", "cpu"]) == 2
+    err = _one_line_error(capsys)
+    assert expected in err and "model" in err
+    assert not (tmp_path / "preds").exists()
+
+
+@pytest.mark.parametrize("file, content, expected", [
+    ("model.json", "[1, 2]", "expected a dict"),
+    ("model.json", "{not json", "corrupt checkpoint file"),
+    ("meta.json", '"a string"', "expected a dict"),
+    ("config.yaml", "- a\n- list\n", "expected a dict"),
+    ("config.yaml", "model: {max_length: 100000}\n", "exceeds the encoder's"),
+    ("config.yaml", "train: {lr: fast}\n", "config.yaml"),
+])
+def test_malformed_checkpoint_files_are_one_line(shared_run, tmp_path, capsys, file, content, expected):
+    run = _copy_run(shared_run, tmp_path / "copy")
+    target = run / "best" / file
+    if file == "config.yaml" and content.startswith(("model", "train")):  # an edit of the real config
+        raw = yaml.safe_load(target.read_text())
+        for section, values in yaml.safe_load(content).items():
+            raw[section].update(values)
+        target.write_text(yaml.safe_dump(raw))
+    else:
+        target.write_text(content)
+    assert main(["evaluate", str(run), "--device", "cpu"]) == 2
+    assert expected in _one_line_error(capsys)

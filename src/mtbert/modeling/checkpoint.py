@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mtbert.core.config import Config, load_config
-from mtbert.core.errors import CheckpointError
+from mtbert.core.errors import CheckpointError, ConfigError
 from mtbert.core.io import umask_mode
 from mtbert.core.tasks import get_task
 from mtbert.core.trust import UntrustedCodeError, reading_run
@@ -31,6 +32,7 @@ from mtbert.modeling.backbones import resolve as resolve_backbone
 from mtbert.modeling.encoder import (
     BertConfig,
     BertModel,
+    check_state_shapes,
     load_hf_encoder,
     load_state_checked,
 )
@@ -142,30 +144,92 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
 
 
 def _load_checkpoint(ckpt: Path, device: str):
+    spec = _model_spec(ckpt)
     try:
-        spec = json.loads((ckpt / "model.json").read_text())
-        cfg = load_config(None, base=yaml.safe_load((ckpt / "config.yaml").read_text()))
-        meta = json.loads((ckpt / "meta.json").read_text()) if (ckpt / "meta.json").exists() else {}
-        state = load_file(str(ckpt / "model.safetensors"), device=device)
-    except (CheckpointError, UntrustedCodeError):
+        cfg = load_config(None, base=_read(ckpt / "config.yaml", yaml.safe_load, dict))
+    except UntrustedCodeError:
         raise
-    except Exception as e:
-        raise CheckpointError(f"corrupt checkpoint {ckpt}: {e}") from e
+    except ConfigError as e:
+        raise CheckpointError(f"{ckpt}/config.yaml: {e}") from e
+    meta = _read(ckpt / "meta.json", json.loads, dict) if (ckpt / "meta.json").exists() else {}
     try:  # model.json without model_type (written before RoBERTa and MPNet): BERT
-        encoder = BertModel(BertConfig.from_dict(spec["encoder"]))
+        encoder_config = BertConfig.from_dict(spec["encoder"])
     except CheckpointError as e:
         raise CheckpointError(f"{ckpt}/model.json: {e}") from e
-    model = MultitaskModel(encoder, [get_task(t) for t in spec["tasks"]], spec["pair_encoding"],
-                           spec["bi_head"], spec["pooling"], spec["dropout"], spec.get("shared_pair_layer", 0))
+    if cfg.model.max_length > encoder_config.max_tokens:
+        raise CheckpointError(f"{ckpt}: model.max_length {cfg.model.max_length} exceeds the encoder's "
+                              f"{encoder_config.max_tokens} positions")
+    tasks = [get_task(t) for t in spec["tasks"]]
+    with torch.device("meta"):  # the shapes model.json implies, against the file's, before allocating
+        check_state_shapes(_model_of(spec, encoder_config, tasks, ckpt), _safetensors_shapes(ckpt),
+                           f"{ckpt}/model.safetensors")
+    model = _model_of(spec, encoder_config, tasks, ckpt)
+    try:
+        state = load_file(str(ckpt / "model.safetensors"), device=device)
+    except Exception as e:
+        raise CheckpointError(f"corrupt checkpoint {ckpt}: {e}") from e
+    load_state_checked(model, state, str(ckpt))
+    tokenizer = BertTokenizer.from_dir(ckpt, max_length=cfg.model.max_length, style=model.encoder.family.pair_style)
+    check_vocab(tokenizer, model.encoder, ckpt)
+    return model.to(device).eval(), tokenizer, cfg, meta
+
+
+# model.json: key -> (type, required)
+MODEL_SPEC = {"encoder": (dict, True), "tasks": (list, True), "pair_encoding": (dict, True), "bi_head": (str, True),
+              "pooling": (str, True), "dropout": ((int, float), True), "shared_pair_layer": (int, False),
+              "extensions": (dict, False)}
+
+
+def _model_spec(ckpt: Path) -> dict:
+    """model.json, checked against MODEL_SPEC: one CheckpointError naming the file and the key."""
+    spec = _read(ckpt / "model.json", json.loads, dict)
+    for key, (kind, required) in MODEL_SPEC.items():
+        if key not in spec:
+            if required:
+                raise CheckpointError(f"{ckpt}/model.json lacks {key!r}")
+        elif not isinstance(spec[key], kind) or isinstance(spec[key], bool):
+            raise CheckpointError(f"{ckpt}/model.json: {key} must be {getattr(kind, '__name__', 'a number')}, "
+                                  f"got {spec[key]!r}")
+    if not spec["tasks"] or not all(isinstance(t, str) for t in spec["tasks"]):
+        raise CheckpointError(f"{ckpt}/model.json: tasks must be a list of task names, got {spec['tasks']!r}")
+    if not 0 <= spec["dropout"] < 1 or spec.get("shared_pair_layer", 0) not in range(0, 1 << 16):
+        raise CheckpointError(f"{ckpt}/model.json: dropout or shared_pair_layer out of range")
+    return spec
+
+
+def _read(path: Path, parse, kind: type):
+    """A checkpoint file parsed; corrupt or of the wrong shape is one CheckpointError naming it."""
+    try:
+        value = parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise CheckpointError(f"corrupt checkpoint file {path}: {str(e).splitlines()[0]}") from e
+    if not isinstance(value, kind):
+        raise CheckpointError(f"corrupt checkpoint file {path}: expected a {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _safetensors_shapes(ckpt: Path) -> dict[str, tuple]:
+    """Tensor name -> shape, read from the safetensors header alone."""
+    try:
+        with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"corrupt checkpoint {ckpt}: {e}") from e
+
+
+def _model_of(spec: dict, encoder_config: BertConfig, tasks, ckpt: Path) -> MultitaskModel:
+    """The model model.json describes, heads and extensions included (weights: random)."""
+    try:
+        model = MultitaskModel(BertModel(encoder_config), tasks, spec["pair_encoding"], spec["bi_head"],
+                               spec["pooling"], spec["dropout"], spec.get("shared_pair_layer", 0))
+    except (TypeError, KeyError, AttributeError) as e:  # a well-typed model.json naming parts that do not fit
+        raise CheckpointError(f"{ckpt}/model.json does not describe a model: {e}") from e
     for name, ext in spec.get("extensions", {}).items():
         if name not in EXTENSIONS:
             raise CheckpointError(f"{ckpt} was trained with technique {name!r}, unknown to this mtbert")
         EXTENSIONS[name](model, ext)
         model.extensions[name] = ext
-    load_state_checked(model, state, str(ckpt))
-    tokenizer = BertTokenizer.from_dir(ckpt, max_length=cfg.model.max_length, style=encoder.family.pair_style)
-    check_vocab(tokenizer, encoder, ckpt)
-    return model.to(device).eval(), tokenizer, cfg, meta
+    return model
 
 
 def check_vocab(tokenizer: BertTokenizer, encoder: BertModel, where: Path) -> None:

@@ -94,8 +94,39 @@ class BertConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BertConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """The config from a mapping (unknown fields ignored), checked before anything is allocated:
+        a crafted config.json or model.json is one CheckpointError, not an AssertionError deep in
+        the model or an attempt to allocate hundreds of gigabytes."""
+        if not isinstance(d, dict):
+            raise CheckpointError(f"the encoder config must be a mapping, got {type(d).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        for k, v in d.items():
+            if k in known and not _has_type(v, known[k].type):
+                raise CheckpointError(f"encoder config: {k} must be {known[k].type}, got {v!r}")
+        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        def fail(msg):
+            raise CheckpointError(f"encoder config: {msg}")
+        if self.model_type not in FAMILIES:
+            raise CheckpointError(f"unsupported model_type {self.model_type!r}; supported: {', '.join(FAMILIES.names())}")
+        for name, low, high in (("vocab_size", 1, MAX_DIM), ("hidden_size", 1, MAX_DIM), ("num_hidden_layers", 1, 256),
+                                ("num_attention_heads", 1, 1024), ("intermediate_size", 1, MAX_DIM),
+                                ("max_position_embeddings", 1, MAX_DIM), ("type_vocab_size", 0, 1024),
+                                ("pad_token_id", 0, self.vocab_size - 1), ("relative_attention_num_buckets", 1, 4096)):
+            if not low <= getattr(self, name) <= high:
+                fail(f"{name} {getattr(self, name)} is outside [{low}, {high}]")
+        if self.hidden_size % self.num_attention_heads:
+            fail(f"num_attention_heads {self.num_attention_heads} does not divide hidden_size {self.hidden_size}")
+        if self.hidden_act not in ACTIVATIONS:
+            fail(f"hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0 <= getattr(self, name) < 1:
+                fail(f"{name} {getattr(self, name)} is outside [0, 1)")
+        if not 0 < self.layer_norm_eps < 1:
+            fail(f"layer_norm_eps {self.layer_norm_eps} is outside (0, 1)")
 
     @classmethod
     def from_json(cls, path: str | Path) -> "BertConfig":
@@ -116,6 +147,15 @@ class BertConfig:
 
 
 EncoderConfig = BertConfig  # the family-neutral name
+MAX_DIM = 1 << 20  # no real encoder has a width, vocabulary or position table beyond a million
+
+
+def _has_type(value, annotation: str) -> bool:
+    """`value` fits a BertConfig field annotated `annotation` ("int", "float", "str"); bools are no numbers."""
+    if isinstance(value, bool):
+        return False
+    return {"int": isinstance(value, int), "float": isinstance(value, (int, float)) and math.isfinite(value),
+            "str": isinstance(value, str)}[annotation]
 
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -352,19 +392,28 @@ def convert_hf_state_dict(sd: dict[str, torch.Tensor], cfg: BertConfig) -> dict[
     return out
 
 
-def load_state_checked(model: nn.Module, sd: dict[str, torch.Tensor], source: str, allow_missing=()) -> None:
-    """load_state_dict with an error message that names every missing or mis-shaped key."""
-    own = model.state_dict()
+def check_state_shapes(model: nn.Module, shapes: dict[str, tuple], source: str, allow_missing=()) -> None:
+    """The weights named in `shapes` (name -> shape, e.g. a safetensors header) cover `model` with
+    the right shapes; the error names every missing or mis-shaped key. Works on a model built on
+    the meta device, so a checkpoint is checked before anything is allocated."""
+    own = model.state_dict(keep_vars=True)
     # Tied parameters (one module used by several heads) appear under several names; one suffices.
     aliases: dict[int, list[str]] = {}
     for k, v in own.items():
-        aliases.setdefault(v.data_ptr(), []).append(k)
-    missing = [k for k in own if k not in sd and k not in allow_missing
-               and not any(a in sd for a in aliases[own[k].data_ptr()])]
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in own.items() if k in sd and sd[k].shape != v.shape]
-    if missing or shapes:
-        raise CheckpointError(f"{source}: missing keys {missing[:10]}; mis-shaped keys {shapes[:10]}")
+        aliases.setdefault(id(v), []).append(k)
+    missing = [k for k in own if k not in shapes and k not in allow_missing
+               and not any(a in shapes for a in aliases[id(own[k])])]
+    mis_shaped = [f"{k}: checkpoint {tuple(shapes[k])} vs model {tuple(v.shape)}"
+                  for k, v in own.items() if k in shapes and tuple(shapes[k]) != tuple(v.shape)]
+    if missing or mis_shaped:
+        raise CheckpointError(f"{source}: missing keys {missing[:10]}; mis-shaped keys {mis_shaped[:10]}")
+
+
+def load_state_checked(model: nn.Module, sd: dict[str, torch.Tensor], source: str, allow_missing=()) -> None:
+    """load_state_dict with an error message that names every missing or mis-shaped key, and no
+    non-finite weight."""
+    check_state_shapes(model, {k: tuple(v.shape) for k, v in sd.items()}, source, allow_missing)
+    own = model.state_dict()
     # NaN or infinite weights would load and answer every input wrongly, in silence
     broken = [k for k, v in sd.items() if k in own and v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
