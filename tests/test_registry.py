@@ -106,3 +106,17 @@ def test_two_gradient_combiners_are_an_error(monkeypatch):
     assert [t.name for t in build_techniques({"averaged": {}})] == ["averaged"]
     with pytest.raises(ValueError, match=r"\['pcgrad', 'averaged'\] all combine per-task gradients"):
         build_techniques({"pcgrad": {}, "averaged": {}})
+
+
+def test_an_import_path_to_a_kwargs_callable_is_refused_even_from_the_users_config(tiny_cfg, tmp_path):
+    """`train.schedule: subprocess:run` would run whatever its options say; a **kwargs target cannot
+    have its options checked, so an import path to one is refused (registered entries may take **kwargs)."""
+    marker = tmp_path / "ran"
+    cfg = tiny_cfg("train.schedule=subprocess:run", f"train.schedule_args={{args: [touch, {marker}]}}")
+    with pytest.raises(ConfigError, match=r"schedule 'subprocess:run' takes \*\*kwargs"):
+        SCHEDULES.build(cfg.train.schedule, **cfg.train.schedule_args)
+    assert not marker.exists()
+
+    reg = Registry("widget")
+    reg.register(lambda **options: options, name="open")
+    assert reg.build("open", a=1) == {"a": 1}

@@ -17,6 +17,7 @@ import inspect
 from importlib.metadata import entry_points
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
+from mtbert.core.errors import ConfigError
 from mtbert.core.trust import check_import
 
 T = TypeVar("T")
@@ -28,6 +29,7 @@ class Registry(Generic[T]):
         self.hint = hint                    # appended to the unknown-name error, e.g. "see `mtbert techniques`"
         self._entries: dict[str, T] = {}
         self._plugins_loaded = False
+        self._imported: set[str] = set()   # names that are import paths (not registered entries)
 
     # ------------------------------------------------------------ registering
     def register(self, entry: T | None = None, *, name: str | None = None):
@@ -64,8 +66,13 @@ class Registry(Generic[T]):
         raise ValueError(f"unknown {self.kind} {name!r}; choose from {sorted(self._entries)}{hint}")
 
     def build(self, name: str, *args, **options) -> Any:
-        """Construct entry `name` with positional `args` (supplied by mtbert) and user `options`."""
+        """Construct entry `name` with positional `args` (supplied by mtbert) and user `options`.
+        An entry reached by import path whose signature takes **kwargs is refused: its options
+        could not be checked, and any callable would do (`subprocess:run`)."""
         factory = self.get(name)
+        if name in self._imported and _takes_any_keyword(factory):
+            raise ConfigError(f"{self.kind} {name!r} takes **kwargs, so its options cannot be checked: give it "
+                              f"explicit parameters, or register it (an entry point in mtbert.{self._group})")
         check_options(factory, f"{self.kind} {name!r}", options, skip=len(args))
         return factory(*args, **options)
 
@@ -98,16 +105,29 @@ class Registry(Generic[T]):
             entry = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
             raise ValueError(f"{self.kind} {path!r}: cannot import it ({e})") from e
-        self._entries.setdefault(path, entry)
+        if path not in self._entries:
+            self._entries[path] = entry
+            self._imported.add(path)
         return self._entries[path]
+
+    @property
+    def _group(self) -> str:
+        return f"{self.kind.replace(' ', '_')}s"
 
     def _load_plugins(self) -> None:
         if self._plugins_loaded:
             return
         self._plugins_loaded = True
-        for ep in entry_points(group=f"mtbert.{self.kind.replace(' ', '_')}s"):
+        for ep in entry_points(group=f"mtbert.{self._group}"):
             if ep.name not in self._entries:
                 self._entries[ep.name] = ep.load()
+
+
+def _takes_any_keyword(factory: Callable) -> bool:
+    try:
+        return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (a builtin): nothing can be checked either
+        return True
 
 
 def check_options(factory: Callable, what: str, options: dict, skip: int = 0) -> None:
