@@ -87,8 +87,13 @@ def test_a_yaml_task_trains_with_built_ins_and_is_used_everywhere(tmp_path, topi
     spec = get_task("topic")
     assert spec.main_metric == "macro_f1" and spec.id_column is None and spec.format == "csv"
 
+    # a loaded run reads its task files only under the data directory the user names (docs/security.md)
     capsys.readouterr()
-    assert main(["evaluate", str(run), "--json", str(tmp_path / "m.json")]) == 0
+    assert main(["evaluate", str(run)]) == 2
+    assert "lies outside the data directory" in capsys.readouterr().err
+    for built_in in data_dir.iterdir():
+        (tmp_path / "data" / built_in.name).write_bytes(built_in.read_bytes())
+    assert main(["evaluate", str(run), "--data-dir", str(tmp_path / "data"), "--json", str(tmp_path / "m.json")]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["topic"] == pytest.approx(dev["topic"]) or metrics["topic"] >= 0  # fp32 vs training's precision
 

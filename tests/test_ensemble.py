@@ -66,9 +66,9 @@ def test_ensemble_of_one_run_is_that_run(tmp_path, runs, small_data, capsys):
         a, e = single.predict(task, examples), ensemble.predict(task, examples)
         assert np.array_equal(a["pred"], e["pred"]) and np.array_equal(a["prob"], e["prob"]), task
 
-    # evaluate: same metrics; the ensemble defaults to the data it was built on
+    # evaluate: same metrics (on the data the user names: never a directory the ensemble's files name)
     assert main(["evaluate", str(runs["a"]), "--data-dir", str(small_data), "--json", str(tmp_path / "a.json")]) == 0
-    assert main(["evaluate", str(ens), "--json", str(tmp_path / "e.json")]) == 0
+    assert main(["evaluate", str(ens), "--data-dir", str(small_data), "--json", str(tmp_path / "e.json")]) == 0
     capsys.readouterr()
     m_run, m_ens = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "e.json"))
     assert m_run == m_ens and set(m_ens) == {"sst", "qqp", "sts", "overall"}
@@ -76,7 +76,7 @@ def test_ensemble_of_one_run_is_that_run(tmp_path, runs, small_data, capsys):
 
     # predict: byte-identical files
     assert main(["predict", str(runs["a"]), "--out", str(tmp_path / "pa"), "--data-dir", str(small_data)]) == 0
-    assert main(["predict", str(ens), "--out", str(tmp_path / "pe")]) == 0
+    assert main(["predict", str(ens), "--out", str(tmp_path / "pe"), "--data-dir", str(small_data)]) == 0
     names = sorted(p.name for p in (tmp_path / "pa").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "pe").iterdir()) and len(names) == 6
     for n in names:

@@ -307,3 +307,26 @@ def test_malformed_checkpoint_files_are_one_line(shared_run, tmp_path, capsys, f
         target.write_text(content)
     assert main(["evaluate", str(run), "--device", "cpu"]) == 2
     assert expected in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("where", ["absolute", "{data_dir}/..", "data_dir"])
+def test_a_run_reads_data_only_under_the_data_dir_the_user_gives(custom_task_run, tmp_path, capsys, where,
+                                                                   synthetic_data_dir):
+    """A run that names a file outside the data directory (its task's files, or its own data.data_dir)
+    would copy that file's ids (or texts) into the predictions written under --out."""
+    secret = tmp_path / "secret" / "ids-sst-dev.csv"
+    secret.parent.mkdir()
+    secret.write_text("id\tsentence\tsentiment\nSECRET-TOKEN-1\tx\t1\n")
+    run = _copy_run(custom_task_run, tmp_path / "copy")
+    if where == "data_dir":  # the run's own data directory is not a fallback for the user's
+        _edit_yaml(run / "best" / "config.yaml", lambda raw: raw["data"].update({"data_dir": str(secret.parent)}))
+    else:
+        up_to_root = "/".join([".."] * (len(synthetic_data_dir.parts) - 1))
+        dev = str(secret) if where == "absolute" else f"{{data_dir}}/{up_to_root}{secret}"
+        _edit_yaml(run / "best" / "config.yaml", lambda raw: raw["tasks"]["mine"]["files"].update({"dev": dev}))
+    out = tmp_path / "preds"
+    code = main(["predict", str(run), "--out", str(out), "--data-dir", str(synthetic_data_dir), "--device", "cpu"])
+    written = "".join(p.read_text() for p in out.glob("*")) if out.exists() else ""
+    assert "SECRET-TOKEN" not in written
+    if where != "data_dir":
+        assert code == 2 and "lies outside the data directory" in _one_line_error(capsys)

@@ -63,7 +63,7 @@ def cmd_train(args) -> int:
                               "it takes no --config or other --out (--set only train.time_budget_min)")
         if args.overwrite:
             raise ConfigError("--resume continues a run and --overwrite replaces one: give only one of them")
-        with reading_run(args.resume):  # a run directory is data (core.trust); so is what it builds
+        with reading_run(args.resume, confine_data=False):  # a run directory is data (core.trust); so is what it builds
             return _train_and_report(resume_config(args.resume, args.data_dir, args.set or []), args.resume, args)
     else:
         if not args.out:
@@ -113,7 +113,7 @@ def cmd_evaluate(args) -> int:
     predictor = _load_predictor(args)
     if args.split == "test":
         raise ConfigError("the test-student files have no labels; use `mtbert predict` for them")
-    examples = load_examples(predictor.tasks, _data_dir(args, predictor.data_dir), args.split, args.limit)
+    examples = load_examples(predictor.tasks, _data_dir(args), args.split, args.limit)
     metrics, _ = evaluate_examples(predictor, examples)
     print(format_table(metrics, f"{args.split} metrics for {args.run_dir} ({predictor.precision})"))
     if args.json:
@@ -133,7 +133,7 @@ def cmd_predict(args) -> int:
         print(f"{args.out}: {report.rows - report.skipped} predictions{report_line(report)}")
         return 0
     predictor = _load_predictor(args)
-    paths = write_prediction_files(predictor, _data_dir(args, predictor.data_dir), args.out)
+    paths = write_prediction_files(predictor, _data_dir(args), args.out)
     for p in paths:
         print(p)
     return 0

@@ -400,7 +400,7 @@ def analyse_run(run_dir: str, name: str, prefix: str, out_dir: Path, data_dir=No
     run_dir = str(run_dir)
     log(f"loading {run_dir}")
     predictor: BasePredictor = load_predictor(run_dir, device, precision, batch_size)
-    ddir = resolve_data_dir(data_dir or predictor.data_dir)
+    ddir = resolve_data_dir(data_dir)  # never the run's own data_dir: a loaded run reads only where the user says
     examples = load_examples(predictor.tasks, ddir, "dev", limit)
     outputs = {}
     for task_name, ex in examples.items():

@@ -18,11 +18,12 @@ from typing import Callable
 
 import yaml
 
-from mtbert.core.errors import ConfigError
+from mtbert.core.errors import ConfigError, DataError
 from mtbert.core.io import text_encoding
 from mtbert.core.kinds import BINARY, CLASSIFICATION, REGRESSION, Binned, OutputKind
 from mtbert.core.metrics import METRICS, accuracy, pearson, rescaled  # noqa: F401  (accuracy, pearson: re-exported)
 from mtbert.core.registry import Registry
+from mtbert.core.trust import run_data_confined
 
 FORMATS = {"csv": ",", "tsv": "\t", "jsonl": None}
 KINDS = ("classification", "binary", "regression", "binned")
@@ -53,6 +54,7 @@ class TaskSpec:
     leaderboard: str | None = None       # leaderboard group (the CS224N score)
     cs224n_output: dict | None = None    # {prefix, header}: `mtbert predict RUN --out DIR` files
     builtin: bool = False
+    confined: bool = False               # a loaded run's task: its files are read only under the data directory
     definition: dict = field(default_factory=dict, compare=False)  # as declared (saved with runs)
 
     @property
@@ -68,7 +70,11 @@ class TaskSpec:
     def path(self, split: str, data_dir: str | Path) -> Path:
         if split not in self.files:
             raise ConfigError(f"task {self.name} declares no {split!r} file (it has {sorted(self.files)})")
-        return Path(str(self.files[split]).replace("{data_dir}", str(data_dir)))
+        path = Path(str(self.files[split]).replace("{data_dir}", str(data_dir)))
+        if self.confined and not path.resolve().is_relative_to(Path(data_dir).resolve()):
+            raise DataError(f"task {self.name}: its {split} file {path} lies outside the data directory {data_dir}; "
+                            f"a loaded run's tasks read only under the data directory you give (--data-dir, MTBERT_DATA)")
+        return path
 
     def has_split(self, split: str) -> bool:
         if self.dataset is not None:
@@ -229,7 +235,8 @@ def task_from_definition(name: str, d: dict, base_dir: Path | None = None, built
                     format=fmt, delimiter=d.get("delimiter"), encoding=encoding, columns=tuple(header) if isinstance(header, list) else None,
                     id_column=d.get("id_column", "id" if builtin else None), label_range=rng, label_names=names,
                     pair_encoding=pair_encoding, variant_of=d.get("variant_of"), leaderboard=d.get("leaderboard"),
-                    cs224n_output=out, builtin=builtin, definition=_portable(d, files))
+                    cs224n_output=out, builtin=builtin, confined=run_data_confined() and not builtin,
+                    definition=_portable(d, files))
 
 
 def _resolve(path: str, base_dir: Path | None) -> str:

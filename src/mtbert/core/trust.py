@@ -19,6 +19,7 @@ from mtbert.core.errors import ConfigError
 
 _READING_RUN: contextvars.ContextVar[str | None] = contextvars.ContextVar("mtbert_reading_run", default=None)
 _TRUSTED: contextvars.ContextVar[bool] = contextvars.ContextVar("mtbert_trust_run_code", default=False)
+_CONFINED: contextvars.ContextVar[bool] = contextvars.ContextVar("mtbert_confine_run_data", default=False)
 
 
 class UntrustedCodeError(ConfigError):
@@ -36,13 +37,23 @@ def run_code_trusted(enabled: bool = True):
 
 
 @contextlib.contextmanager
-def reading_run(source: str | Path):
-    """While reading `source` (a run, checkpoint or ensemble directory), refuse the imports it names."""
+def reading_run(source: str | Path, confine_data: bool = True):
+    """While reading `source` (a run, checkpoint or ensemble directory), refuse the imports it names;
+    with `confine_data`, the task files it declares are read only under the data directory the
+    user gives (TaskSpec.path). Resuming the user's own run does not confine them: it trains on
+    the files it was started with."""
     token = _READING_RUN.set(_READING_RUN.get() or str(source))
+    confined = _CONFINED.set(confine_data or _CONFINED.get())
     try:
         yield
     finally:
+        _CONFINED.reset(confined)
         _READING_RUN.reset(token)
+
+
+def run_data_confined() -> bool:
+    """Whether task definitions read now come from a loaded run, whose files stay under --data-dir."""
+    return _CONFINED.get() and _READING_RUN.get() is not None
 
 
 def check_import(what: str, kind: str) -> None:

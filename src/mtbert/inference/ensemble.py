@@ -126,7 +126,7 @@ def build_ensemble(members: list[str | Path], out_dir: str | Path, data_dir: str
     unknown = sorted(set(thresholds) - set(tasks))
     if unknown:
         raise ValueError(f"--threshold for task(s) {unknown} that no member has; the members' tasks are {tasks}")
-    data = resolve_data_dir(str(data_dir) if data_dir else next(iter(predictors.values())).data_dir).resolve()
+    data = resolve_data_dir(str(data_dir) if data_dir else None).resolve()  # (never a member's own data_dir)
     examples = load_examples(tasks, data, "dev", limit)
 
     outputs = {name: {t: p.predict(t, examples[t]) for t in p.tasks} for name, p in predictors.items()}
