@@ -11,6 +11,7 @@ import yaml
 
 import mtbert
 from mtbert.apps.cli import main
+from mtbert.apps.export import EXPORT_MARKER
 from mtbert.core.config import load_config
 from mtbert.data.readers import pad
 from mtbert.inference.ensemble import ENSEMBLE_FILE
@@ -195,13 +196,44 @@ def test_onnx_export_of_per_task_lora_experts(tmp_path, data_dir):
 
 def test_existing_output_is_refused_unless_force(run, tmp_path, capsys):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    assert main(["export", str(run), "--format", "hf", "--out", str(out)]) == 0
+    assert json.loads((out / EXPORT_MARKER).read_text())["format"] == "hf"
+    (out / "stale.txt").write_text("from the earlier export")
     assert main(["export", str(run), "--format", "hf", "--out", str(out)]) == 2
-    assert "--force" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert "--force" in capsys.readouterr().err and (out / "stale.txt").exists()
     assert main(["export", str(run), "--format", "hf", "--out", str(out), "--force"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert not (out / "stale.txt").exists() and (out / "config.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # neither the temporary nor the old copy left
+
+
+@pytest.mark.parametrize("make", ["folder of the user's", "file", "link to a folder"])
+def test_force_replaces_only_an_earlier_export(run, tmp_path, capsys, make):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    out = {"folder of the user's": mine, "file": tmp_path / "notes.txt", "link to a folder": tmp_path / "link"}[make]
+    if make == "file":
+        out.write_text("notes")
+    elif make == "link to a folder":
+        out.symlink_to(mine)
+    assert main(["export", str(run), "--format", "hf", "--out", str(out), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert f"has no {EXPORT_MARKER}" in err and len(err.strip().splitlines()) == 1
+    assert (mine / "thesis.tex").read_text() == "years of work" and (out.exists() or out.is_symlink())
+
+
+def test_a_killed_writers_temporaries_are_removed_by_the_next(run, tmp_path):
+    """After a SIGKILL nothing in-process can clean up; the next export of the same output removes
+    the temporaries whose writer (the pid in their name) is gone, and no one else's."""
+    out = tmp_path / "out"
+    dead = tmp_path / ".out.tmp-999999999-x1"          # above any pid_max: no such process
+    alive = tmp_path / f".out.tmp-{os.getppid()}-x2"   # a running process's: maybe still writing
+    other = tmp_path / ".other.tmp-999999999-x3"       # another output's
+    for d in (dead, alive, other):
+        d.mkdir()
+        (d / "model.safetensors").write_text("partial")
+    assert main(["export", str(run), "--format", "hf", "--out", str(out)]) == 0
+    assert not dead.exists() and alive.exists() and other.exists()
 
 
 @pytest.mark.parametrize("args,message", [

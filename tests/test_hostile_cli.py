@@ -230,7 +230,8 @@ def test_unexpected_errors_are_one_line_too(tmp_path, capsys, monkeypatch):
     one_line_error(capsys, code, "internal error: RuntimeError: something unforeseen (run with -v", rc=1)
 
 
-def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, data_dir):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_kill_says_how_to_resume_and_leaves_no_temporaries(tmp_path, data_dir, sig, code):
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     proc = subprocess.Popen([sys.executable, "-m", "mtbert.cli", "train", "--config", str(TINY_YAML), "--out",
@@ -245,14 +246,15 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, data_dir):
         while not (run / "last" / "train_state.pt").exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
         assert (run / "last" / "train_state.pt").exists(), "no state saved within 120 s"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
-    assert proc.returncode == 130, (err, out[-500:])
+    assert proc.returncode == code, (err, out[-500:])
     assert "Traceback" not in err and f"mtbert train --resume {run}" in err.strip().splitlines()[-1]
+    assert not [p for p in run.rglob(".*") if ".tmp-" in p.name]
 
 
 # ---------------------------------------------------------------- corrupted files
@@ -291,3 +293,12 @@ def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         atomic_write_text(target, "new")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_an_atomic_write_removes_a_dead_writers_temporaries_only(tmp_path):
+    from mtbert.core.io import atomic_write_text
+    dead, alive = tmp_path / ".out.csv.tmp-999999999-ab", tmp_path / f".out.csv.tmp-{os.getppid()}-cd"
+    dead.write_text("half")
+    alive.write_text("half")
+    atomic_write_text(tmp_path / "out.csv", "id\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "out.csv"])

@@ -3,12 +3,15 @@ serve, install-backbone."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -481,6 +484,25 @@ def _resume_hint(args) -> str:
     return "run the command again"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler's stop): handled as Ctrl-C is, so temporaries are removed and
+    a training run says how to resume."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    def stop(signum, frame):
+        raise Terminated()
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield  # (another handler is in charge: a server's, a test runner's)
+        return
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The error boundary: an anticipated error is one line on stderr and exit 2, Ctrl-C exit 130
     with how to resume, anything else one line and exit 1; -v adds the traceback."""
@@ -493,13 +515,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     name = f"mtbert {args.command}"
     try:
-        with run_code_trusted(getattr(args, "trust_run_code", False)):
+        with run_code_trusted(getattr(args, "trust_run_code", False)), _terminate_as_interrupt():
             return args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if args.verbose:
             traceback.print_exc()
         print(f"\n{name}: interrupted; {_resume_hint(args)}", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     except ANTICIPATED as e:
         if args.verbose:
             traceback.print_exc()

@@ -24,7 +24,6 @@ import copy
 import io
 import json
 import logging
-import os
 import re
 import shlex
 import shutil
@@ -34,9 +33,10 @@ from pathlib import Path
 
 import torch
 
+from mtbert import __version__
 from mtbert.apps import model_card
 from mtbert.core.errors import CheckpointError, ConfigError
-from mtbert.core.io import umask_mode
+from mtbert.core.io import replace_dir, temporary_dir, write_json
 from mtbert.data.readers import pad
 from mtbert.data.tokenizer import BertTokenizer
 from mtbert.inference.ensemble import is_ensemble_dir
@@ -48,6 +48,7 @@ from mtbert.modeling.model import MultitaskModel
 log = logging.getLogger("mtbert")
 
 FORMATS = ("hf", "sentence-transformers", "onnx")
+EXPORT_MARKER = "mtbert_export.json"  # in every export: what `--force` may replace
 QUANTIZE = ("int8",)
 TOLERANCE = 1e-4
 # Inputs for the export checks: several lengths, one long enough to be truncated at small max_length.
@@ -284,8 +285,10 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, force: bool = Fal
         raise ConfigError(f"--quantize {quantize} applies to --format onnx only, with {', '.join(QUANTIZE)}")
     if is_ensemble_dir(run_dir):
         raise CheckpointError(f"{run_dir} is an ensemble: its members are separate models; export each member run")
-    if (out.exists() or out.is_symlink()) and not force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise FileExistsError(f"{out} exists; pass --force to replace it")
+        check_replaceable(out)
     ckpt = find_checkpoint(run_dir)
     if out.resolve() == ckpt.resolve() or out.resolve() in ckpt.resolve().parents:
         raise ConfigError(f"--out {out} would replace the checkpoint it exports ({ckpt})")
@@ -293,9 +296,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, force: bool = Fal
     check_exportable(model, fmt)
     run_root = ckpt.parent if ckpt.name in ("best", "best.old") else ckpt
     summary, command = model_card.read_run_files(run_root)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    os.chmod(tmp, umask_mode(directory=True))
+    tmp = temporary_dir(out)
     try:
         torch.manual_seed(0)
         if fmt == "hf":
@@ -318,11 +319,20 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, force: bool = Fal
         card = model_card.render(fmt, run_root.name, cfg.to_dict(), tasks, meta, summary,
                                  command or _reproduce_command(run_root), usage, notes)
         (tmp / "README.md").write_text(card)
-        _swap_in(tmp, out)
+        write_json(tmp / EXPORT_MARKER, {"format": fmt, "source": str(ckpt.resolve()), "mtbert": __version__})
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def check_replaceable(out: Path) -> None:
+    """`--force` replaces an earlier export (it holds EXPORT_MARKER) or an empty directory, nothing else."""
+    if out.is_dir() and not out.is_symlink() and ((out / EXPORT_MARKER).is_file() or not any(out.iterdir())):
+        return
+    raise FileExistsError(f"{out} is not an mtbert export (it has no {EXPORT_MARKER}): --force replaces only an "
+                          f"earlier export; choose another --out, or remove {out} yourself")
 
 
 def _reproduce_command(run_dir: Path) -> str:
@@ -330,12 +340,3 @@ def _reproduce_command(run_dir: Path) -> str:
             f"mtbert train --config {shlex.quote(str(run_dir / 'config.yaml'))} --out {shlex.quote(str(run_dir))}")
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished export into place; a replaced one is removed only afterwards."""
-    old = None
-    if out.exists() or out.is_symlink():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()

@@ -8,6 +8,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
@@ -31,12 +33,76 @@ def umask_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~mask
 
 
+# ---------------------------------------------------------------- temporaries and atomic replacement
+# Every output is built in a hidden sibling named after it and the writer's process id, then
+# renamed into place. Python removes the temporary on any exit it sees (exceptions, Ctrl-C, and
+# SIGTERM, which the CLI turns into an exit); after a SIGKILL the next writer of the same output
+# removes the temporaries whose writer is gone.
+
+def temporary_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-{os.getpid()}-"
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove `path`'s temporaries left by writers that no longer run (killed before cleaning up)."""
+    own = re.compile(rf"\.{re.escape(path.name)}\.tmp-(\d+)-")
+    if not path.parent.is_dir():
+        return
+    for sibling in path.parent.iterdir():
+        found = own.match(sibling.name)
+        if found and not _process_alive(int(found.group(1))):
+            remove_path(sibling)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, link or directory tree, if it is there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def temporary_dir(dest: Path) -> Path:
+    """A new hidden directory beside `dest` to build it in (mode by the umask)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(dest)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=temporary_prefix(dest)))
+    os.chmod(tmp, umask_mode(directory=True))
+    return tmp
+
+
+def replace_dir(new: Path, dest: Path, old: Path | None = None) -> None:
+    """Rename directory `new` to `dest`. An existing `dest` is renamed to `old` first (a checkpoint's
+    `best.old`, which readers fall back to after a crash; by default a temporary name) and removed
+    once `new` is in place, so there is always one whole directory. Without `dest`, an existing
+    `old` may be the only copy: it goes only after `new` is in place."""
+    old = old if old is not None else dest.with_name(temporary_prefix(dest) + "old")
+    if dest.exists() or dest.is_symlink():
+        remove_path(old)  # stale: dest is newer
+        os.replace(dest, old)
+    os.replace(new, dest)
+    remove_path(old)
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | Path, mode: str = "w", newline: str | None = None) -> Iterator[IO]:
     """A file opened beside `path`; on success it is fsynced and renamed over `path`, on any error
     it is deleted and `path` is left as it was."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path))
     try:
         os.chmod(tmp, umask_mode())
         with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": newline, "encoding": "utf-8"})) as f:

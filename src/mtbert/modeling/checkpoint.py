@@ -10,9 +10,7 @@ disk) removes the temporary copy and leaves the previous checkpoint as it was.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from mtbert.core.config import Config, load_config
 from mtbert.core.errors import CheckpointError, ConfigError
-from mtbert.core.io import umask_mode
+from mtbert.core.io import replace_dir, temporary_dir
 from mtbert.core.tasks import get_task
 from mtbert.core.trust import UntrustedCodeError, reading_run
 from mtbert.data.tokenizer import BertTokenizer
@@ -87,10 +85,8 @@ def save_checkpoint(directory: str | Path, model: MultitaskModel, tokenizer: Ber
                     meta: dict, extra_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a complete checkpoint into `directory`, replacing any previous one atomically."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    tmp = temporary_dir(directory)
     try:
-        os.chmod(tmp, umask_mode(directory=True))
         state, seen = {}, set()
         for k, v in model.state_dict().items():
             if v.data_ptr() not in seen:  # tied parameters are stored once (safetensors requires it)
@@ -107,13 +103,7 @@ def save_checkpoint(directory: str | Path, model: MultitaskModel, tokenizer: Ber
         _write_json(tmp / "meta.json", meta)
         if extra_state:
             torch.save(extra_state, tmp / "train_state.pt")
-        old = directory.with_name(directory.name + ".old")
-        if directory.exists():
-            shutil.rmtree(old, ignore_errors=True)  # stale: `directory` is newer
-            os.replace(directory, old)
-        # (without `directory`, an existing .old is the only copy: it goes only once the new one is in place)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, directory, old=directory.with_name(directory.name + ".old"))
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):  # full disk, lost permissions: say which checkpoint, and that none is lost
