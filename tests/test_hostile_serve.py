@@ -82,6 +82,17 @@ def test_undecodable_and_non_json_bodies_are_4xx(client, content, ctype):
     assert r.json()["detail"]
 
 
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; b=x"])
+def test_a_body_that_is_not_declared_json_is_415_saying_so(client, predictor, ctype):
+    """A valid JSON body sent as text/plain used to get a 422 about fields it had."""
+    r = client.post("/v1/sentiment", content=b'{"texts": ["fine"]}', headers={"content-type": ctype})
+    assert r.status_code == 415 and "Content-Type: application/json" in r.json()["detail"], r.text
+    ok = client.post("/v1/sentiment", content=b'{"texts": ["fine"]}',
+                     headers={"content-type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200, ok.text
+    assert_still_answers(client, predictor)
+
+
 def test_error_details_are_capped_and_never_echo_the_input(client):
     huge = "q" * 1_500_000
     for body in ({"texts": [huge, 7]}, {"texts": ["x"], huge[:100_000]: 1}, {"texts": {"a": huge}}):

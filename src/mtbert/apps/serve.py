@@ -389,6 +389,10 @@ class StrictJSONRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def strict(request: Request):
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if request.method == "POST" and kind and not (kind == "application/json" or kind.endswith("+json")):
+                # (else the body would be validated as if it were JSON and fail with a misleading 422)
+                return error_response(415, f"request body must be JSON (Content-Type: application/json), got {_cap(kind, 64)}")
             return await handler(StrictJSONRequest(request.scope, request.receive))
 
         return strict
