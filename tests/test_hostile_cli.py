@@ -181,6 +181,31 @@ def test_overwrite_replaces_the_run_and_leaves_nothing_stale(tmp_path, finished_
     assert json.loads((run / "summary.json").read_text())["steps"] == 1
     assert json.loads((run / "best" / "meta.json").read_text())["step"] == 1 != old_meta["step"]
     assert not (run / "best.old").exists() and [r["step"] for r in strict_json_lines(run / "metrics.jsonl")] == [1]
+    assert not list(run.glob(".replaced-*"))
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path, finished_run, data_dir,
+                                                                        capsys, monkeypatch):
+    """--overwrite moves the old run aside; a new run that fails before its first checkpoint
+    (here: its first step's loss is NaN) puts it back whole."""
+    run = tmp_path / "copy"
+    import shutil
+    shutil.copytree(finished_run, run)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    seen_aside = []
+    real = Trainer.task_loss
+
+    def fails_at_once(self, task, batch):
+        seen_aside.extend(run.glob(".replaced-*/best/model.safetensors"))
+        return real(self, task, batch) * float("nan")
+
+    monkeypatch.setattr(Trainer, "task_loss", fails_at_once)
+    code = main(["train", "--config", str(TINY_YAML), "--out", str(run), "--data-dir", str(data_dir),
+                 "--set", "train.max_steps=3", "--overwrite"])
+    one_line_error(capsys, code, "training diverged at step 1")
+    assert seen_aside, "the old run was not kept aside while the new one trained"
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before  # every file of the old run, byte for byte, and nothing of the new one
 
 
 # ---------------------------------------------------------------- divergence is failure

@@ -270,7 +270,7 @@ def shared_run(tmp_path_factory, synthetic_data_dir):
     (_set(["encoder"], [1, 2]), "encoder must be dict"),
     (_set(["pooling"], _DELETE), "lacks 'pooling'"),
     (_set(["tasks"], [1]), "tasks must be a list of task names"),
-    (_set(["tasks"], []), "tasks must be a list of task names"),
+    (_set(["tasks"], "sst"), "tasks must be list"),
     (_set(["dropout"], "0.1"), "dropout must be a number"),
     (_set(["extensions"], {"no_such": {}}), "unknown to this mtbert"),
     (lambda spec: spec.clear(), "lacks 'encoder'"),

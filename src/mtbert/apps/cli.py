@@ -100,8 +100,9 @@ def _train_and_report(cfg, out, args) -> int:
 def cmd_pretrain(args) -> int:
     overrides = list(args.set or []) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
     cfg = load_config(args.config, overrides)
-    prepare_run_dir(Path(args.out), resume=False, overwrite=args.overwrite, resumable=False)  # (it holds best/)
-    summary = run_pretrain(cfg, args.out)
+    replaced = prepare_run_dir(Path(args.out), resume=False, overwrite=args.overwrite, resumable=False)  # (holds best/)
+    with replaced or contextlib.nullcontext():  # an --overwrite'n stage comes back if this one fails
+        summary = run_pretrain(cfg, args.out)
     print(f"pretrained {summary['step']} steps in {summary['seconds']}s; final loss {summary['final_loss']}")
     print(f"checkpoint: {summary['checkpoint']}  (fine-tune with --set model.backbone={args.out})")
     return 0

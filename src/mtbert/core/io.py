@@ -50,11 +50,11 @@ def remove_stale_temporaries(path: Path) -> None:
         return
     for sibling in path.parent.iterdir():
         found = own.match(sibling.name)
-        if found and not _process_alive(int(found.group(1))):
+        if found and not process_alive(int(found.group(1))):
             remove_path(sibling)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:

@@ -180,7 +180,7 @@ def _model_spec(ckpt: Path) -> dict:
         elif not isinstance(spec[key], kind) or isinstance(spec[key], bool):
             raise CheckpointError(f"{ckpt}/model.json: {key} must be {getattr(kind, '__name__', 'a number')}, "
                                   f"got {spec[key]!r}")
-    if not spec["tasks"] or not all(isinstance(t, str) for t in spec["tasks"]):
+    if not all(isinstance(t, str) for t in spec["tasks"]):  # (a pre-training stage has none)
         raise CheckpointError(f"{ckpt}/model.json: tasks must be a list of task names, got {spec['tasks']!r}")
     if not 0 <= spec["dropout"] < 1 or spec.get("shared_pair_layer", 0) not in range(0, 1 << 16):
         raise CheckpointError(f"{ckpt}/model.json: dropout or shared_pair_layer out of range")

@@ -1,30 +1,75 @@
 """The run directory's guards: never train over a run by accident, and stop a run that diverges.
 
 A run directory holds a trained model and its results; training into one that holds a run is
-refused unless the run is resumed or explicitly overwritten. A NaN or infinite loss or dev score
-ends training with TrainingDiverged, before it can replace the last good best/ or write bare NaN.
+refused unless the run is resumed or explicitly overwritten. An overwritten run is moved aside
+(RUN/.replaced-PID/) and deleted only once the new run has written its first checkpoint; if the
+new run fails before that, the old one is moved back. A NaN or infinite loss or dev score ends
+training with TrainingDiverged, before it can replace the last good best/ or write bare NaN.
 """
 from __future__ import annotations
 
 import math
+import os
+import re
 import shutil
 from pathlib import Path
 
 from mtbert.core.distributed import Dist
 from mtbert.core.errors import ConfigError, TrainingDiverged
+from mtbert.core.io import process_alive
 
 # what a run directory holds; any of these there means a run lives in it
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "best", "best.old", "last", "last.old", "pretrain",
              "command.txt")
 
 
+class ReplacedRun:
+    """A run that --overwrite moved aside: `release()` deletes it (the new run has a checkpoint),
+    `restore()` puts it back (the new run failed first). As a context manager: released on
+    success, restored on any exception."""
+
+    PREFIX = ".replaced-"
+
+    def __init__(self, out: Path, names: list[str]):
+        self.out, self.held = out, out / f"{self.PREFIX}{os.getpid()}"
+        self.held.mkdir()
+        for name in names:
+            os.replace(out / name, self.held / name)
+
+    def release(self) -> None:
+        """Delete the old run, and any a killed writer left aside (an older attempt to replace it)."""
+        shutil.rmtree(self.held, ignore_errors=True)
+        for other in self.out.glob(f"{self.PREFIX}*"):
+            pid = re.fullmatch(rf"{re.escape(self.PREFIX)}(\d+)", other.name)
+            if pid and not process_alive(int(pid.group(1))):
+                shutil.rmtree(other, ignore_errors=True)
+
+    def restore(self) -> None:
+        if not self.held.exists():
+            return
+        for name in RUN_FILES:  # the failed new run's files give way to the old run's
+            if (self.held / name).exists() and (self.out / name).exists():
+                path = self.out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        for entry in self.held.iterdir():
+            os.replace(entry, self.out / entry.name)
+        self.held.rmdir()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        self.restore() if kind is not None else self.release()
+
+
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool, dist: Dist | None = None,
-                    resumable: bool = True) -> None:
+                    resumable: bool = True) -> ReplacedRun | None:
     """Refuse to train into a directory that holds a run, unless resuming it or told to overwrite
-    it (then its run files are deleted first, so no stale summary or model outlives the new run).
+    it: then its run files are moved aside (returned as a ReplacedRun, on the main rank), so no
+    stale summary or model outlives the new run and the old one survives the new one's failure.
     The main rank looks and writes; every rank gets its verdict, so all stop together."""
     dist = dist or Dist()
-    problem = None
+    problem, replaced = None, None
     if dist.main:
         found = [name for name in RUN_FILES if (out / name).exists()]
         if found and not resume and not overwrite:
@@ -34,10 +79,9 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool, dist: Dist | None 
                        f"--overwrite (deletes its model and metrics), or choose another --out")
         else:
             try:
-                for name in found if overwrite and not resume else []:
-                    path = out / name
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
                 _ensure_writable(out)
+                if overwrite and not resume and found:
+                    replaced = ReplacedRun(out, found)
             except OSError as e:
                 problem = ("OSError", str(e))
         if isinstance(problem, str):
@@ -45,6 +89,7 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool, dist: Dist | None 
     problem = dist.broadcast_object(problem)
     if problem:
         raise (OSError if problem[0] == "OSError" else ConfigError)(problem[1])
+    return replaced
 
 
 def check_finite_losses(losses: dict[str, float], step: int, dist: Dist, best_metrics: dict) -> None:

@@ -10,6 +10,7 @@ torchrun the ranks share one global batch (see core.distributed and training.str
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -43,7 +44,12 @@ from mtbert.core.trust import run_code_trusted
 from mtbert.data.readers import encode_dataset, load_split
 from mtbert.inference import int8_check
 from mtbert.inference.predictor import metrics_for
-from mtbert.modeling.checkpoint import build_model, find_checkpoint, load_checkpoint, save_checkpoint
+from mtbert.modeling.checkpoint import (
+    build_model,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from mtbert.training import state
 from mtbert.training.budget import (
     BudgetPlanner,
@@ -122,10 +128,11 @@ class Trainer:
                              "it with model.backbone=STAGE_DIR")
         # Contrastive stage first (mtbert.pretrain). A resumed run skips it: every weight comes from
         # RUN_DIR/last, and the architecture is the backbone's either way.
+        self.replaced = None  # an --overwrite'n run, kept aside until this one's first checkpoint
         if cfg.pretrain.enabled and not resume:
             if overwrite:  # (the stage is written into the run directory)
-                prepare_run_dir(self.out, resume, overwrite, self.dist)
-            with run_code_trusted():  # the stage this process just wrote, from the user's own config
+                self.replaced = prepare_run_dir(self.out, resume, overwrite, self.dist)
+            with self._restoring_replaced(), run_code_trusted():  # (the stage this process just wrote)
                 self.model, self.tokenizer = build_model(pretrained_start(cfg, self.out / "pretrain"))
         else:
             self.model, self.tokenizer = build_model(cfg)
@@ -197,15 +204,32 @@ class Trainer:
         # Only now, with the config, tasks, data, model, techniques, schedule and weighting built,
         # may --overwrite delete the run there (techniques' setup may write into it).
         if overwrite and not (cfg.pretrain.enabled and not resume):
-            prepare_run_dir(self.out, resume, overwrite, self.dist)
-        for tech in self.techniques:
-            tech.setup(self.ctx)
-        self.budget = self._budget_planner()
-        self.budget_announced = False
-        if state_dir is not None:
-            state.restore(self, state_dir)
-            self.ctx.step, self.ctx.total_steps = self.step, self.total_steps
-            log.info("resumed %s at step %d of %d", self.out, self.step, self.total_steps)
+            self.replaced = prepare_run_dir(self.out, resume, overwrite, self.dist)
+        with self._restoring_replaced():
+            for tech in self.techniques:
+                tech.setup(self.ctx)
+            self.budget = self._budget_planner()
+            self.budget_announced = False
+            if state_dir is not None:
+                state.restore(self, state_dir)
+                self.ctx.step, self.ctx.total_steps = self.step, self.total_steps
+                log.info("resumed %s at step %d of %d", self.out, self.step, self.total_steps)
+
+    @contextlib.contextmanager
+    def _restoring_replaced(self):
+        """Within this block, a failure puts back the run that --overwrite moved aside."""
+        try:
+            yield
+        except BaseException:
+            if self.replaced is not None:
+                self.replaced.restore()
+            raise
+
+    def _checkpoint_written(self) -> None:
+        """The new run has a checkpoint: the run it replaces goes now."""
+        if self.replaced is not None:
+            self.replaced.release()
+            self.replaced = None
 
     def _plan(self, epochs: int, max_steps: int | None) -> tuple[list, list[float], int]:
         """(each epoch's steps, each epoch's share of the way through the schedule, planned steps):
@@ -447,6 +471,7 @@ class Trainer:
             if score > self.best_score:
                 save_checkpoint(self.out / "best", self.model, self.tokenizer, self.cfg,
                                 {"step": self.step, "epoch": self.epoch, "dev": metrics})
+                self._checkpoint_written()
             log.info("epoch %d step %d dev %s", self.epoch, self.step, {k: round(v, 4) for k, v in metrics.items()})
         if score > self.best_score:
             self.best_score, self.best_metrics = score, metrics
@@ -461,6 +486,7 @@ class Trainer:
             log.info("stopping at step %d: %s", self.step, self.stop_reason)
         elif self.step < self.total_steps:  # the final state is never resumed: the run is over
             state.save(self)  # (a run the budget's hard limit stopped goes on with --resume)
+            self._checkpoint_written()
         return row
 
     def _over_budget(self) -> bool:
@@ -476,7 +502,8 @@ class Trainer:
                                            self.step if self.resumed else None)
         ok = False
         try:
-            summary = self._run()
+            with self._restoring_replaced():
+                summary = self._run()
             ok = True
             return summary
         finally:
@@ -517,6 +544,7 @@ class Trainer:
                 elif save_every and self.step % save_every == 0 and i < len(plan) - 1 and self.step < self.total_steps:
                     # (epoch ends and the plan's end record: no separate save)
                     state.save(self)
+                    self._checkpoint_written()
                 if self.stop_reason or self.step >= self.total_steps or self._budget_spent():
                     break
             if self.last_recorded_step != self.step:
