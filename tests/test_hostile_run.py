@@ -236,6 +236,23 @@ def test_a_corrupt_or_pickled_train_state_gives_no_advice_to_unpickle(stopped_ru
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.parametrize("edit, expected", [
+    (lambda st: st.update(step="ten"), "'step' is str"),
+    (lambda st: st.pop("streams"), "'streams' is NoneType"),
+    (lambda st: st.update(format=99), "format 99"),
+    (lambda st: st.update(streams={"sst": "x"}), "does not fit this run"),
+    (lambda st: st.update(log="[1, 2]"), "does not fit this run"),
+])
+def test_a_malformed_train_state_is_one_line(stopped_run, capsys, edit, expected):
+    import torch
+    path = stopped_run / "last" / "train_state.pt"
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+    assert main(["train", "--resume", str(stopped_run)]) == 2
+    assert expected in _one_line_error(capsys)
+
+
 def _set(path: list, value):
     """An edit of model.json: set the key at `path` (a missing value deletes it)."""
     def edit(spec):

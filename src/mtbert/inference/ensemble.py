@@ -173,7 +173,11 @@ def load_ensemble(path: str | Path, device, precision: str = "fp32", batch_size:
         meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
         records = {r["name"]: r for r in spec["members"]}
         task_members = spec["tasks"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        if not all(isinstance(r["name"], str) and isinstance(r["checkpoint"], str) for r in records.values()) or \
+                not all(isinstance(t, str) and isinstance(m, list) and all(isinstance(x, str) for x in m)
+                        for t, m in task_members.items()):
+            raise TypeError("members need a name and a checkpoint path; tasks map task names to lists of members")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"corrupt ensemble {spec_path}: {e}") from e
     if spec.get("format") != FORMAT:
         raise CheckpointError(f"{spec_path}: unknown ensemble format {spec.get('format')!r} (expected {FORMAT})")

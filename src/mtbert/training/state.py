@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from mtbert.core.config import Config, load_config
+from mtbert.core.errors import CheckpointError
 from mtbert.core.runtime import rng_state, set_rng_state
 from mtbert.modeling.checkpoint import save_checkpoint
 from mtbert.modeling.encoder import load_state_checked
@@ -55,13 +56,43 @@ def restore(trainer, directory: Path) -> None:
         state = torch.load(directory / "train_state.pt", map_location="cpu", weights_only=True)
     except Exception as e:
         # (not torch's own text: it advises weights_only=False, which would run the file's pickled code)
-        raise ValueError(f"cannot resume from {directory}: train_state.pt is corrupt or holds objects other than "
-                         f"tensors and plain data ({type(e).__name__}); mtbert never unpickles code") from None
+        raise CheckpointError(f"cannot resume from {directory}: train_state.pt is corrupt or holds objects other "
+                              f"than tensors and plain data ({type(e).__name__}); mtbert never unpickles code") from None
+    _check_state(state, directory)
     try:
         weights = load_file(str(directory / "model.safetensors"), device="cpu")
     except Exception as e:
-        raise ValueError(f"cannot resume from {directory}: {e}") from e
+        raise CheckpointError(f"cannot resume from {directory}: {e}") from e
     load_state_checked(trainer.model, weights, str(directory))
+    try:
+        _apply(trainer, state)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f"cannot resume from {directory}: train_state.pt does not fit this run "
+                              f"({type(e).__name__}: {e})") from e
+
+
+# train_state.pt's top level: key -> the types its value may have
+STATE_SCHEMA = {"format": int, "step": int, "epoch": int, "best_score": float, "examples_seen": int,
+                "loss_sums": dict, "loss_counts": dict, "elapsed_s": float, "log": str, "weighting": dict,
+                "data_rng": tuple, "streams": dict, "techniques": dict, "rng": list}
+
+
+def _check_state(state, directory: Path) -> None:
+    """The state's shape before any of it is applied: one CheckpointError naming what is wrong."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"cannot resume from {directory}: train_state.pt is not a mapping")
+    for key, kind in STATE_SCHEMA.items():
+        value = state.get(key)
+        ok = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
+        if not ok:
+            raise CheckpointError(f"cannot resume from {directory}: train_state.pt's {key!r} is "
+                                  f"{type(value).__name__}, expected {kind.__name__}")
+    if state["format"] != FORMAT:
+        raise CheckpointError(f"cannot resume from {directory}: train_state.pt format {state['format']} "
+                              f"(this mtbert reads format {FORMAT})")
+
+
+def _apply(trainer, state: dict) -> None:
     trainer.updater.load_state_dict(state)
     trainer.weighting.load_state_dict(state["weighting"])
     for tech in trainer.techniques:
