@@ -244,15 +244,30 @@ def test_verbose_shows_the_traceback(tmp_path, capsys):
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("mtbert evaluate: error: no mtbert checkpoint")
 
 
-def test_unexpected_errors_are_one_line_too(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("error", [RuntimeError, ValueError, KeyError, TypeError])
+def test_unexpected_errors_are_one_line_too(tmp_path, capsys, monkeypatch, error):
+    """A bug (any error that is not an MtbertError, OSError or YAML error) exits 1 as internal,
+    even a ValueError or KeyError: those are no longer taken for the user's mistakes."""
     import mtbert.apps.cli as cli
 
     def broken(*args, **kwargs):
-        raise RuntimeError("something\nunforeseen")
+        raise error("something\nunforeseen")
 
     monkeypatch.setattr(cli, "check_data_dir", broken)
     code = main(["data", "check", "--data-dir", str(tmp_path)])
-    one_line_error(capsys, code, "internal error: RuntimeError: something unforeseen (run with -v", rc=1)
+    one_line_error(capsys, code, f"internal error: {error.__name__}: ", rc=1)
+
+
+def test_every_anticipated_error_is_an_mtbert_error():
+    from mtbert.core import errors
+    from mtbert.core.trust import UntrustedCodeError
+    for cls in (errors.ConfigError, errors.RegistryError, errors.UnknownTaskError, errors.DataError,
+                errors.CheckpointError, errors.TrainingDiverged, UntrustedCodeError):
+        assert issubclass(cls, errors.MtbertError), cls
+    assert issubclass(errors.UnknownTaskError, KeyError) and str(errors.UnknownTaskError("no task 'x'")) == "no task 'x'"
+    from mtbert.core.tasks import get_task
+    with pytest.raises(errors.UnknownTaskError, match="unknown task 'nope'"):
+        get_task("nope")
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

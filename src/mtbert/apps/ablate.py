@@ -17,7 +17,6 @@ with a row saying why. The table goes to RESULTS_DIR/NAME.md after every variant
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import yaml
 
 from mtbert.core.config import load_config
 from mtbert.core.errors import ConfigError
-from mtbert.core.io import atomic_write_text
+from mtbert.core.io import atomic_write_text, read_json
 from mtbert.core.runtime import resolve_precision, select_device
 from mtbert.training.trainer import train
 
@@ -73,7 +72,7 @@ def run_ablation(path: str | Path, runs_dir: str | Path = "runs/ablations", resu
                 if out.exists():  # interrupted earlier: start this variant again
                     shutil.rmtree(out)
                 train(cfg, out)  # the same entry as `mtbert train`
-            rows.append((variant, overrides, json.loads(summary_path.read_text()), None))
+            rows.append((variant, overrides, read_json(summary_path), None))
         table = format_ablation(name, spec, rows)
         Path(results_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(results_dir) / f"{name}.md", table)

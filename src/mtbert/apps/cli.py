@@ -25,7 +25,10 @@ from mtbert.apps.report import write_report
 from mtbert.apps.serve import serve
 from mtbert.apps.tune import run_tune
 from mtbert.core.config import load_config, resolve_data_dir
-from mtbert.core.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+from mtbert.core.errors import (
+    ConfigError,
+    MtbertError,
+)
 from mtbert.core.io import write_json
 from mtbert.core.registry import STAGES
 from mtbert.core.tasks import TASKS
@@ -462,8 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-ANTICIPATED = (ConfigError, DataError, CheckpointError, TrainingDiverged, OSError, ValueError, KeyError,
-               yaml.YAMLError)
+ANTICIPATED = (MtbertError, OSError, yaml.YAMLError)  # the user's errors; anything else is a bug
 
 
 def _one_line(e: BaseException) -> str:

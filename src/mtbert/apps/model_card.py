@@ -3,12 +3,12 @@ header (library, base model, tags, model-index with the dev metrics), then the t
 dev metrics, data, training config and command, usage, and intended use and limits."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
 
 from mtbert import __version__
+from mtbert.core.io import read_json
 
 DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
 TASK_TITLES = {
@@ -115,6 +115,6 @@ def render(fmt: str, name: str, cfg: dict, tasks: dict, meta: dict, summary: dic
 
 def read_run_files(run_dir: Path) -> tuple[dict | None, str | None]:
     """summary.json and the recorded training command of a run directory (either may be missing)."""
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else None
+    summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else None
     command = (run_dir / "command.txt").read_text().strip() if (run_dir / "command.txt").exists() else None
     return summary, command

@@ -25,7 +25,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from mtbert.core.config import resolve_data_dir
-from mtbert.core.io import atomic_write_bytes, atomic_write_text, to_json
+from mtbert.core.io import atomic_write_bytes, atomic_write_text, read_json, to_json
 from mtbert.core.runtime import autocast
 from mtbert.core.tasks import TASKS, get_task
 from mtbert.data.readers import Example, collate, pad
@@ -336,10 +336,7 @@ def _slug(name: str) -> str:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except (json.JSONDecodeError, OSError):
-        return {}
+    return read_json(path) if path.exists() else {}
 
 
 def analyse_task(task, examples: list[Example], out: dict, out_dir: Path, prefix: str, top: int) -> dict:

@@ -50,7 +50,6 @@ from pathlib import Path
 
 import numpy as np
 import uvicorn
-import yaml
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -61,6 +60,8 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from mtbert import __version__
+from mtbert.core.errors import ConfigError
+from mtbert.core.io import read_json, read_yaml
 from mtbert.core.runtime import set_threads
 from mtbert.core.tasks import get_task
 from mtbert.data.readers import Example
@@ -162,15 +163,15 @@ def describe(predictor: BasePredictor, run_dir: Path | None) -> dict:
     """Backbone(s), max tokens and dev metrics for /v1/info, read from the checkpoints and run."""
     checkpoints = [Path(leaf.name) for leaf in leaf_predictors(predictor)]  # a Predictor's name is its checkpoint
     if run_dir and is_ensemble_dir(run_dir):  # an ensemble's members are named; ensemble.json has their paths
-        members = json.loads((run_dir / ENSEMBLE_FILE).read_text())["members"]
+        members = read_json(run_dir / ENSEMBLE_FILE)["members"]
         checkpoints = [Path(m["checkpoint"]) for m in members if m["name"] in predictor.members]
-    backbones = [_public_name((yaml.safe_load(c.read_text()) or {}).get("model", {}).get("backbone"))
+    backbones = [_public_name((read_yaml(c) or {}).get("model", {}).get("backbone"))
                  for c in (ckpt / "config.yaml" for ckpt in checkpoints) if c.exists()]
     max_tokens = [leaf.tokenizer.max_length for leaf in leaf_predictors(predictor) if leaf.tokenizer is not None]
     dev = predictor.meta.get("dev")
     summary = run_dir / "summary.json" if run_dir else None
     if dev is None and summary and summary.exists():
-        dev = json.loads(summary.read_text()).get("best_dev")
+        dev = read_json(summary).get("best_dev")
     return {"backbone": backbones[0] if len(set(backbones)) == 1 else backbones,
             "ensemble": isinstance(predictor, EnsemblePredictor),
             "dev_metrics": dev or {}, "max_tokens": min(max_tokens) if max_tokens else None}
@@ -452,9 +453,9 @@ def create_app(predictor_or_run_dir: BasePredictor | str | Path, *, max_items: i
     `allowed_hosts`: the Host header names answered ("*": any). `threads`: torch intra-op threads
     for the model (None: torch's default, one per core)."""
     if min(max_items, max_chars, max_body_bytes, batch_size, max_batch_items, 1 if threads is None else threads) < 1:
-        raise ValueError("max_items, max_chars, max_body_bytes, batch_size, max_batch_items and threads must be positive")
+        raise ConfigError("max_items, max_chars, max_body_bytes, batch_size, max_batch_items and threads must be positive")
     if not (math.isfinite(read_timeout) and read_timeout > 0):
-        raise ValueError(f"read_timeout must be a positive number of seconds, got {read_timeout}")
+        raise ConfigError(f"read_timeout must be a positive number of seconds, got {read_timeout}")
     if isinstance(predictor_or_run_dir, BasePredictor):
         predictor, run_dir = predictor_or_run_dir, None
     else:
@@ -566,7 +567,7 @@ def trusted_hosts(host: str, extra: Sequence[str] = ()) -> list[str]:
     hosts = list(LOOPBACK_HOSTS) + ([literal(host)] if host not in WILDCARD_ADDRESSES else [])
     for part in (p.strip() for name in extra for p in str(name).split(",")):
         if part and ("*" in part[1:] or (part.startswith("*") and part != "*" and not part.startswith("*."))):
-            raise ValueError(f"allowed host {part!r}: a wildcard must be '*' or like '*.example.com'")
+            raise ConfigError(f"allowed host {part!r}: a wildcard must be '*' or like '*.example.com'")
         if part == "*":
             return ["*"]
         if part:
@@ -620,9 +621,9 @@ def server_config(app: FastAPI, *, read_timeout: float = 10.0, keep_alive_timeou
                   max_connections: int = 100, log_level: str = "info"):
     """uvicorn's settings against slow and numerous clients."""
     if not all(math.isfinite(t) and t > 0 for t in (read_timeout, keep_alive_timeout)):
-        raise ValueError("read_timeout and keep_alive_timeout must be positive numbers of seconds")
+        raise ConfigError("read_timeout and keep_alive_timeout must be positive numbers of seconds")
     if max_connections < 1:
-        raise ValueError(f"max_connections must be at least 1, got {max_connections}")
+        raise ConfigError(f"max_connections must be at least 1, got {max_connections}")
     return uvicorn.Config(app, http=read_deadline_protocol(read_timeout), timeout_keep_alive=keep_alive_timeout,
                           limit_concurrency=max_connections, log_level=log_level, server_header=False)
 
@@ -630,7 +631,7 @@ def server_config(app: FastAPI, *, read_timeout: float = 10.0, keep_alive_timeou
 def bind_socket(host: str, port: int) -> socket.socket:
     """A socket bound to host:port (an OSError, e.g. address in use, before the model loads)."""
     if not 0 <= port <= 65535:
-        raise ValueError(f"port must be 0..65535, got {port}")
+        raise ConfigError(f"port must be 0..65535, got {port}")
     sock = None
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
+from mtbert.core.errors import CheckpointError
+
 
 def text_encoding(name) -> str:
     """`name` if Python knows it as a text encoding (utf-8, latin-1, cp1252, utf-16, ...), else ValueError."""
@@ -124,6 +126,23 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary sibling, fsync, then rename over `path`."""
     with atomic_writer(path, "wb") as f:
         f.write(data)
+
+
+def read_json(path: str | Path):
+    """A JSON file of a run or export; a corrupt one is one CheckpointError naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        raise CheckpointError(f"corrupt {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def read_yaml(path: str | Path):
+    """A YAML file of a run (its config.yaml); a corrupt one is one CheckpointError naming it."""
+    import yaml
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, yaml.YAMLError, RecursionError) as e:
+        raise CheckpointError(f"corrupt {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def finite_json(obj):

@@ -17,7 +17,7 @@ import inspect
 from importlib.metadata import entry_points
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
-from mtbert.core.errors import ConfigError
+from mtbert.core.errors import ConfigError, RegistryError
 from mtbert.core.trust import check_import
 
 T = TypeVar("T")
@@ -63,7 +63,7 @@ class Registry(Generic[T]):
         if name in self._entries:
             return self._entries[name]
         hint = f" ({self.hint})" if self.hint else ""
-        raise ValueError(f"unknown {self.kind} {name!r}; choose from {sorted(self._entries)}{hint}")
+        raise RegistryError(f"unknown {self.kind} {name!r}; choose from {sorted(self._entries)}{hint}")
 
     def build(self, name: str, *args, **options) -> Any:
         """Construct entry `name` with positional `args` (supplied by mtbert) and user `options`.
@@ -104,7 +104,7 @@ class Registry(Generic[T]):
         try:
             entry = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"{self.kind} {path!r}: cannot import it ({e})") from e
+            raise RegistryError(f"{self.kind} {path!r}: cannot import it ({e})") from e
         if path not in self._entries:
             self._entries[path] = entry
             self._imported.add(path)
@@ -139,7 +139,7 @@ def check_options(factory: Callable, what: str, options: dict, skip: int = 0) ->
     known = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ValueError(f"{what} got unknown options {unknown}; it takes {known or 'none'}")
+        raise RegistryError(f"{what} got unknown options {unknown}; it takes {known or 'none'}")
 
 
 # Stages and commands that are techniques of the papers but not training-loop plug-ins

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mtbert.core.errors import ConfigError
 from mtbert.core.hardware import Capabilities, detect
 
 log = logging.getLogger("mtbert")
@@ -37,16 +38,16 @@ def select_device(name: str = "auto", caps: Capabilities | None = None) -> torch
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not caps.cuda:
-            raise ValueError(f"device {name} requested but no CUDA device is available: use auto or cpu")
+            raise ConfigError(f"device {name} requested but no CUDA device is available: use auto or cpu")
         if device.index is not None and device.index >= len(caps.cuda):
-            raise ValueError(f"device {name} requested but this machine has {len(caps.cuda)} CUDA device(s)")
+            raise ConfigError(f"device {name} requested but this machine has {len(caps.cuda)} CUDA device(s)")
     elif device.type == "mps" and not caps.mps:
-        raise ValueError(f"device {name} requested but MPS is not available: use auto or cpu")
+        raise ConfigError(f"device {name} requested but MPS is not available: use auto or cpu")
     elif device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     return device
 
 
@@ -127,12 +128,12 @@ def resolve_precision(precision: str, device: torch.device, caps: Capabilities |
     auto_precision's choice; a precision the hardware only emulates is a ValueError naming auto and
     fp32."""
     if precision not in TRAINING_PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(TRAINING_PRECISIONS)}, got {precision!r}")
+        raise ConfigError(f"precision must be one of {', '.join(TRAINING_PRECISIONS)}, got {precision!r}")
     caps = caps or detect()
     if precision == "auto":
         return AMP_DTYPES[auto_precision(device, caps)[0]]
     if precision not in native_precisions(device, caps):
-        raise ValueError(f"precision {precision} cannot run natively here: {_why_not(precision, device, caps)}; "
+        raise ConfigError(f"precision {precision} cannot run natively here: {_why_not(precision, device, caps)}; "
                          f"use auto (picks {auto_precision(device, caps)[0]} here) or fp32")
     return AMP_DTYPES[precision]
 
@@ -157,13 +158,13 @@ def resolve_inference_precision(precision: str, device: torch.device, int8_passe
     (auto: auto_inference_precision). A precision the hardware cannot run raises a ValueError
     naming those it can."""
     if precision not in INFERENCE_PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {precision!r}")
+        raise ConfigError(f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {precision!r}")
     caps = caps or detect()
     if precision == "auto":
         return auto_inference_precision(device, int8_passed, caps)[0]
     here = native_precisions(device, caps, inference=True)
     if precision not in here:
-        raise ValueError(f"precision {precision} cannot run here: {_why_not(precision, device, caps)}; "
+        raise ConfigError(f"precision {precision} cannot run here: {_why_not(precision, device, caps)}; "
                          f"use {', '.join(['auto'] + here)} on {device.type}")
     return precision
 

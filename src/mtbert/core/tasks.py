@@ -18,7 +18,7 @@ from typing import Callable
 
 import yaml
 
-from mtbert.core.errors import ConfigError, DataError
+from mtbert.core.errors import ConfigError, DataError, RegistryError, UnknownTaskError
 from mtbert.core.io import text_encoding
 from mtbert.core.kinds import BINARY, CLASSIFICATION, REGRESSION, Binned, OutputKind
 from mtbert.core.metrics import METRICS, accuracy, pearson, rescaled  # noqa: F401  (accuracy, pearson: re-exported)
@@ -274,8 +274,8 @@ TASKS: Registry[TaskSpec] = Registry("task")
 def get_task(name: str) -> TaskSpec:
     try:
         return TASKS.get(name)
-    except ValueError as e:
-        raise KeyError(str(e)) from None
+    except RegistryError as e:
+        raise UnknownTaskError(str(e)) from None
 
 
 def register_tasks(definitions: dict, base_dir: Path | None = None) -> list[TaskSpec]:
@@ -366,7 +366,7 @@ def overall_score(metrics: dict[str, float]) -> float:
     """(SST acc + QQP acc + (STS r + 1) / 2) / 3, the CS224N leaderboard score."""
     score = Leaderboard("cs224n")(metrics)
     if score is None:
-        raise KeyError("the leaderboard score needs sst, qqp and sts")
+        raise ConfigError("the leaderboard score needs sst, qqp and sts")
     return score
 
 

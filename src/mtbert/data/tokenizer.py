@@ -39,7 +39,7 @@ def detect_style(tok: Tokenizer) -> str:
         processor = {}
     return "roberta" if processor.get("type") == "RobertaProcessing" else "bert"
 
-from mtbert.core.errors import CheckpointError
+from mtbert.core.errors import CheckpointError, ConfigError
 
 
 class BertTokenizer:
@@ -53,7 +53,7 @@ class BertTokenizer:
         self.single_overhead = 2                    # special tokens around one text
         self.pair_overhead = 2 + s.pair_sep         # ... and around a pair
         if max_length < self.pair_overhead:
-            raise ValueError(f"max_length must be at least {self.pair_overhead} (a pair's special tokens need "
+            raise ConfigError(f"max_length must be at least {self.pair_overhead} (a pair's special tokens need "
                              f"room), got {max_length}")
         self.tok = tok
         self.tok.no_padding()
@@ -62,10 +62,10 @@ class BertTokenizer:
         self.cls_id = tok.token_to_id(s.cls)
         self.sep_id = tok.token_to_id(s.sep)
         if self.cls_id is None or self.sep_id is None:
-            raise ValueError(f"tokenizer has no {s.cls}/{s.sep} tokens: not a {style}-style tokenizer")
+            raise CheckpointError(f"tokenizer has no {s.cls}/{s.sep} tokens: not a {style}-style tokenizer")
         pad = tok.token_to_id(s.pad)
         if pad is None and style != "bert":  # (BERT vocabularies without [PAD] pad with id 0, as before)
-            raise ValueError(f"tokenizer has no {s.pad} token: not a {style}-style tokenizer")
+            raise CheckpointError(f"tokenizer has no {s.pad} token: not a {style}-style tokenizer")
         self.pad_id = pad or 0
         self._segments, self._pair_sep = s.segments, [self.sep_id] * s.pair_sep
 

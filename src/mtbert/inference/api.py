@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mtbert.core.errors import ConfigError, UnknownTaskError
 from mtbert.core.runtime import autocast
 from mtbert.core.tasks import TaskSpec
 from mtbert.core.trust import run_code_trusted
@@ -38,7 +39,7 @@ class Model:
         """Predictions for raw strings (single-sentence tasks) or (a, b) pairs (pair tasks): the
         label name, index and probabilities, or the score, one dict per input."""
         if task not in self.predictor.tasks:
-            raise KeyError(f"this model has no task {task!r}; it has {self.predictor.tasks}")
+            raise UnknownTaskError(f"this model has no task {task!r}; it has {self.predictor.tasks}")
         spec = self.predictor.task_spec(task)
         if isinstance(inputs, (str, tuple)):
             raise TypeError("predict takes a list of texts (or of (a, b) pairs)")
@@ -47,7 +48,7 @@ class Model:
             texts = (item,) if isinstance(item, str) else tuple(item)
             if len(texts) != len(spec.text_columns) or not all(isinstance(t, str) for t in texts):
                 want = "(a, b) pairs of strings" if spec.is_pair else "strings"
-                raise ValueError(f"task {task} takes {want}; item {i} is {item!r}")
+                raise ConfigError(f"task {task} takes {want}; item {i} is {item!r}")
             examples.append(Example(str(i), texts, None))
         if not examples:
             return []
@@ -60,7 +61,7 @@ class Model:
             raise TypeError("embed takes a list of texts")
         predictor = self.predictor
         if isinstance(predictor, EnsemblePredictor):
-            raise ValueError("an ensemble has no single encoder to embed with: load one of its members")
+            raise ConfigError("an ensemble has no single encoder to embed with: load one of its members")
         assert isinstance(predictor, Predictor) and predictor.tokenizer is not None
         model, device = predictor.model.eval(), predictor.device
         ids = predictor.tokenizer.encode(list(texts))

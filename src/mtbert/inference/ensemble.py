@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from mtbert.core.config import resolve_data_dir
-from mtbert.core.errors import CheckpointError
+from mtbert.core.errors import CheckpointError, ConfigError
 from mtbert.core.io import atomic_write_text, sha256
 from mtbert.core.registry import register_stage
 from mtbert.core.runtime import resolve_inference_precision, select_device
@@ -75,7 +75,7 @@ def parse_thresholds(items: list[str] | None) -> dict[str, float]:
                 raise ValueError
             out[task.strip()] = float(value)
         except ValueError:
-            raise ValueError(f"--threshold expects TASK=VALUE (e.g. sst=0.53), got {item!r}") from None
+            raise ConfigError(f"--threshold expects TASK=VALUE (e.g. sst=0.53), got {item!r}") from None
     return out
 
 
@@ -95,17 +95,17 @@ def build_ensemble(members: list[str | Path], out_dir: str | Path, data_dir: str
     thresholds = dict(thresholds or {})
     out = Path(out_dir).resolve()
     if not members:
-        raise ValueError("an ensemble needs at least one member run")
+        raise ConfigError("an ensemble needs at least one member run")
     if find_checkpoint(out, required=False) is not None or (out / "metrics.jsonl").exists():
-        raise ValueError(f"{out} is a training run; choose a new directory for the ensemble")
+        raise ConfigError(f"{out} is a training run; choose a new directory for the ensemble")
     resolved, seen = [], {}
     for m in members:
         src = Path(m).resolve()
         if is_ensemble_dir(src):
-            raise ValueError(f"{m} is an ensemble; list its member runs instead")
+            raise ConfigError(f"{m} is an ensemble; list its member runs instead")
         ckpt = find_checkpoint(src).resolve()
         if ckpt in seen:
-            raise ValueError(f"{m} and {seen[ckpt]} are the same checkpoint {ckpt}")
+            raise ConfigError(f"{m} and {seen[ckpt]} are the same checkpoint {ckpt}")
         seen[ckpt] = m
         resolved.append((src, ckpt))
 
@@ -125,7 +125,7 @@ def build_ensemble(members: list[str | Path], out_dir: str | Path, data_dir: str
     tasks = list(dict.fromkeys(t for p in predictors.values() for t in p.tasks))
     unknown = sorted(set(thresholds) - set(tasks))
     if unknown:
-        raise ValueError(f"--threshold for task(s) {unknown} that no member has; the members' tasks are {tasks}")
+        raise ConfigError(f"--threshold for task(s) {unknown} that no member has; the members' tasks are {tasks}")
     data = resolve_data_dir(str(data_dir) if data_dir else None).resolve()  # (never a member's own data_dir)
     examples = load_examples(tasks, data, "dev", limit)
 

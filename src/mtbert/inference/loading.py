@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from mtbert.core.errors import ConfigError
 from mtbert.core.runtime import resolve_inference_precision, select_device
 from mtbert.core.tasks import overall_scorer
 from mtbert.inference import int8_check
@@ -19,7 +20,7 @@ def load_predictor(path: str | Path, device="auto", precision: str = "auto", bat
     core.runtime.resolve_inference_precision (a precision the hardware cannot run is a ValueError);
     auto is int8 only where the model's own int8 check passed (every member's, for an ensemble)."""
     if not isinstance(batch_size, int) or batch_size < 1:  # 0 would score nothing; negatives slice wrongly
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     device = select_device(device) if isinstance(device, str) else torch.device(device)
     precision = resolve_inference_precision(precision, device, int8_passed=int8_check_passed(path))
     if is_ensemble_dir(path):

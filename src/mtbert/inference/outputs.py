@@ -17,7 +17,13 @@ from tqdm.auto import tqdm
 from mtbert.core.errors import DataError
 from mtbert.core.io import atomic_write_text, atomic_writer
 from mtbert.core.tasks import TaskSpec, format_of_path
-from mtbert.data.readers import ENCODING_HINT, ReadReport, examples_from_rows, header_of, read_rows
+from mtbert.data.readers import (
+    ENCODING_HINT,
+    ReadReport,
+    examples_from_rows,
+    header_of,
+    read_rows,
+)
 from mtbert.inference.predictor import BasePredictor, load_examples
 
 # ---------------------------------------------------------------- records

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import torch
 
+from mtbert.core.errors import UnknownTaskError
 from mtbert.core.runtime import AMP_DTYPES, autocast, release_free_memory
 from mtbert.core.tasks import TaskSpec, get_task, with_overall
 from mtbert.data.readers import (
@@ -189,7 +190,7 @@ class BasePredictor:
 
     def _check_task(self, task_name: str) -> None:
         if task_name not in self.tasks:
-            raise KeyError(f"{self.name or 'this model'} has no task {task_name!r}; it has {self.tasks}")
+            raise UnknownTaskError(f"{self.name or 'this model'} has no task {task_name!r}; it has {self.tasks}")
 
 
 class Predictor(BasePredictor):

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mtbert.core.errors import ConfigError
 from mtbert.core.registry import Registry
 
 # Our names for the encoder's Linear layers -> their path inside each encoder layer.
@@ -84,9 +85,9 @@ def apply_lora(model, spec: dict) -> None:
     """Replace the encoder's target Linear layers by LoRALinear with `spec`'s adapters."""
     unknown = sorted(set(spec["modules"]) - set(TARGETS))
     if unknown:
-        raise ValueError(f"lora.modules: unknown {unknown}; choose from {sorted(TARGETS)}")
+        raise ConfigError(f"lora.modules: unknown {unknown}; choose from {sorted(TARGETS)}")
     if lora_layers(model.encoder):
-        raise ValueError("the encoder already has LoRA adapters: enable only one of lora / lora_experts")
+        raise ConfigError("the encoder already has LoRA adapters: enable only one of lora / lora_experts")
     for layer in model.encoder.layers:
         for key in spec["modules"]:
             parent_path, attr = TARGETS[key].rsplit(".", 1)
@@ -105,7 +106,7 @@ def merge_lora(module: nn.Module) -> nn.Module:
     for path, m in list(module.named_modules()):
         if isinstance(m, LoRALinear):
             if m.routed:
-                raise ValueError("lora_experts holds one encoder per task: it cannot be merged into one")
+                raise ConfigError("lora_experts holds one encoder per task: it cannot be merged into one")
             plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
                               device=m.weight.device, dtype=m.weight.dtype)
             plain.weight.copy_(m.weight + m.scaling * m.lora_B[SHARED] @ m.lora_A[SHARED])

@@ -70,7 +70,7 @@ def build_model(cfg: Config) -> tuple[MultitaskModel, BertTokenizer]:
         encoder, tok_dir = load_encoder(cfg.model.backbone)
     tokenizer = BertTokenizer.from_dir(tok_dir, max_length=cfg.model.max_length, style=encoder.family.pair_style)
     if cfg.model.max_length > encoder.config.max_tokens:
-        raise ValueError(f"model.max_length {cfg.model.max_length} exceeds the encoder's "
+        raise ConfigError(f"model.max_length {cfg.model.max_length} exceeds the encoder's "
                          f"{encoder.config.max_tokens} positions")
     model = MultitaskModel(encoder, tasks, cfg.model.pair_encoding, cfg.model.bi_head,
                            cfg.model.pooling, cfg.model.dropout, cfg.model.shared_pair_layer)

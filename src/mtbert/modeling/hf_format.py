@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mtbert.core.errors import CheckpointError
+from mtbert.core.io import read_json
 from mtbert.core.tasks import get_task
 from mtbert.core.trust import reading_run
 from mtbert.data.tokenizer import BertTokenizer
@@ -125,7 +126,7 @@ def load_hf_export(directory: str | Path, device: str = "cpu") -> tuple[Multitas
 
 
 def _load_hf_export(directory: Path, device: str) -> tuple[MultitaskModel, BertTokenizer]:
-    spec = json.loads((directory / HEADS_SPEC).read_text())
+    spec = read_json(directory / HEADS_SPEC)
     encoder = load_hf_bert(directory)
     model = MultitaskModel(encoder, [get_task(t) for t in spec["tasks"]], spec["pair_encoding"], spec["bi_head"],
                            spec["pooling"], spec["dropout"], spec["shared_pair_layer"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from mtbert.core.errors import ConfigError
 from mtbert.core.tasks import TaskSpec
 from mtbert.modeling.encoder import BertModel
 from mtbert.modeling.heads import (
@@ -48,14 +49,14 @@ class MultitaskModel(nn.Module):
             regression = not t.kind.distribution  # the head emits the score itself
             if mode == "bi":
                 if pair_head.single_output and out_dim != 1:
-                    raise ValueError(f"the {bi_head} head gives one score; task {t.name} needs {out_dim} outputs")
+                    raise ConfigError(f"the {bi_head} head gives one score; task {t.name} needs {out_dim} outputs")
                 heads[t.name] = pair_head(pair_width, out_dim, dropout, regression=regression, shared=self.shared_pair)
             elif mode == "cross+cos":
                 heads[t.name] = CrossPlusCosineHead(dim, out_dim, dropout, regression)
             elif mode in ("cross", "single"):
                 heads[t.name] = LinearHead(dim, out_dim, dropout)
             else:
-                raise ValueError(f"pair encoding for {t.name} must be one of {PAIR_ENCODINGS}, got {mode!r}")
+                raise ConfigError(f"pair encoding for {t.name} must be one of {PAIR_ENCODINGS}, got {mode!r}")
             if regression and t.label_range and mode in ("cross", "single"):  # start mid-range
                 nn.init.constant_(heads[t.name].proj.bias, sum(t.label_range) / 2)
         self.heads = nn.ModuleDict(heads)

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mtbert.core.errors import ConfigError
 from mtbert.core.registry import Registry
 
 POOLERS: Registry[type] = Registry("pooling")
@@ -89,7 +90,7 @@ class ConcatPool(nn.Module):
         super().__init__()
         unknown = [n for n in names if n not in POOLERS]
         if unknown:
-            raise ValueError(f"unknown pooling {unknown}; choose from {sorted(POOLERS)} joined by '+'")
+            raise ConfigError(f"unknown pooling {unknown}; choose from {sorted(POOLERS)} joined by '+'")
         self.parts = nn.ModuleList(POOLERS[n](hidden) for n in names)
         self.dim = sum(p.dim for p in self.parts)
 

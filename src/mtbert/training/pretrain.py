@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mtbert.core.config import Config, resolve_data_dir
+from mtbert.core.errors import ConfigError, DataError
 from mtbert.core.registry import register_stage
 from mtbert.core.runtime import (
     autocast,
@@ -143,7 +144,7 @@ def same_label_batches(labels: list[int], rng: random.Random) -> list[list[tuple
         if len(idx) >= 2:
             pairs.append([(idx[k], idx[k + 1]) for k in range(0, len(idx) - 1, 2)])
     if len(pairs) < 2:
-        raise ValueError("mnrl needs at least two classes with two sentences each")
+        raise ConfigError("mnrl needs at least two classes with two sentences each")
     return [list(batch) for batch in zip(*pairs)]
 
 
@@ -165,7 +166,7 @@ class SentenceStream:
         self.queue = plan(rng)
         self.batches_per_pass = len(self.queue)
         if not self.queue:
-            raise ValueError("a pretraining objective has too little data for one batch")
+            raise DataError("a pretraining objective has too little data for one batch")
 
     def __next__(self) -> dict:
         if not self.queue:
@@ -186,7 +187,7 @@ def _unsup_stream(examples, tokenizer, pc, rng):
 def _sup_stream(examples, tokenizer, pc, rng):
     pairs = labeled_positives(examples, pc.sts_threshold)
     if len(pairs) < 2:
-        raise ValueError("simcse_sup found fewer than two positive pairs: it needs qqp or sts in data.tasks")
+        raise ConfigError("simcse_sup found fewer than two positive pairs: it needs qqp or sts in data.tasks")
     seqs = tokenizer.encode([t for pair in pairs for t in pair])  # pair k -> sentences 2k, 2k+1
     return SentenceStream(seqs, None, shuffled_chunks([(2 * k, 2 * k + 1) for k in range(len(pairs))],
                                                       pc.batch_size), rng, tokenizer.pad_id)
@@ -195,7 +196,7 @@ def _sup_stream(examples, tokenizer, pc, rng):
 def _mnrl_stream(examples, tokenizer, pc, rng):
     texts, classes = labeled_sentences(examples)
     if not texts:
-        raise ValueError("mnrl needs a single-sentence classification task (sst) in data.tasks")
+        raise ConfigError("mnrl needs a single-sentence classification task (sst) in data.tasks")
     return SentenceStream(tokenizer.encode(texts), classes, lambda r: same_label_batches(classes, r), rng,
                           tokenizer.pad_id)
 
@@ -220,7 +221,7 @@ def run_pretrain(cfg: Config, out_dir: str | Path) -> dict:
     pc, tc = cfg.pretrain, cfg.train
     unknown = sorted(set(pc.objectives) - set(OBJECTIVES))
     if unknown or not pc.objectives:
-        raise ValueError(f"pretrain.objectives {pc.objectives} must name some of {sorted(OBJECTIVES)}")
+        raise ConfigError(f"pretrain.objectives {pc.objectives} must name some of {sorted(OBJECTIVES)}")
     bound_kernel_caches()  # (variable-shape batches, as in fine-tuning)
     set_seed(tc.seed)
     set_threads(tc.threads)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 
+from mtbert.core.errors import ConfigError
 from mtbert.core.registry import Registry
 
 SCHEDULES: Registry[type] = Registry("schedule")
@@ -85,14 +86,14 @@ class Biased(_Proportional):
     def __init__(self, weights: dict | None = None):
         self.weights = dict(weights or {})
         if any(w < 0 for w in self.weights.values()):
-            raise ValueError("biased sampling weights must be non-negative")
+            raise ConfigError("biased sampling weights must be non-negative")
 
     def probs(self, batches, epoch, num_epochs):
         unknown = sorted(set(self.weights) - set(batches))
         if unknown:
-            raise ValueError(f"biased sampling: weights for unknown tasks {unknown}; tasks are {list(batches)}")
+            raise ConfigError(f"biased sampling: weights for unknown tasks {unknown}; tasks are {list(batches)}")
         w = {t: float(self.weights.get(t, 1.0)) for t in batches}
         s = sum(w.values())
         if s <= 0:
-            raise ValueError("biased sampling weights sum to zero")
+            raise ConfigError("biased sampling weights sum to zero")
         return {t: v / s for t, v in w.items()}

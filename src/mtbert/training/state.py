@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from mtbert.core.config import Config, load_config
-from mtbert.core.errors import CheckpointError
+from mtbert.core.errors import CheckpointError, ConfigError
+from mtbert.core.io import read_yaml
 from mtbert.core.runtime import rng_state, set_rng_state
 from mtbert.modeling.checkpoint import save_checkpoint
 from mtbert.modeling.encoder import load_state_checked
@@ -121,13 +121,13 @@ def find_state(run_dir: str | Path) -> Path:
     """RUN_DIR/last (or last.old, left by a crash between the two renames of a save)."""
     run_dir = Path(run_dir)
     if (run_dir / "summary.json").exists() and not stopped_by_time_budget(run_dir):
-        raise ValueError(f"{run_dir} already finished (summary.json exists): nothing to resume")
+        raise CheckpointError(f"{run_dir} already finished (summary.json exists): nothing to resume")
     for cand in (run_dir / "last", run_dir / "last.old"):
         if (cand / "train_state.pt").exists() and (cand / "model.safetensors").exists():
             return cand
     if not (run_dir / "config.yaml").exists():
-        raise ValueError(f"{run_dir} is not a run directory (no config.yaml)")
-    raise ValueError(f"{run_dir} has no resumable state ({run_dir}/last is missing: the run stopped before "
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
+    raise CheckpointError(f"{run_dir} has no resumable state ({run_dir}/last is missing: the run stopped before "
                      "its first evaluation or save); start it again without --resume")
 
 
@@ -149,7 +149,7 @@ def resume_config(run_dir: str | Path, data_dir: str | None = None, overrides: l
     for item in overrides:
         key = item.partition("=")[0].strip()
         if key not in RESUME_OVERRIDES:
-            raise ValueError(f"--resume continues the run with its own config: --set {key} cannot change it "
+            raise ConfigError(f"--resume continues the run with its own config: --set {key} cannot change it "
                              f"(only {', '.join(RESUME_OVERRIDES[1:])})")
-    raw = yaml.safe_load((find_state(run_dir) / "config.yaml").read_text())
+    raw = read_yaml(find_state(run_dir) / "config.yaml")
     return load_config(None, list(overrides) + ([f"data.data_dir={data_dir}"] if data_dir else []), base=raw)

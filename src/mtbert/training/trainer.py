@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from mtbert.core.config import Config, resolve_data_dir
 from mtbert.core.distributed import Dist, process_group
+from mtbert.core.errors import ConfigError, DataError
 from mtbert.core.hardware import detect
 from mtbert.core.io import atomic_write_text, to_json
 from mtbert.core.runtime import (
@@ -118,13 +119,13 @@ class Trainer:
         self.tasks = [get_task(t) for t in cfg.data.tasks]
         variants = [t.name for t in self.tasks if t.variant_of in cfg.data.tasks]
         if variants or len(set(cfg.data.tasks)) != len(cfg.data.tasks):
-            raise ValueError(f"data.tasks lists a task twice (or with its variant {variants}): {cfg.data.tasks}")
+            raise ConfigError(f"data.tasks lists a task twice (or with its variant {variants}): {cfg.data.tasks}")
         examples = {split: self._read(split) for split in ("train", "dev")}  # (checks files and columns)
         if not overwrite:  # refuse a directory that holds a run now; deleting one waits (below)
             prepare_run_dir(self.out, resume, overwrite, self.dist)
         self.scorer = overall_scorer(cfg.data.overall, cfg.data.overall_weights)
         if cfg.pretrain.enabled and self.dist.world > 1:
-            raise ValueError("pretrain.enabled is single-process: run `mtbert pretrain` first, then train from "
+            raise ConfigError("pretrain.enabled is single-process: run `mtbert pretrain` first, then train from "
                              "it with model.backbone=STAGE_DIR")
         # Contrastive stage first (mtbert.pretrain). A resumed run skips it: every weight comes from
         # RUN_DIR/last, and the architecture is the backbone's either way.
@@ -150,7 +151,7 @@ class Trainer:
         if tc.compile:  # in place, so parameter names (checkpoints, optimizer state) stay the same
             backends = torch._dynamo.list_backends(exclude_tags=())
             if tc.compile not in backends:
-                raise ValueError(f"train.compile must be a torch.compile backend ({', '.join(backends)}), "
+                raise ConfigError(f"train.compile must be a torch.compile backend ({', '.join(backends)}), "
                                  f"got {tc.compile!r}")
             self.model.encoder.compile(backend=tc.compile, dynamic=True)
         self.train_sets, self.dev_sets = self._encode(examples["train"]), self._encode(examples["dev"])
@@ -171,7 +172,7 @@ class Trainer:
             for p in self.model.encoder.parameters():
                 p.requires_grad_(False)
         elif cfg.model.finetune != "full":
-            raise ValueError(f"model.finetune must be 'full' or 'frozen', got {cfg.model.finetune!r}")
+            raise ConfigError(f"model.finetune must be 'full' or 'frozen', got {cfg.model.finetune!r}")
         groups = parameter_groups(self.model, tc.lr, tc.head_lr, self.weighting, self.weighting.lr)
         for tech in self.techniques:
             groups = tech.param_groups(self.model, groups)
@@ -183,7 +184,7 @@ class Trainer:
         if self.combiner is not None:  # per-task gradients on these, ordinary ones on the rest
             self.shared = self.model.shared_parameters()
             if not self.shared:
-                raise ValueError(f"{self.combiner.name} needs a trainable shared encoder (model.finetune=full)")
+                raise ConfigError(f"{self.combiner.name} needs a trainable shared encoder (model.finetune=full)")
             shared_ids = {id(p) for p in self.shared}
             self.private = [p for p in self.grad_params if id(p) not in shared_ids]
         self.step, self.epoch, self.best_score, self.best_metrics, self.last_recorded_step = 0, 0, -math.inf, {}, None
@@ -341,7 +342,7 @@ class Trainer:
                 keep = max(1, round(len(examples) * self.cfg.data.train_fraction))
                 examples = random.Random(self.cfg.train.seed).sample(examples, keep)
             if not examples:
-                raise ValueError(f"task {task.name}: no usable {split} examples")
+                raise DataError(f"task {task.name}: no usable {split} examples")
             out[task.name] = examples
         return out
 

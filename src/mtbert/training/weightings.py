@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from mtbert.core.errors import ConfigError
 from mtbert.core.registry import Registry
 from mtbert.core.tasks import TaskSpec
 
@@ -38,7 +39,7 @@ class Sum(Weighting):
         super().__init__(tasks)
         unknown = sorted(set(weights or {}) - set(self.tasks))
         if unknown:
-            raise ValueError(f"sum weighting: weights for unknown tasks {unknown}; tasks are {self.tasks}")
+            raise ConfigError(f"sum weighting: weights for unknown tasks {unknown}; tasks are {self.tasks}")
         self.fixed = {t: float((weights or {}).get(t, 1.0)) for t in self.tasks}
 
     def forward(self, losses):

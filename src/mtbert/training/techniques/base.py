@@ -19,6 +19,7 @@ from typing import Callable, ContextManager
 import torch
 
 from mtbert.core.distributed import Dist
+from mtbert.core.errors import ConfigError
 from mtbert.core.registry import Registry
 
 TECHNIQUES: Registry[type] = Registry("technique", hint="see `mtbert techniques`")
@@ -103,7 +104,7 @@ def build_techniques(spec: dict | None) -> list[Technique]:
         out.append(TECHNIQUES.build(name, **opts))
     combiners = [t.name for t in out if isinstance(t, GradientCombiner)]
     if len(combiners) > 1:
-        raise ValueError(f"techniques {combiners} all combine per-task gradients: enable at most one")
+        raise ConfigError(f"techniques {combiners} all combine per-task gradients: enable at most one")
     return out
 
 

@@ -10,6 +10,7 @@ import copy
 
 import torch
 
+from mtbert.core.errors import ConfigError
 from mtbert.training.techniques.base import TECHNIQUES, Technique
 
 
@@ -31,7 +32,7 @@ class Bregman(Technique):
 
     def __init__(self, mu: float = 1.0, beta: float = 0.75, beta_end: float | None = None):
         if not 0 <= beta < 1 or (beta_end is not None and not 0 <= beta_end < 1):
-            raise ValueError("bregman.beta must be in [0, 1)")
+            raise ConfigError("bregman.beta must be in [0, 1)")
         self.mu, self.beta0, self.beta1 = mu, beta, beta_end if beta_end is not None else beta
         self.teacher = None
 

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mtbert.core.io import sha256
+from mtbert.core.errors import CheckpointError, ConfigError, DataError
+from mtbert.core.io import read_json, sha256
 from mtbert.core.runtime import resolve_precision
 from mtbert.inference.ensemble import ENSEMBLE_FILE, is_ensemble_dir
 from mtbert.inference.loading import load_predictor
@@ -44,13 +45,13 @@ def teacher_fingerprint(path: str | Path) -> tuple[list[str], dict]:
     uses), read without loading any model."""
     path = Path(path)
     if is_ensemble_dir(path):
-        spec = json.loads((path / ENSEMBLE_FILE).read_text())
+        spec = read_json(path / ENSEMBLE_FILE)
         used = sorted({m for names in spec["tasks"].values() for m in names})
         ckpts = {r["name"]: Path(r["checkpoint"]) for r in spec["members"]}
         return list(spec["tasks"]), {"ensemble_tasks": spec["tasks"],
                                      "members": {m: sha256(ckpts[m] / "model.safetensors") for m in used}}
     ckpt = find_checkpoint(path)
-    tasks = json.loads((ckpt / "model.json").read_text())["tasks"]
+    tasks = read_json(ckpt / "model.json")["tasks"]
     return tasks, {"checkpoint": sha256(ckpt / "model.safetensors")}
 
 
@@ -72,11 +73,11 @@ class Distill(Technique):
                  tasks: list | None = None, cache_dir: str | None = None, precision: str = "auto",
                  batch_size: int = 128):
         if not teacher:
-            raise ValueError("distill.teacher is required: a run, checkpoint or ensemble directory")
+            raise ConfigError("distill.teacher is required: a run, checkpoint or ensemble directory")
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"distill.alpha must be in [0, 1], got {alpha}")
+            raise ConfigError(f"distill.alpha must be in [0, 1], got {alpha}")
         if temperature <= 0:
-            raise ValueError(f"distill.temperature must be > 0, got {temperature}")
+            raise ConfigError(f"distill.temperature must be > 0, got {temperature}")
         self.teacher, self.alpha, self.temperature = str(teacher), float(alpha), float(temperature)
         self.task_names, self.cache_dir, self.precision, self.batch_size = tasks, cache_dir, precision, batch_size
         self.targets: dict[str, torch.Tensor] = {}
@@ -88,13 +89,13 @@ class Distill(Technique):
         self.tasks = list(self.task_names or trained)
         not_trained = [t for t in self.tasks if t not in trained]
         if not_trained:
-            raise ValueError(f"distill.tasks {not_trained} are not trained here (data.tasks: {trained})")
+            raise ConfigError(f"distill.tasks {not_trained} are not trained here (data.tasks: {trained})")
         if not Path(self.teacher).exists():
-            raise ValueError(f"distill.teacher {self.teacher} does not exist")
+            raise CheckpointError(f"distill.teacher {self.teacher} does not exist")
         teacher_tasks, weights = teacher_fingerprint(self.teacher)
         lacking = [t for t in self.tasks if t not in teacher_tasks]
         if lacking:  # refused before any training
-            raise ValueError(f"distill: the teacher {self.teacher} has tasks {teacher_tasks}, but the student "
+            raise ConfigError(f"distill: the teacher {self.teacher} has tasks {teacher_tasks}, but the student "
                              f"trains {lacking} too; use a teacher with the student's tasks "
                              f"(or distill only some with distill.tasks)")
         precision = resolve_precision(self.precision, ctx.device)
@@ -122,7 +123,7 @@ class Distill(Technique):
         self.targets = load_file(str(self.cache_file))
         for t in self.tasks:
             if t not in self.targets or len(self.targets[t]) != len(ctx.train_sets[t]):
-                raise ValueError(f"{self.cache_file} does not match the training set of {t}: delete it")
+                raise DataError(f"{self.cache_file} does not match the training set of {t}: delete it")
 
     def _label(self, ctx, precision: str) -> dict[str, torch.Tensor]:
         start = time.time()

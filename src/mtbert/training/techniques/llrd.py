@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 
+from mtbert.core.errors import ConfigError
 from mtbert.training.techniques.base import TECHNIQUES, Technique
 
 
@@ -24,7 +25,7 @@ class LayerwiseLRDecay(Technique):
     def __init__(self, decay: float = 0.9):
         super().__init__()
         if not 0 < decay <= 1:
-            raise ValueError("llrd.decay must be in (0, 1]")
+            raise ConfigError("llrd.decay must be in (0, 1]")
         self.decay = decay
 
     def param_groups(self, model, groups):

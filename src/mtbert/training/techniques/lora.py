@@ -6,6 +6,7 @@ The whole encoder (embeddings, LayerNorms and pooler included) is frozen; only t
 """
 from __future__ import annotations
 
+from mtbert.core.errors import ConfigError
 from mtbert.modeling.adapters import SHARED, apply_lora
 from mtbert.training.techniques.base import TECHNIQUES, Technique
 
@@ -21,13 +22,13 @@ class LoRA(Technique):
     def __init__(self, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, modules: list | None = None):
         super().__init__()
         if int(rank) != rank or rank < 1:
-            raise ValueError(f"{self.name}.rank must be a positive integer")
+            raise ConfigError(f"{self.name}.rank must be a positive integer")
         if alpha <= 0 or not 0 <= dropout < 1:
-            raise ValueError(f"{self.name}: alpha must be > 0 and dropout in [0, 1)")
+            raise ConfigError(f"{self.name}: alpha must be > 0 and dropout in [0, 1)")
         self.rank, self.alpha, self.dropout = int(rank), float(alpha), float(dropout)
         self.modules = list(modules if modules is not None else self.default_modules)
         if not self.modules:
-            raise ValueError(f"{self.name}.modules is empty")
+            raise ConfigError(f"{self.name}.modules is empty")
 
     def adapters(self, model) -> list[str]:
         return [SHARED]
@@ -35,7 +36,7 @@ class LoRA(Technique):
     def prepare_model(self, model, finetune):
         if finetune != "full":
             # the trainer freezes the whole encoder for `frozen` after this hook: adapters included
-            raise ValueError(f"{self.name} freezes the base itself and trains adapters: "
+            raise ConfigError(f"{self.name} freezes the base itself and trains adapters: "
                              f"leave model.finetune=full")
         for p in model.encoder.parameters():
             p.requires_grad_(False)

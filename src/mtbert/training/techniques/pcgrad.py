@@ -13,6 +13,7 @@ import random
 
 import torch
 
+from mtbert.core.errors import ConfigError
 from mtbert.training.techniques.base import TECHNIQUES, GradientCombiner
 
 
@@ -39,7 +40,7 @@ class PCGrad(GradientCombiner):
 
     def __init__(self, reduction: str = "sum", seed: int = 0):
         if reduction not in ("sum", "mean"):
-            raise ValueError("pcgrad.reduction must be 'sum' or 'mean'")
+            raise ConfigError("pcgrad.reduction must be 'sum' or 'mean'")
         self.reduction, self.rng = reduction, random.Random(seed)
 
     def combine(self, grads):

@@ -1,6 +1,7 @@
 """Halving the learning rate on a plateau [paper 004]."""
 from __future__ import annotations
 
+from mtbert.core.errors import ConfigError
 from mtbert.training.techniques.base import TECHNIQUES, Technique
 
 
@@ -16,7 +17,7 @@ class PlateauHalving(Technique):
     def __init__(self, factor: float = 0.5, patience: int = 1, min_delta: float = 0.0, monitor: str = "dev"):
         super().__init__()
         if monitor not in ("dev", "train_loss"):
-            raise ValueError("plateau.monitor must be 'dev' or 'train_loss'")
+            raise ConfigError("plateau.monitor must be 'dev' or 'train_loss'")
         self.factor, self.patience, self.min_delta, self.monitor = factor, patience, min_delta, monitor
         self.best, self.bad = float("-inf"), 0
 

@@ -12,6 +12,7 @@ import contextlib
 
 import torch
 
+from mtbert.core.errors import ConfigError
 from mtbert.training.techniques.base import TECHNIQUES, Technique
 
 
@@ -52,7 +53,7 @@ class Smart(Technique):
     def __init__(self, weight: float = 1.0, epsilon: float = 1e-5, step_size: float = 1e-3, steps: int = 1,
                  noise_std: float = 1e-5, norm: str = "inf", dropout_off: bool = True, tasks: list | None = None):
         if norm not in ("inf", "2"):
-            raise ValueError("smart.norm must be 'inf' or '2'")
+            raise ConfigError("smart.norm must be 'inf' or '2'")
         self.weight, self.epsilon, self.step_size, self.steps = weight, epsilon, step_size, steps
         self.noise_std, self.norm, self.dropout_off, self.tasks = noise_std, str(norm), dropout_off, tasks
 

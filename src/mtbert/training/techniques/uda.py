@@ -16,6 +16,7 @@ import random
 
 import torch
 
+from mtbert.core.errors import ConfigError
 from mtbert.data.augment import augment_texts, get_augmentation, read_augment_file
 from mtbert.data.readers import Example, encode_dataset, pad
 from mtbert.training.techniques.base import TECHNIQUES, Technique
@@ -65,12 +66,12 @@ class Uda(Technique):
                  augment_file: str | dict | None = None, tasks: list | None = None):
         super().__init__()
         if tsa is not None and tsa not in ALPHA:
-            raise ValueError(f"uda.tsa must be one of {sorted(ALPHA)} or null, got {tsa!r}")
+            raise ConfigError(f"uda.tsa must be one of {sorted(ALPHA)} or null, got {tsa!r}")
         self.augment = [augment] if isinstance(augment, str) else list(augment or [])
         for a in self.augment:
             get_augmentation(a)
         if weight and not self.augment and not augment_file:
-            raise ValueError("uda needs `augment` or `augment_file` (or weight: 0 for TSA alone)")
+            raise ConfigError("uda needs `augment` or `augment_file` (or weight: 0 for TSA alone)")
         self.weight, self.beta, self.tau, self.tsa = weight, beta, tau, tsa
         self.augment_file, self.task_names = augment_file, tasks
         self.last: dict[str, dict] = {}  # per task: fraction kept by TSA and by confidence masking
@@ -80,7 +81,7 @@ class Uda(Technique):
         self.tasks = list(self.task_names or usable)
         bad = [t for t in self.tasks if t not in usable]
         if bad:
-            raise ValueError(f"uda.tasks {bad}: not a trained classification task (have {usable}); "
+            raise ConfigError(f"uda.tasks {bad}: not a trained classification task (have {usable}); "
                              "for STS use the sts_bins task")
         self.rng = random.Random(ctx.seed)  # own stream: batch order stays as without UDA
         files = self.augment_file
