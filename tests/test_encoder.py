@@ -9,7 +9,7 @@ from mtbert.modeling.encoder import (
     BertModel,
     CheckpointError,
     default_backbone_dir,
-    load_hf_bert,
+    load_hf_encoder,
 )
 from tests.conftest import TINY
 
@@ -39,7 +39,7 @@ def _compare(ours, theirs, ids, mask, types):
 def test_minilm_parity_with_transformers():
     transformers = pytest.importorskip("transformers")
     d = default_backbone_dir()
-    ours = load_hf_bert(d).eval()
+    ours = load_hf_encoder(d).eval()
     theirs = transformers.BertModel.from_pretrained(str(d)).eval()
     _compare(ours, theirs, *_inputs())
 
@@ -54,7 +54,7 @@ def test_tiny_random_parity_and_bin_format(tmp_path):
     sd = {f"bert.{k}": v for k, v in theirs.state_dict().items()}
     torch.save(sd, tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(hf_cfg.to_json_string())
-    ours = load_hf_bert(tmp_path).eval()
+    ours = load_hf_encoder(tmp_path).eval()
     _compare(ours, theirs, *_inputs())
 
 
@@ -77,7 +77,7 @@ def test_missing_keys_are_named(tmp_path):
     del sd["encoder.layer.1.attention.self.key.weight"]
     _write_tiny_checkpoint(tmp_path, sd)
     with pytest.raises(CheckpointError, match="encoder.layer.1.attention.self.key.weight"):
-        load_hf_bert(tmp_path)
+        load_hf_encoder(tmp_path)
 
 
 def test_misshaped_keys_are_named(tmp_path):
@@ -86,18 +86,18 @@ def test_misshaped_keys_are_named(tmp_path):
     sd["encoder.layer.0.intermediate.dense.weight"] = torch.zeros(65, 32)
     _write_tiny_checkpoint(tmp_path, sd)
     with pytest.raises(CheckpointError, match="ffn.up.weight"):
-        load_hf_bert(tmp_path)
+        load_hf_encoder(tmp_path)
 
 
 def test_corrupt_and_absent_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(TINY))
     with pytest.raises(CheckpointError, match="no model.safetensors"):
-        load_hf_bert(tmp_path)
+        load_hf_encoder(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="cannot read weights"):
-        load_hf_bert(tmp_path)
+        load_hf_encoder(tmp_path)
     with pytest.raises(CheckpointError, match="no config.json"):
-        load_hf_bert(tmp_path / "nowhere")
+        load_hf_encoder(tmp_path / "nowhere")
 
 
 def test_padding_does_not_change_real_tokens(tiny_encoder):

@@ -285,13 +285,13 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, force: bool = Fal
         raise ConfigError(f"--quantize {quantize} applies to --format onnx only, with {', '.join(QUANTIZE)}")
     if is_ensemble_dir(run_dir):
         raise CheckpointError(f"{run_dir} is an ensemble: its members are separate models; export each member run")
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise FileExistsError(f"{out} exists; pass --force to replace it")
-        check_replaceable(out)
+    if (out.exists() or out.is_symlink()) and not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
     ckpt = find_checkpoint(run_dir)
     if out.resolve() == ckpt.resolve() or out.resolve() in ckpt.resolve().parents:
         raise ConfigError(f"--out {out} would replace the checkpoint it exports ({ckpt})")
+    if out.exists() or out.is_symlink():
+        check_replaceable(out)
     model, tokenizer, cfg, meta = load_checkpoint(ckpt)
     check_exportable(model, fmt)
     run_root = ckpt.parent if ckpt.name in ("best", "best.old") else ckpt
@@ -305,7 +305,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, force: bool = Fal
             usage = write_sentence_transformers(tmp, model, tokenizer, cfg.model.max_length)
         else:
             usage = write_onnx(tmp, model, tokenizer, cfg.model.max_length, quantize, meta)
-        tasks = {t: {"labels": list(spec.label_names or []), "metric": spec.metric_name, "scores": spec.kind.scores,
+        tasks = {t: {"labels": list(spec.label_names or []), "metric": spec.main_metric, "scores": spec.kind.scores,
                      "pair_encoding": model.pair_encoding[t],
                      "files": {s: spec.file(s) for s in ("train", "dev")}} for t, spec in model.tasks.items()}
         notes = []

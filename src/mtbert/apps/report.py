@@ -211,7 +211,7 @@ def plot_learning_curves(rows: list[dict], path: Path, title: str) -> str:
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, key in zip(axes, panels):
         pts = [(r["step"], r["dev"][key]) for r in rows if key in r.get("dev", {})]
-        metric = get_task(key).metric_name if key in TASKS else "score"
+        metric = get_task(key).main_metric if key in TASKS else "score"
         if pts:
             ax.plot(*zip(*pts), "o-", color="C0", label=f"dev {metric}")
         ax.set_title(f"{key}: dev {metric}")
@@ -470,7 +470,7 @@ def _metric_columns(runs: list[dict]) -> list[str]:
 
 
 def _metric_label(key: str) -> str:
-    return f"{key} ({get_task(key).metric_name})" if key in TASKS else key
+    return f"{key} ({get_task(key).main_metric})" if key in TASKS else key
 
 
 def render_comparison(runs: list[dict]) -> str:

@@ -55,9 +55,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     clip_norm: float | None = 1.0
-    schedule: str = "interleaved"      # see mtbert.sampling.SCHEDULES
+    schedule: str = "interleaved"      # see training.schedules.SCHEDULES
     schedule_args: dict = field(default_factory=dict)
-    weighting: str = "sum"             # see mtbert.weighting.WEIGHTINGS
+    weighting: str = "sum"             # see training.weightings.WEIGHTINGS
     weighting_args: dict = field(default_factory=dict)
     seed: int = 11711
     precision: str = "auto"            # auto: bf16 where computed natively, fp16 on older CUDA, else fp32 (core.runtime.auto_precision)
@@ -79,7 +79,7 @@ class TrainConfig:
 
 @dataclass
 class PretrainConfig:
-    """Contrastive pre-training stage (mtbert.pretrain); seed, device, precision come from `train`."""
+    """Contrastive pre-training stage (training.pretrain); seed, device, precision come from `train`."""
     enabled: bool = False              # `mtbert train` runs the stage first (into RUN_DIR/pretrain)
     objectives: list = field(default_factory=lambda: ["simcse_unsup", "simcse_sup", "mnrl"])
     epochs: int = 1                    # passes over the largest objective's data

@@ -1,5 +1,6 @@
 """File writes that are atomic (a reader never sees a half-written file, a crash never leaves
-one), strict JSON, and file checksums."""
+one), directory replacement, temporaries a later writer can clean up, strict JSON, reading a run's
+JSON and YAML files, text encodings, and file checksums."""
 from __future__ import annotations
 
 import codecs
@@ -13,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
+
+import yaml
 
 from mtbert.core.errors import CheckpointError
 
@@ -138,7 +141,6 @@ def read_json(path: str | Path):
 
 def read_yaml(path: str | Path):
     """A YAML file of a run (its config.yaml); a corrupt one is one CheckpointError naming it."""
-    import yaml
     try:
         return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (ValueError, yaml.YAMLError, RecursionError) as e:

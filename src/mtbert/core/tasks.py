@@ -65,7 +65,6 @@ class TaskSpec:
     def main_metric(self) -> str:
         return self.metrics[0]
 
-    metric_name = main_metric  # the older name
 
     def path(self, split: str, data_dir: str | Path) -> Path:
         if split not in self.files:

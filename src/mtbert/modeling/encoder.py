@@ -128,10 +128,6 @@ class BertConfig:
         if not 0 < self.layer_norm_eps < 1:
             fail(f"layer_norm_eps {self.layer_norm_eps} is outside (0, 1)")
 
-    @classmethod
-    def from_json(cls, path: str | Path) -> "BertConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -146,7 +142,6 @@ class BertConfig:
         return self.max_position_embeddings - offset
 
 
-EncoderConfig = BertConfig  # the family-neutral name
 MAX_DIM = 1 << 20  # no real encoder has a width, vocabulary or position table beyond a million
 
 
@@ -323,7 +318,6 @@ class BertModel(nn.Module):
         return {"last_hidden_state": x, "pooler_output": pooled, "attentions": attentions}
 
 
-Encoder = BertModel  # the family-neutral name
 
 
 # ---------------------------------------------------------------- checkpoint loading
@@ -448,7 +442,6 @@ def load_hf_encoder(directory: str | Path) -> BertModel:
     return model
 
 
-load_hf_bert = load_hf_encoder  # the name before RoBERTa and MPNet
 
 
 def default_backbone_dir() -> Path:

@@ -20,7 +20,7 @@ from mtbert.core.io import read_json
 from mtbert.core.tasks import get_task
 from mtbert.core.trust import reading_run
 from mtbert.data.tokenizer import BertTokenizer
-from mtbert.modeling.encoder import BertModel, load_hf_bert, load_state_checked
+from mtbert.modeling.encoder import BertModel, load_hf_encoder, load_state_checked
 from mtbert.modeling.model import MultitaskModel
 
 HEADS_FILE = "mtbert_heads.safetensors"
@@ -107,7 +107,7 @@ def save_heads(directory: str | Path, model: MultitaskModel, dropout: float, max
     tasks = {}
     for name, t in model.tasks.items():
         tasks[name] = {"kind": repr(t.kind), "num_labels": t.num_labels, "labels": list(t.label_names or []),
-                       "label_range": list(t.label_range) if t.label_range else None, "metric": t.metric_name,
+                       "label_range": list(t.label_range) if t.label_range else None, "metric": t.main_metric,
                        "pair_encoding": model.pair_encoding[name]}
     spec = {"format": 1, "tasks": tasks, "pair_encoding": model.pair_encoding, "pooling": model.pooling,
             "bi_head": model.bi_head, "shared_pair_layer": model.shared_pair_layer, "dropout": dropout,
@@ -127,7 +127,7 @@ def load_hf_export(directory: str | Path, device: str = "cpu") -> tuple[Multitas
 
 def _load_hf_export(directory: Path, device: str) -> tuple[MultitaskModel, BertTokenizer]:
     spec = read_json(directory / HEADS_SPEC)
-    encoder = load_hf_bert(directory)
+    encoder = load_hf_encoder(directory)
     model = MultitaskModel(encoder, [get_task(t) for t in spec["tasks"]], spec["pair_encoding"], spec["bi_head"],
                            spec["pooling"], spec["dropout"], spec["shared_pair_layer"])
     heads = load_file(str(directory / HEADS_FILE))

@@ -127,7 +127,7 @@ class Trainer:
         if cfg.pretrain.enabled and self.dist.world > 1:
             raise ConfigError("pretrain.enabled is single-process: run `mtbert pretrain` first, then train from "
                              "it with model.backbone=STAGE_DIR")
-        # Contrastive stage first (mtbert.pretrain). A resumed run skips it: every weight comes from
+        # Contrastive stage first (training.pretrain). A resumed run skips it: every weight comes from
         # RUN_DIR/last, and the architecture is the backbone's either way.
         self.replaced = None  # an --overwrite'n run, kept aside until this one's first checkpoint
         if cfg.pretrain.enabled and not resume:
