@@ -195,3 +195,34 @@ def test_techniques_command_lists_everything(capsys):
     for name in ["pcgrad", "smart", "bregman", "llrd", "plateau", "biased", "annealed", "uncertainty", "awl",
                  "cross+cos", "bi_head=attention", "bilstm", "shared_pair_layer"]:
         assert name in out
+
+
+# ---------------------------------------------------------------- each technique's own mathematics
+
+def test_smart_adds_weight_times_divergence_at_a_fixed_perturbation(tmp_path, tiny_cfg, monkeypatch):
+    """With the ascent replaced by a fixed δ, SMART's loss is L + λ · D(f(x + δ), f(x)), the
+    perturbed pass without dropout (dropout_off)."""
+    tr = Trainer(tiny_cfg("techniques={smart: {weight: 2.5}}", "data.tasks=[sst]"), tmp_path / "r")
+    smart = tr.techniques[0]
+    batch = tr.to_device(next(tr.streams["sst"]))
+    gen = torch.Generator().manual_seed(0)
+    embeds = [tr.model.encoder.embeddings.word(x["input_ids"]).detach() for x in batch["inputs"]]
+    deltas = [torch.randn(e.shape, generator=gen) * 0.05 for e in embeds]
+    monkeypatch.setattr(Smart, "perturbation", lambda self, *args, **kwargs: deltas)
+    tr.model.train()
+    logits = tr.model("sst", batch["inputs"])
+    loss = smart.task_loss(tr.ctx, "sst", batch, logits, torch.tensor(1.0))
+    assert tr.model.training  # dropout back on after the perturbed passes
+    tr.model.eval()
+    adv = tr.model("sst", batch["inputs"], inputs_embeds=[e + d for e, d in zip(embeds, deltas)])
+    expected = 1.0 + 2.5 * CLASSIFICATION.divergence(adv, logits).item()
+    assert loss.item() == pytest.approx(expected, rel=1e-5) and loss.item() > 1.0 + 1e-6
+
+
+def test_bregman_with_mu_zero_trains_exactly_as_plain_training(tmp_path, tiny_cfg):
+    a = Trainer(tiny_cfg("train.max_steps=2", "techniques={bregman: {mu: 0.0}}"), tmp_path / "a")
+    a.run()
+    b = Trainer(tiny_cfg("train.max_steps=2"), tmp_path / "b")
+    b.run()
+    for (n, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6), n

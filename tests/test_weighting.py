@@ -59,3 +59,19 @@ def test_registry():
     assert {"sum", "learnable", "uncertainty", "awl"} <= set(WEIGHTINGS)
     with pytest.raises(ValueError, match="choose from"):
         build_weighting("nash", TASKS)
+
+
+@pytest.mark.parametrize("name", sorted(WEIGHTINGS.names()))
+def test_every_weighting_is_additive_across_tasks_and_affine_in_each_loss(name):
+    """The Weighting contract: w({a, b}) == w({a}) + w({b}), and each w({t: x}) = α_t x + β_t,
+    at parameters away from their initial values (a weighting's own parameters may train)."""
+    w = build_weighting(name, TASKS)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in w.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    both = w({"sst": L["sst"], "sts": L["sts"]})
+    assert float(both) == pytest.approx(float(w({"sst": L["sst"]})) + float(w({"sts": L["sts"]})), rel=1e-6)
+    for task in L:
+        f = [float(w({task: torch.tensor(x)})) for x in (0.0, 1.0, 3.0)]
+        assert f[2] - f[1] == pytest.approx(2 * (f[1] - f[0]), rel=1e-5, abs=1e-6), (task, f)

@@ -2,6 +2,12 @@
 
 Each weighting is an nn.Module (its parameters, if any, are trained with their own learning rate)
 with `forward(losses: dict[task, loss]) -> total`. Select by name via `train.weighting`.
+
+The contract every weighting keeps (tests/test_weighting.py checks it registry-wide): the total is
+additive across tasks, w({a, b}) = w({a}) + w({b}), and affine in each task's loss,
+w({t: x}) = α_t x + β_t, with α_t and β_t depending only on the weighting's own parameters. So a
+step that sees some tasks only (sampled schedules) weights them as a step that sees all would, and
+per-task gradients (PCGrad) can be taken from each term alone.
 """
 from __future__ import annotations
 
