@@ -79,3 +79,18 @@ def test_imports_inside_functions_are_only_optional_heavy_dependencies():
                     not any(name == ok or name.startswith(ok + ".") for ok in LAZY_OK):
                 bad.append(f"{path.relative_to(SRC)}:{line} imports {name}")
     assert not bad, "imports inside functions (allowed only for optional heavy dependencies):\n" + "\n".join(bad)
+
+
+def test_only_core_rundir_spells_the_run_directory_layout():
+    """One owner for the layout: every other module asks a RunDir (or its constants) for paths."""
+    from mtbert.core import rundir
+    names = {rundir.BEST_OLD, rundir.LAST_OLD, rundir.SUMMARY, rundir.METRICS, rundir.COMMAND, rundir.TRAIN_STATE,
+             rundir.INT8_CHECK}
+    spelled = []
+    for path in SRC.rglob("*.py"):
+        if path.name == "rundir.py" and path.parent.name == "core":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names:
+                spelled.append(f"{path.relative_to(SRC)}:{node.lineno} {node.value!r}")
+    assert not spelled, "run-directory names outside core/rundir.py:\n" + "\n".join(spelled)

@@ -25,6 +25,7 @@ import yaml
 from mtbert.core.config import load_config
 from mtbert.core.errors import ConfigError
 from mtbert.core.io import atomic_write_text, read_json
+from mtbert.core.rundir import RunDir
 from mtbert.core.runtime import resolve_precision, select_device
 from mtbert.training.trainer import train
 
@@ -67,7 +68,7 @@ def run_ablation(path: str | Path, runs_dir: str | Path = "runs/ablations", resu
             rows.append((variant, overrides, None, reason))
         else:
             out = Path(runs_dir) / name / variant
-            summary_path = out / "summary.json"
+            summary_path = RunDir(out).summary
             if not summary_path.exists():
                 if out.exists():  # interrupted earlier: start this variant again
                     shutil.rmtree(out)

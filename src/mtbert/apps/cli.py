@@ -31,6 +31,7 @@ from mtbert.core.errors import (
 )
 from mtbert.core.io import write_json
 from mtbert.core.registry import STAGES
+from mtbert.core.rundir import TRAIN_STATE, RunDir
 from mtbert.core.tasks import TASKS
 from mtbert.core.trust import reading_run, run_code_trusted
 from mtbert.data.readers import NOT_CHECKED, check_data_dir
@@ -477,7 +478,7 @@ def _resume_hint(args) -> str:
     """What to do after Ctrl-C, for the command that was stopped."""
     if args.command == "train":
         run = Path(args.resume or args.out or ".")
-        if (run / "last" / "train_state.pt").exists() or (run / "last.old" / "train_state.pt").exists():
+        if any((d / TRAIN_STATE).exists() for d in RunDir(run).states()):
             return f"continue from the last saved state with: mtbert train --resume {run}"
         return f"no state was saved yet; start again with --overwrite (or another --out) to replace {run}"
     if args.command == "ablate":

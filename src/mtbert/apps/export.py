@@ -37,6 +37,7 @@ from mtbert import __version__
 from mtbert.apps import model_card
 from mtbert.core.errors import CheckpointError, ConfigError
 from mtbert.core.io import replace_dir, temporary_dir, write_json
+from mtbert.core.rundir import RunDir
 from mtbert.data.readers import pad
 from mtbert.data.tokenizer import BertTokenizer
 from mtbert.inference.ensemble import is_ensemble_dir
@@ -294,7 +295,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, force: bool = Fal
         check_replaceable(out)
     model, tokenizer, cfg, meta = load_checkpoint(ckpt)
     check_exportable(model, fmt)
-    run_root = ckpt.parent if ckpt.name in ("best", "best.old") else ckpt
+    run_root = RunDir.of_checkpoint(ckpt)
     summary, command = model_card.read_run_files(run_root)
     tmp = temporary_dir(out)
     try:

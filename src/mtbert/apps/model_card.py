@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from mtbert import __version__
-from mtbert.core.io import read_json
+from mtbert.core.rundir import RunDir
 
 DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
 TASK_TITLES = {
@@ -115,6 +115,5 @@ def render(fmt: str, name: str, cfg: dict, tasks: dict, meta: dict, summary: dic
 
 def read_run_files(run_dir: Path) -> tuple[dict | None, str | None]:
     """summary.json and the recorded training command of a run directory (either may be missing)."""
-    summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else None
-    command = (run_dir / "command.txt").read_text().strip() if (run_dir / "command.txt").exists() else None
-    return summary, command
+    run = RunDir(run_dir)
+    return run.read_summary(), run.read_command()

@@ -26,6 +26,7 @@ from threadpoolctl import threadpool_limits
 
 from mtbert.core.config import resolve_data_dir
 from mtbert.core.io import atomic_write_bytes, atomic_write_text, read_json, to_json
+from mtbert.core.rundir import RunDir
 from mtbert.core.runtime import autocast
 from mtbert.core.tasks import TASKS, get_task
 from mtbert.data.readers import Example, collate, pad
@@ -113,7 +114,7 @@ def largest_errors(task, examples: list[Example], out: dict, k: int = 10) -> lis
 
 def read_metrics_log(run_dir: str | Path) -> list[dict]:
     """metrics.jsonl rows that have a step (unreadable lines are skipped); [] if there is none."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     rows = []
     if path.exists():
         for line in path.read_text().splitlines():
@@ -325,7 +326,7 @@ def run_names(run_dirs: list[str]) -> list[str]:
     names, seen = [], {}
     for d in run_dirs:
         p = Path(d).resolve()
-        name = p.parent.name if p.name in ("best", "best.old") else p.name
+        name = RunDir.of_checkpoint(p).name
         seen[name] = seen.get(name, 0) + 1
         names.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
     return names
@@ -406,8 +407,8 @@ def analyse_run(run_dir: str, name: str, prefix: str, out_dir: Path, data_dir=No
     metrics = score_outputs(outputs, examples)
     root = Path(run_dir)
     rows = read_metrics_log(root)
-    res = {"name": name, "path": run_dir, "metrics": metrics, "summary": _read_json(root / "summary.json"),
-           "checkpoint": _read_json(root / "best" / "meta.json") or _read_json(root / "meta.json"),
+    res = {"name": name, "path": run_dir, "metrics": metrics, "summary": RunDir(root).read_summary() or {},
+           "checkpoint": _read_json(RunDir(root).best / "meta.json") or _read_json(root / "meta.json"),
            "figures": {}, "tasks": {}, "notes": []}
     if rows:
         log("drawing learning curves...")

@@ -62,6 +62,7 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from mtbert import __version__
 from mtbert.core.errors import ConfigError
 from mtbert.core.io import read_json, read_yaml
+from mtbert.core.rundir import RunDir
 from mtbert.core.runtime import set_threads
 from mtbert.core.tasks import get_task
 from mtbert.data.readers import Example
@@ -169,9 +170,8 @@ def describe(predictor: BasePredictor, run_dir: Path | None) -> dict:
                  for c in (ckpt / "config.yaml" for ckpt in checkpoints) if c.exists()]
     max_tokens = [leaf.tokenizer.max_length for leaf in leaf_predictors(predictor) if leaf.tokenizer is not None]
     dev = predictor.meta.get("dev")
-    summary = run_dir / "summary.json" if run_dir else None
-    if dev is None and summary and summary.exists():
-        dev = read_json(summary).get("best_dev")
+    if dev is None and run_dir:
+        dev = (RunDir(run_dir).read_summary() or {}).get("best_dev")
     return {"backbone": backbones[0] if len(set(backbones)) == 1 else backbones,
             "ensemble": isinstance(predictor, EnsemblePredictor),
             "dev_metrics": dev or {}, "max_tokens": min(max_tokens) if max_tokens else None}

@@ -31,6 +31,7 @@ from mtbert.core.config import resolve_data_dir
 from mtbert.core.errors import CheckpointError, ConfigError
 from mtbert.core.io import atomic_write_text, sha256
 from mtbert.core.registry import register_stage
+from mtbert.core.rundir import RunDir
 from mtbert.core.runtime import resolve_inference_precision, select_device
 from mtbert.core.tasks import get_task
 from mtbert.inference.predictor import (
@@ -80,7 +81,7 @@ def parse_thresholds(items: list[str] | None) -> dict[str, float]:
 
 
 def _member_name(path: Path, taken: set[str]) -> str:
-    base = path.parent.name if path.name in ("best", "best.old") else path.name
+    base = RunDir.of_checkpoint(path).name
     name, i = base or "member", 2
     while name in taken:
         name, i = f"{base}-{i}", i + 1
@@ -96,7 +97,7 @@ def build_ensemble(members: list[str | Path], out_dir: str | Path, data_dir: str
     out = Path(out_dir).resolve()
     if not members:
         raise ConfigError("an ensemble needs at least one member run")
-    if find_checkpoint(out, required=False) is not None or (out / "metrics.jsonl").exists():
+    if find_checkpoint(out, required=False) is not None or RunDir(out).metrics.exists():
         raise ConfigError(f"{out} is a training run; choose a new directory for the ensemble")
     resolved, seen = [], {}
     for m in members:

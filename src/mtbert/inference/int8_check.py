@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from mtbert.core.io import atomic_write_text, to_json
+from mtbert.core.rundir import INT8_CHECK
 from mtbert.core.runtime import INT8_TOLERANCE
 from mtbert.core.tasks import selection_score
 from mtbert.inference.predictor import for_precision, metrics_for
 
-CHECK_FILE = "int8_check.json"
+CHECK_FILE = INT8_CHECK
 
 
 def measure(model, dev_sets: dict, scorer, step: int, fp32_metrics: dict | None = None, **predict_kw) -> dict:

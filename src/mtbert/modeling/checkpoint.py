@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from mtbert.core.config import Config, load_config
 from mtbert.core.errors import CheckpointError, ConfigError
 from mtbert.core.io import replace_dir, temporary_dir
+from mtbert.core.rundir import TRAIN_STATE, RunDir
 from mtbert.core.tasks import get_task
 from mtbert.core.trust import UntrustedCodeError, reading_run
 from mtbert.data.tokenizer import BertTokenizer
@@ -102,7 +103,7 @@ def save_checkpoint(directory: str | Path, model: MultitaskModel, tokenizer: Ber
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         _write_json(tmp / "meta.json", meta)
         if extra_state:
-            torch.save(extra_state, tmp / "train_state.pt")
+            torch.save(extra_state, tmp / TRAIN_STATE)
         replace_dir(tmp, directory, old=directory.with_name(directory.name + ".old"))
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -117,7 +118,7 @@ def save_checkpoint(directory: str | Path, model: MultitaskModel, tokenizer: Ber
 def find_checkpoint(path: str | Path, required: bool = True) -> Path | None:
     """A checkpoint dir itself, or a run dir's best/ (falling back to best.old after a crash)."""
     path = Path(path)
-    for cand in (path, path / "best", path / "best.old"):
+    for cand in (path, *RunDir(path).checkpoints()):
         if (cand / "model.json").exists() and (cand / "model.safetensors").exists():
             return cand
     if required:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from mtbert.core.config import Config, resolve_data_dir
 from mtbert.core.errors import ConfigError, DataError
 from mtbert.core.registry import register_stage
+from mtbert.core.rundir import RunDir
 from mtbert.core.runtime import (
     autocast,
     bound_kernel_caches,
@@ -262,7 +263,7 @@ def run_pretrain(cfg: Config, out_dir: str | Path) -> dict:
             "train_loss": {n: sum(h[n] for h in history) / max(len(history), 1) for n in objectives},
             "final_loss": {n: sum(h[n] for h in tail) / len(tail) for n in objectives} if history else {},
             "seconds": round(time.time() - t0, 1)}
-    ckpt = save_checkpoint(Path(out_dir) / "best", model.cpu(), tokenizer, cfg, meta)
+    ckpt = save_checkpoint(RunDir(out_dir).best, model.cpu(), tokenizer, cfg, meta)
     return {**meta, "checkpoint": str(ckpt)}
 
 

@@ -17,10 +17,7 @@ from pathlib import Path
 from mtbert.core.distributed import Dist
 from mtbert.core.errors import ConfigError, TrainingDiverged
 from mtbert.core.io import process_alive
-
-# what a run directory holds; any of these there means a run lives in it
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "best", "best.old", "last", "last.old", "pretrain",
-             "command.txt")
+from mtbert.core.rundir import RUN_FILES, SUMMARY, RunDir
 
 
 class ReplacedRun:
@@ -71,9 +68,9 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool, dist: Dist | None 
     dist = dist or Dist()
     problem, replaced = None, None
     if dist.main:
-        found = [name for name in RUN_FILES if (out / name).exists()]
+        found = RunDir(out).present()
         if found and not resume and not overwrite:
-            finished = "finished " if "summary.json" in found else ""
+            finished = "finished " if SUMMARY in found else ""
             resume_it = f"continue an unfinished run with `mtbert train --resume {out}`, " if resumable else ""
             problem = (f"{out} already holds a {finished}run ({', '.join(found)}): {resume_it}replace it with "
                        f"--overwrite (deletes its model and metrics), or choose another --out")

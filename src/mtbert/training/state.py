@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from mtbert.core.config import Config, load_config
 from mtbert.core.errors import CheckpointError, ConfigError
 from mtbert.core.io import read_yaml
+from mtbert.core.rundir import CONFIG, SUMMARY, TRAIN_STATE, RunDir
 from mtbert.core.runtime import rng_state, set_rng_state
 from mtbert.modeling.checkpoint import save_checkpoint
 from mtbert.modeling.encoder import load_state_checked
@@ -46,14 +47,14 @@ def capture(trainer) -> dict:
 def save(trainer) -> None:
     state = capture(trainer)
     if trainer.dist.main:
-        save_checkpoint(trainer.out / "last", trainer.model, trainer.tokenizer, trainer.cfg,
+        save_checkpoint(RunDir(trainer.out).last, trainer.model, trainer.tokenizer, trainer.cfg,
                         {"step": trainer.step, "epoch": trainer.epoch, "resumable": True}, extra_state=state)
 
 
 def restore(trainer, directory: Path) -> None:
     """Load RUN_DIR/last into a freshly built trainer (same config, so same structure)."""
     try:
-        state = torch.load(directory / "train_state.pt", map_location="cpu", weights_only=True)
+        state = torch.load(directory / TRAIN_STATE, map_location="cpu", weights_only=True)
     except Exception as e:
         # (not torch's own text: it advises weights_only=False, which would run the file's pickled code)
         raise CheckpointError(f"cannot resume from {directory}: train_state.pt is corrupt or holds objects other "
@@ -119,13 +120,13 @@ def _apply(trainer, state: dict) -> None:
 
 def find_state(run_dir: str | Path) -> Path:
     """RUN_DIR/last (or last.old, left by a crash between the two renames of a save)."""
-    run_dir = Path(run_dir)
-    if (run_dir / "summary.json").exists() and not stopped_by_time_budget(run_dir):
-        raise CheckpointError(f"{run_dir} already finished (summary.json exists): nothing to resume")
-    for cand in (run_dir / "last", run_dir / "last.old"):
-        if (cand / "train_state.pt").exists() and (cand / "model.safetensors").exists():
+    run = RunDir(run_dir)
+    if run.summary.exists() and not stopped_by_time_budget(run_dir):
+        raise CheckpointError(f"{run_dir} already finished ({SUMMARY} exists): nothing to resume")
+    for cand in run.states():
+        if (cand / TRAIN_STATE).exists() and (cand / "model.safetensors").exists():
             return cand
-    if not (run_dir / "config.yaml").exists():
+    if not run.config.exists():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
     raise CheckpointError(f"{run_dir} has no resumable state ({run_dir}/last is missing: the run stopped before "
                      "its first evaluation or save); start it again without --resume")
@@ -134,8 +135,8 @@ def find_state(run_dir: str | Path) -> Path:
 def stopped_by_time_budget(run_dir: Path) -> bool:
     """Whether the run's summary says the budget's hard limit stopped it (it kept RUN_DIR/last)."""
     try:
-        return json.loads((run_dir / "summary.json").read_text()).get("stopped") == "time budget"
-    except (OSError, ValueError, AttributeError):
+        return (RunDir(run_dir).read_summary() or {}).get("stopped") == "time budget"
+    except (OSError, ValueError, AttributeError):  # (a corrupt summary: not a budget stop)
         return False
 
 
@@ -151,5 +152,5 @@ def resume_config(run_dir: str | Path, data_dir: str | None = None, overrides: l
         if key not in RESUME_OVERRIDES:
             raise ConfigError(f"--resume continues the run with its own config: --set {key} cannot change it "
                              f"(only {', '.join(RESUME_OVERRIDES[1:])})")
-    raw = read_yaml(find_state(run_dir) / "config.yaml")
+    raw = read_yaml(find_state(run_dir) / CONFIG)
     return load_config(None, list(overrides) + ([f"data.data_dir={data_dir}"] if data_dir else []), base=raw)

@@ -29,6 +29,7 @@ from mtbert.core.distributed import Dist, process_group
 from mtbert.core.errors import ConfigError, DataError
 from mtbert.core.hardware import detect
 from mtbert.core.io import atomic_write_text, to_json
+from mtbert.core.rundir import RunDir
 from mtbert.core.runtime import (
     auto_precision,
     autocast,
@@ -134,7 +135,7 @@ class Trainer:
             if overwrite:  # (the stage is written into the run directory)
                 self.replaced = prepare_run_dir(self.out, resume, overwrite, self.dist)
             with self._restoring_replaced(), run_code_trusted():  # (the stage this process just wrote)
-                self.model, self.tokenizer = build_model(pretrained_start(cfg, self.out / "pretrain"))
+                self.model, self.tokenizer = build_model(pretrained_start(cfg, RunDir(self.out).pretrain))
         else:
             self.model, self.tokenizer = build_model(cfg)
         self.techniques = build_techniques(cfg.techniques)
@@ -466,11 +467,11 @@ class Trainer:
                "memory": resident_memory_mb()}
         self.history.append(row)
         if self.dist.main:  # the whole log, atomically: no half line after a crash, no bare NaN
-            atomic_write_text(self.out / "metrics.jsonl", "".join(to_json(r) + "\n" for r in self.history))
+            atomic_write_text(RunDir(self.out).metrics, "".join(to_json(r) + "\n" for r in self.history))
             for tracker in self.trackers:
                 tracker.log(row)
             if score > self.best_score:
-                save_checkpoint(self.out / "best", self.model, self.tokenizer, self.cfg,
+                save_checkpoint(RunDir(self.out).best, self.model, self.tokenizer, self.cfg,
                                 {"step": self.step, "epoch": self.epoch, "dev": metrics})
                 self._checkpoint_written()
             log.info("epoch %d step %d dev %s", self.epoch, self.step, {k: round(v, 4) for k, v in metrics.items()})
@@ -513,12 +514,13 @@ class Trainer:
 
     def _run(self) -> dict:
         if self.dist.main:
-            atomic_write_text(self.out / "config.yaml", _yaml(self.cfg))
+            run = RunDir(self.out)
+            atomic_write_text(run.config, _yaml(self.cfg))
             if self.command:
-                atomic_write_text(self.out / "command.txt", self.command + "\n")
-            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+                atomic_write_text(run.command, self.command + "\n")
+            run.metrics.unlink(missing_ok=True)
             if self.history:  # resumed: the saved rows, without any logged after the saved state
-                atomic_write_text(self.out / "metrics.jsonl", "".join(to_json(r) + "\n" for r in self.history))
+                atomic_write_text(run.metrics, "".join(to_json(r) + "\n" for r in self.history))
         self.t0 = time.time() - self.elapsed
         eval_every, save_every = self.cfg.train.eval_every, self.cfg.train.save_every
         show = self.cfg.train.progress and self.dist.main
@@ -563,10 +565,10 @@ class Trainer:
                    **({"int8_check": {**{k: checked[k] for k in ("passed", "fp32_score", "int8_score", "delta")},
                                       "seconds": round(time.time() - started, 1)}} if checked else {})}
         if self.dist.main:
-            atomic_write_text(self.out / "summary.json", to_json(summary, indent=2))
+            atomic_write_text(RunDir(self.out).summary, to_json(summary, indent=2))
             if self.stop_reason != TIME_BUDGET:  # finished: the resumable state is no longer needed
-                for d in ("last", "last.old"):
-                    shutil.rmtree(self.out / d, ignore_errors=True)
+                for d in RunDir(self.out).states():
+                    shutil.rmtree(d, ignore_errors=True)
         return summary
 
     def _int8_check(self) -> dict | None:

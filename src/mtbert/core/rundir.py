@@ -1,0 +1,99 @@
+"""The run directory's layout: the one place that knows what a run directory holds and what each
+entry is called. Everything else asks a RunDir for paths instead of spelling names.
+
+    RUN/
+      config.yaml      the run's full config (what `--resume` continues)
+      command.txt      the command that started it (model cards)
+      metrics.jsonl    one JSON row per evaluation
+      summary.json     written when the run ends (its presence means: finished)
+      best/            the best checkpoint so far (best.old: the previous one, during a swap)
+      last/            the resumable state (last.old: the previous one, during a swap)
+      pretrain/        a contrastive pre-training stage run inside this run
+      .replaced-PID/   a run that --overwrite moved aside until this one's first checkpoint
+
+A checkpoint directory (best/, last/, a pretrain stage's best/) holds model.safetensors,
+model.json, tokenizer.json, config.yaml and meta.json (modeling.checkpoint), plus
+int8_check.json in best/ and train_state.pt in last/.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mtbert.core.io import read_json
+
+BEST, BEST_OLD, LAST, LAST_OLD, PRETRAIN = "best", "best.old", "last", "last.old", "pretrain"
+CONFIG, COMMAND, METRICS, SUMMARY = "config.yaml", "command.txt", "metrics.jsonl", "summary.json"
+INT8_CHECK, TRAIN_STATE = "int8_check.json", "train_state.pt"
+# what a run directory holds: any of these there means a run lives in it
+RUN_FILES = (CONFIG, METRICS, SUMMARY, BEST, BEST_OLD, LAST, LAST_OLD, PRETRAIN, COMMAND)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    def __init__(self, path: str | Path):
+        object.__setattr__(self, "path", Path(path))
+
+    @staticmethod
+    def of_checkpoint(checkpoint: str | Path) -> Path:
+        """The run directory a checkpoint belongs to (best/ or best.old/ -> its parent); a bare
+        checkpoint directory is its own."""
+        checkpoint = Path(checkpoint)
+        return checkpoint.parent if checkpoint.name in (BEST, BEST_OLD) else checkpoint
+
+    @property
+    def best(self) -> Path:
+        return self.path / BEST
+
+    @property
+    def best_old(self) -> Path:
+        return self.path / BEST_OLD
+
+    @property
+    def last(self) -> Path:
+        return self.path / LAST
+
+    @property
+    def last_old(self) -> Path:
+        return self.path / LAST_OLD
+
+    @property
+    def pretrain(self) -> Path:
+        return self.path / PRETRAIN
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def command(self) -> Path:
+        return self.path / COMMAND
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def summary(self) -> Path:
+        return self.path / SUMMARY
+
+    def checkpoints(self) -> tuple[Path, Path]:
+        """Where its best model is, in order: best/, then best.old/ (left by a crash mid-swap)."""
+        return self.best, self.best_old
+
+    def states(self) -> tuple[Path, Path]:
+        """Where its resumable state is, in order: last/, then last.old/."""
+        return self.last, self.last_old
+
+    def present(self) -> list[str]:
+        """The run entries this directory holds (empty: no run lives here)."""
+        return [name for name in RUN_FILES if (self.path / name).exists()]
+
+    def read_summary(self) -> dict | None:
+        """summary.json (None before the run ends); a corrupt one is one CheckpointError."""
+        return read_json(self.summary) if self.summary.exists() else None
+
+    def read_command(self) -> str | None:
+        return self.command.read_text().strip() if self.command.exists() else None
