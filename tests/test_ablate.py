@@ -46,6 +46,21 @@ def test_bad_ablation_files(tmp_path):
         run_ablation(_write(tmp_path, {"x": ["train.nope=1"]}), tmp_path / "r", tmp_path / "t")
 
 
+@pytest.mark.parametrize("bad, expected", [
+    (["techniques={smart: {norm: 3}}"], "smart.norm"),                 # a technique's option value
+    (["techniques={smart: {colour: red}}"], "unknown options ['colour']"),
+    (["train.weighting=no_such"], "unknown weighting 'no_such'"),
+    (["data.data_dir=/no/such/dir"], "not found"),                     # the data, before any variant trains
+])
+def test_every_variant_is_validated_before_any_trains(tmp_path, data_dir, bad, expected):
+    """Registry names, options and data of the last variant fail before the first one trains."""
+    path = _write(tmp_path, {"first": [], "last": bad})
+    with pytest.raises(ConfigError, match=r"variant last: .*" + expected.replace("[", r"\[").replace("]", r"\]")):
+        run_ablation(path, tmp_path / "runs", tmp_path / "results", [f"data.data_dir={data_dir}"]
+                     if "data_dir" not in bad[0] else [])
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("name", ["pair_encoding", "schedules", "weightings", "techniques", "single_vs_multi",
                                   "precision"])
 def test_shipped_ablation_variants_are_valid_configs(name):

@@ -23,11 +23,12 @@ from pathlib import Path
 import yaml
 
 from mtbert.core.config import load_config
-from mtbert.core.errors import ConfigError
+from mtbert.core.errors import ConfigError, MtbertError
 from mtbert.core.io import atomic_write_text, read_json
 from mtbert.core.rundir import RunDir
 from mtbert.core.runtime import resolve_precision, select_device
 from mtbert.training.trainer import train
+from mtbert.training.validate import validate_run
 
 
 def read_ablation(path: Path) -> dict:
@@ -59,7 +60,13 @@ def run_ablation(path: str | Path, runs_dir: str | Path = "runs/ablations", resu
     spec, name = read_ablation(path), path.stem
     base = (path.parent / spec["config"]).resolve()
     variants = {v: [*(spec.get("common") or []), *(o or []), *extra] for v, o in spec["variants"].items()}
-    configs = {v: load_config(base, o) for v, o in variants.items()}  # validate all before training any
+    configs = {v: load_config(base, o) for v, o in variants.items()}
+    for variant, cfg in configs.items():  # every variant is checked before any trains
+        if not not_native(cfg):
+            try:
+                validate_run(cfg)
+            except MtbertError as e:
+                raise ConfigError(f"ablation {name}, variant {variant}: {e}") from e
     rows = []
     for variant, overrides in variants.items():
         cfg = configs[variant]

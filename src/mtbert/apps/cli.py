@@ -56,6 +56,7 @@ from mtbert.training.schedules import SCHEDULES
 from mtbert.training.state import resume_config
 from mtbert.training.techniques import TECHNIQUES
 from mtbert.training.trainer import train
+from mtbert.training.validate import validate_run
 from mtbert.training.weightings import WEIGHTINGS
 
 
@@ -104,6 +105,7 @@ def _train_and_report(cfg, out, args) -> int:
 def cmd_pretrain(args) -> int:
     overrides = list(args.set or []) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
     cfg = load_config(args.config, overrides)
+    validate_run(cfg)
     replaced = prepare_run_dir(Path(args.out), resume=False, overwrite=args.overwrite, resumable=False)  # (holds best/)
     with replaced or contextlib.nullcontext():  # an --overwrite'n stage comes back if this one fails
         summary = run_pretrain(cfg, args.out)
@@ -156,6 +158,8 @@ def cmd_ensemble(args) -> int:
 
 def cmd_data_check(args) -> int:
     cfg = load_config(args.config) if args.config else None  # registers the config's own tasks too
+    if cfg is not None:
+        validate_run(cfg, check_data=False)  # (the files are this command's report, below)
     data_dir = _data_dir(args, cfg.data.data_dir if cfg else None)
     results = check_data_dir(data_dir, TASKS.values())
     bad = False

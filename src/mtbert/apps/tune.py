@@ -38,13 +38,9 @@ import yaml
 from mtbert.core.config import Config, load_config
 from mtbert.core.errors import ConfigError
 from mtbert.core.io import atomic_write_text
-from mtbert.core.tasks import get_task, selection_score
-from mtbert.training.early_stopping import EarlyStopping
-from mtbert.training.schedules import build_schedule
-from mtbert.training.techniques import build_techniques
-from mtbert.training.tracking import check_trackers
+from mtbert.core.tasks import selection_score
 from mtbert.training.trainer import Trainer
-from mtbert.training.weightings import build_weighting
+from mtbert.training.validate import validate_run
 
 log = logging.getLogger("mtbert")
 
@@ -98,16 +94,6 @@ class Param:
         return suggest(self.key, self.low, self.high, **opts)
 
 
-def check_run_config(cfg: Config) -> None:
-    """What Trainer would refuse later: named strategies, techniques and their options."""
-    tasks = [get_task(t) for t in cfg.data.tasks]
-    build_techniques(cfg.techniques)
-    build_schedule(cfg.train.schedule, **cfg.train.schedule_args)
-    build_weighting(cfg.train.weighting, tasks, **cfg.train.weighting_args)
-    EarlyStopping.from_config(cfg.train.early_stopping, cfg.data.tasks)
-    check_trackers(cfg.train.report_to)
-
-
 class Space:
     def __init__(self, path: str | Path, extra: list[str] = ()):
         self.path = Path(path)
@@ -137,7 +123,7 @@ class Space:
         for p in self.params:
             for value in p.examples():
                 try:
-                    check_run_config(self.config({p.key: value}))
+                    validate_run(self.config({p.key: value}), check_data=False)
                 except (ValueError, KeyError, TypeError) as e:
                     raise ConfigError(f"{where}: params.{p.key} = {value!r}: {str(e).strip(chr(34) + chr(39))}") from None
 

@@ -83,6 +83,7 @@ from mtbert.training.techniques import (
     gradient_combiner,
 )
 from mtbert.training.tracking import build_trackers, check_trackers
+from mtbert.training.validate import validate_run
 from mtbert.training.weightings import build_weighting
 
 log = logging.getLogger("mtbert")
@@ -105,8 +106,7 @@ class Trainer:
                  overwrite: bool = False, command: str | None = None):
         self.cfg, self.out, self.dist = cfg, Path(out_dir), dist or Dist()
         state_dir = state.find_state(self.out) if resume else None
-        # an impossible device, or a precision this hardware only emulates, fails before the run directory is made
-        resolve_precision(cfg.train.precision, select_device(cfg.train.device))
+        validate_run(cfg, check_data=False)  # (the data is checked as it is read, below)
         self.command = command  # how the run was started, for an export's model card
         tc = cfg.train
         bound_kernel_caches()  # (before this process's first matmul, or it has no effect)
@@ -116,11 +116,8 @@ class Trainer:
         self.device = self.dist.device(select_device(tc.device))
         self.amp_dtype = resolve_precision(tc.precision, self.device)
         self.data_dir = resolve_data_dir(cfg.data.data_dir)
-        # the tasks and their files first: a bad definition or file fails before any model loads
+        # the tasks and their files first: a bad file fails before any model loads
         self.tasks = [get_task(t) for t in cfg.data.tasks]
-        variants = [t.name for t in self.tasks if t.variant_of in cfg.data.tasks]
-        if variants or len(set(cfg.data.tasks)) != len(cfg.data.tasks):
-            raise ConfigError(f"data.tasks lists a task twice (or with its variant {variants}): {cfg.data.tasks}")
         examples = {split: self._read(split) for split in ("train", "dev")}  # (checks files and columns)
         if not overwrite:  # refuse a directory that holds a run now; deleting one waits (below)
             prepare_run_dir(self.out, resume, overwrite, self.dist)
@@ -150,10 +147,6 @@ class Trainer:
                      ", ".join(blocking))
             self.model.encoder.checkpoint_above_tokens = None
         if tc.compile:  # in place, so parameter names (checkpoints, optimizer state) stay the same
-            backends = torch._dynamo.list_backends(exclude_tags=())
-            if tc.compile not in backends:
-                raise ConfigError(f"train.compile must be a torch.compile backend ({', '.join(backends)}), "
-                                 f"got {tc.compile!r}")
             self.model.encoder.compile(backend=tc.compile, dynamic=True)
         self.train_sets, self.dev_sets = self._encode(examples["train"]), self._encode(examples["dev"])
         self.streams = {t: TaskStream(ds, cfg.data.batch_size, cfg.data.bucket, self.rng, self.tokenizer.pad_id,
@@ -172,8 +165,6 @@ class Trainer:
         if cfg.model.finetune == "frozen":
             for p in self.model.encoder.parameters():
                 p.requires_grad_(False)
-        elif cfg.model.finetune != "full":
-            raise ConfigError(f"model.finetune must be 'full' or 'frozen', got {cfg.model.finetune!r}")
         groups = parameter_groups(self.model, tc.lr, tc.head_lr, self.weighting, self.weighting.lr)
         for tech in self.techniques:
             groups = tech.param_groups(self.model, groups)
