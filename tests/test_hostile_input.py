@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 import yaml
@@ -29,7 +30,8 @@ def _predict(run, source, out, *extra) -> int:
 
 def _one_line_error(capsys) -> str:
     """The error, one line (the progress bar's lines aside)."""
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("predict ")]
+    err = [line for line in re.split(r"[\r\n]+", capsys.readouterr().err)  # (the progress bar ends lines in \r)
+           if line.strip() and not line.startswith("predict ")]
     assert len(err) == 1 and "Traceback" not in err[0], err
     return err[0]
 

@@ -31,7 +31,7 @@ from mtbert.core.errors import (
 )
 from mtbert.core.io import write_json
 from mtbert.core.registry import STAGES
-from mtbert.core.rundir import TRAIN_STATE, RunDir
+from mtbert.core.rundir import TRAIN_STATE, RunDir, check_output_outside
 from mtbert.core.tasks import TASKS
 from mtbert.core.trust import reading_run, run_code_trusted
 from mtbert.data.readers import NOT_CHECKED, check_data_dir
@@ -120,6 +120,8 @@ def _load_predictor(args):
 
 
 def cmd_evaluate(args) -> int:
+    if args.json:
+        check_output_outside(args.json, args.run_dir, "--json")
     predictor = _load_predictor(args)
     if args.split == "test":
         raise ConfigError("the test-student files have no labels; use `mtbert predict` for them")
@@ -135,6 +137,9 @@ def cmd_predict(args) -> int:
     if args.input or args.task:  # any input file -> one prediction file
         if not (args.input and args.task):
             raise ConfigError("predict --input FILE needs --task T (and --task needs --input)")
+        check_output_outside(args.out, args.run_dir)
+        if Path(args.out).is_dir():
+            raise ConfigError(f"--out {args.out} is a directory; with --input, --out names the output file")
         named = list(args.text_column or []) + ([args.id_column] if args.id_column else [])
         check_input_columns(args.input, args.format, args.delimiter, named, args.encoding)  # before the model loads
         predictor = _load_predictor(args)
@@ -142,6 +147,7 @@ def cmd_predict(args) -> int:
                               text_columns=args.text_column, id_column=args.id_column, encoding=args.encoding)
         print(f"{args.out}: {report.rows - report.skipped} predictions{report_line(report)}")
         return 0
+    check_output_outside(args.out, args.run_dir)
     predictor = _load_predictor(args)
     paths = write_prediction_files(predictor, _data_dir(args), args.out)
     for p in paths:

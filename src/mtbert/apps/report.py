@@ -25,7 +25,13 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from mtbert.core.config import resolve_data_dir
-from mtbert.core.io import atomic_write_bytes, atomic_write_text, read_json, to_json
+from mtbert.core.io import (
+    atomic_write_bytes,
+    atomic_write_text,
+    read_json,
+    read_run_text,
+    to_json,
+)
 from mtbert.core.rundir import RunDir
 from mtbert.core.runtime import autocast
 from mtbert.core.tasks import TASKS, get_task
@@ -113,18 +119,27 @@ def largest_errors(task, examples: list[Example], out: dict, k: int = 10) -> lis
 
 
 def read_metrics_log(run_dir: str | Path) -> list[dict]:
-    """metrics.jsonl rows that have a step (unreadable lines are skipped); [] if there is none."""
+    """metrics.jsonl rows of the shape the trainer writes (an integer step, a mapping of finite dev
+    scores); other lines are skipped. [] if there is none."""
     path = RunDir(run_dir).metrics
     rows = []
     if path.exists():
-        for line in path.read_text().splitlines():
+        for line in read_run_text(path).splitlines():
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 continue
-            if isinstance(row, dict) and "step" in row:
+            if _well_formed(row):
                 rows.append(row)
     return rows
+
+
+def _well_formed(row) -> bool:
+    def numbers(d):
+        return isinstance(d, dict) and all(isinstance(k, str) and isinstance(v, (int, float))
+                                           and not isinstance(v, bool) for k, v in d.items())
+    return isinstance(row, dict) and isinstance(row.get("step"), int) and numbers(row.get("dev", {})) \
+        and numbers(row.get("train_loss", {})) and numbers(row.get("task_weights", {}))
 
 
 def pick_layers(n_layers: int) -> list[int]:
@@ -336,8 +351,12 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "run"
 
 
+def _mapping(value) -> dict:
+    return value if isinstance(value, dict) else {}  # (a run file of another shape: shown as absent)
+
+
 def _read_json(path: Path) -> dict:
-    return read_json(path) if path.exists() else {}
+    return _mapping(read_json(path)) if path.exists() else {}
 
 
 def analyse_task(task, examples: list[Example], out: dict, out_dir: Path, prefix: str, top: int) -> dict:
@@ -407,7 +426,7 @@ def analyse_run(run_dir: str, name: str, prefix: str, out_dir: Path, data_dir=No
     metrics = score_outputs(outputs, examples)
     root = Path(run_dir)
     rows = read_metrics_log(root)
-    res = {"name": name, "path": run_dir, "metrics": metrics, "summary": RunDir(root).read_summary() or {},
+    res = {"name": name, "path": run_dir, "metrics": metrics, "summary": _mapping(RunDir(root).read_summary()),
            "checkpoint": _read_json(RunDir(root).best / "meta.json") or _read_json(root / "meta.json"),
            "figures": {}, "tasks": {}, "notes": []}
     if rows:

@@ -17,7 +17,7 @@ import yaml
 
 from mtbert.core.errors import ConfigError
 from mtbert.core.tasks import OVERALL_SCORES, TASKS, register_tasks
-from mtbert.core.trust import check_import
+from mtbert.core.trust import check_import, reading_run_source
 
 
 @dataclass
@@ -185,6 +185,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         k, v = parse_override(item)
         _set_path(raw, k, v)
     if isinstance(raw.get("tasks"), str):  # --set tasks=path/to/tasks.yaml
+        if reading_run_source() is not None:  # a run saves its definitions inline; a path would read any file
+            raise ConfigError(f"{reading_run_source()}: its config names a tasks file ({raw['tasks']!r}); a run's "
+                              f"config.yaml holds its task definitions inline")
         raw["tasks"] = _task_file(Path(raw["tasks"]))
     cfg = _fill(Config, raw, "")
     import_plugins(cfg.plugins)  # they may register tasks, schedules, ... that the checks look up

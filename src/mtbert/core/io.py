@@ -131,10 +131,29 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         f.write(data)
 
 
+MAX_RUN_FILE_BYTES = 256 * 1024 * 1024  # a run's JSON, YAML and tokenizer files are far smaller
+
+
+def read_run_text(path: str | Path, max_bytes: int = MAX_RUN_FILE_BYTES) -> str:
+    """The text of a file a run directory holds: a regular file (not a device or pipe a link may
+    point to), at most `max_bytes`, UTF-8; else one CheckpointError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file")
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise CheckpointError(f"{path} is larger than {max_bytes // 2**20} MB: not a file mtbert wrote")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(f"corrupt {path}: not UTF-8 text") from None
+
+
 def read_json(path: str | Path):
     """A JSON file of a run or export; a corrupt one is one CheckpointError naming it."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(read_run_text(path))
     except (ValueError, RecursionError) as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
         raise CheckpointError(f"corrupt {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
@@ -142,7 +161,7 @@ def read_json(path: str | Path):
 def read_yaml(path: str | Path):
     """A YAML file of a run (its config.yaml); a corrupt one is one CheckpointError naming it."""
     try:
-        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        return yaml.safe_load(read_run_text(path))
     except (ValueError, yaml.YAMLError, RecursionError) as e:
         raise CheckpointError(f"corrupt {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mtbert.core.errors import ConfigError
 from mtbert.core.io import read_json
 
 BEST, BEST_OLD, LAST, LAST_OLD, PRETRAIN = "best", "best.old", "last", "last.old", "pretrain"
@@ -91,9 +92,28 @@ class RunDir:
         """The run entries this directory holds (empty: no run lives here)."""
         return [name for name in RUN_FILES if (self.path / name).exists()]
 
+    def holds_run(self) -> bool:
+        """Whether an mtbert run lives here (its config or a checkpoint), not only look-alike names."""
+        checkpoints = (*self.checkpoints(), *self.states(), self.pretrain / BEST)
+        return self.config.is_file() or any((d / "model.json").is_file() for d in checkpoints)
+
     def read_summary(self) -> dict | None:
         """summary.json (None before the run ends); a corrupt one is one CheckpointError."""
         return read_json(self.summary) if self.summary.exists() else None
 
     def read_command(self) -> str | None:
         return self.command.read_text().strip() if self.command.exists() else None
+
+
+def check_output_outside(out: str | Path, read: str | Path, flag: str = "--out") -> None:
+    """Refuse an output that would write over what a command reads: the run, ensemble or checkpoint
+    directory `read` itself, anything inside its checkpoints (best/, last/ and their .old), or a
+    file it holds (its summary, metrics, config, ensemble.json...)."""
+    out, read = Path(out).resolve(), Path(read).resolve()
+    run = RunDir(read)
+    checkpoints = [d.resolve() for d in (*run.checkpoints(), *run.states())]
+    if (read / "model.json").exists():  # a checkpoint directory given itself
+        checkpoints.append(read)
+    inside = out == read or any(out == d or d in out.parents for d in checkpoints)
+    if inside or (out.parent == read and out.exists()):
+        raise ConfigError(f"{flag} {out} would write into {read}, which this command reads: choose a path outside it")

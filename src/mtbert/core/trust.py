@@ -51,6 +51,11 @@ def reading_run(source: str | Path, confine_data: bool = True):
         _READING_RUN.reset(token)
 
 
+def reading_run_source() -> str | None:
+    """The run directory being read now (None: the user's own files)."""
+    return _READING_RUN.get()
+
+
 def run_data_confined() -> bool:
     """Whether task definitions read now come from a loaded run, whose files stay under --data-dir."""
     return _CONFINED.get() and _READING_RUN.get() is not None

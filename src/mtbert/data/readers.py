@@ -243,6 +243,12 @@ def example_from_row(task: TaskSpec, row: dict, number: int, labeled: bool, repo
         if len(value) > MAX_FIELD_CHARS:
             report.skip("text too long")
             return None
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate (JSON's "\ud800"): no text a tokenizer can take
+                report.skip("invalid text")
+                return None
         texts.append(value)
     if task.id_column is None:
         ex_id = str(number)
@@ -278,11 +284,27 @@ def examples_from_rows(task: TaskSpec, rows: Iterator[dict], report: ReadReport,
 def task_rows(task: TaskSpec, split: str, data_dir: str | Path, report: ReadReport) -> Iterator[dict]:
     """The raw rows of one split of a task: from its file, or from its Hugging Face dataset."""
     if task.dataset is not None:
+        if task.confined:
+            _check_confined_dataset(task, data_dir)
         yield from _dataset_rows(task, split, report)
         return
     path = task.path(split, data_dir)  # (its existence and columns: check_task_columns)
     report.path = str(path)
     yield from read_rows(path, task.format, task.delimiter, task.columns, report, task.encoding)
+
+
+def _check_confined_dataset(task: TaskSpec, data_dir: str | Path) -> None:
+    """A loaded run's dataset reads only under the data directory: a saved dataset's `path`, or a
+    hub `name` that is not a local folder (datasets.load_dataset would read one)."""
+    root = Path(data_dir).resolve()
+    for key in ("path", "name"):
+        value = task.dataset.get(key)
+        if not value:
+            continue
+        local = Path(str(value)).expanduser()
+        if (key == "path" or local.exists()) and not local.resolve().is_relative_to(root):
+            raise DataError(f"task {task.name}: its dataset {key} {value!r} lies outside the data directory "
+                            f"{data_dir}; a loaded run's tasks read only under the data directory you give")
 
 
 def _dataset_rows(task: TaskSpec, split: str, report: ReadReport) -> Iterator[dict]:
@@ -375,13 +397,18 @@ def check_data_dir(data_dir: Path, tasks) -> list[dict]:
     data_dir = Path(data_dir)
     sums = {}
     if (data_dir / "SHA256SUMS").exists():
-        for line in (data_dir / "SHA256SUMS").read_text().splitlines():
-            if line.strip():
-                digest, name = line.split(maxsplit=1)
-                sums[name.strip().lstrip("*")] = digest
+        for number, line in enumerate((data_dir / "SHA256SUMS").read_text(errors="replace").splitlines(), 1):
+            fields = line.split(maxsplit=1)
+            if len(fields) == 2:
+                sums[fields[1].strip().lstrip("*")] = fields[0]
+            elif fields:
+                log.warning("SHA256SUMS line %d is not 'DIGEST  NAME': ignored", number)
     results = []
     for task in tasks:
         if task.dataset is not None:
+            path = task.dataset.get("path")
+            if path and not Path(path).exists():  # (a hub dataset is checked when it is loaded)
+                results.append({"task": task.name, "file": f"dataset {path}", "path": str(path), "exists": False})
             continue
         for split in ("train", "dev", "test"):
             if split not in task.files:

@@ -39,7 +39,8 @@ def detect_style(tok: Tokenizer) -> str:
         processor = {}
     return "roberta" if processor.get("type") == "RobertaProcessing" else "bert"
 
-from mtbert.core.errors import CheckpointError, ConfigError
+from mtbert.core.errors import CheckpointError, ConfigError, DataError
+from mtbert.core.io import read_run_text
 
 
 class BertTokenizer:
@@ -75,7 +76,7 @@ class BertTokenizer:
         d = Path(directory)
         try:
             if (d / "tokenizer.json").exists():
-                tokenizer = cls(Tokenizer.from_file(str(d / "tokenizer.json")), max_length, style)
+                tokenizer = cls(Tokenizer.from_str(read_run_text(d / "tokenizer.json")), max_length, style)
             elif (d / "vocab.txt").exists():
                 lower = True
                 tc = d / "tokenizer_config.json"
@@ -103,7 +104,14 @@ class BertTokenizer:
 
     def _pieces(self, texts: list[str]) -> list[list[int]]:
         # Encode without special tokens; we add them ourselves so truncation is under our control.
-        return [e.ids for e in self.tok.encode_batch([t if t else "" for t in texts], add_special_tokens=False)]
+        try:
+            encoded = self.tok.encode_batch([t if t else "" for t in texts], add_special_tokens=False)
+        except BaseException as e:  # a Rust panic (a crafted tokenizer.json's regex) is a BaseException
+            if not type(e).__name__ == "PanicException":
+                raise
+            raise DataError(f"the tokenizer failed on this input (a panic in its rules: "
+                            f"{' '.join(str(e).split())[:200]})") from None
+        return [e.ids for e in encoded]
 
     def encode(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
         """Return (input_ids, token_type_ids) per text: [CLS] text [SEP] (<s> text </s>),

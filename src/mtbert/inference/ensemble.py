@@ -31,7 +31,7 @@ from mtbert.core.config import resolve_data_dir
 from mtbert.core.errors import CheckpointError, ConfigError
 from mtbert.core.io import atomic_write_text, sha256
 from mtbert.core.registry import register_stage
-from mtbert.core.rundir import RunDir
+from mtbert.core.rundir import RunDir, check_output_outside
 from mtbert.core.runtime import resolve_inference_precision, select_device
 from mtbert.core.tasks import get_task
 from mtbert.inference.predictor import (
@@ -99,6 +99,11 @@ def build_ensemble(members: list[str | Path], out_dir: str | Path, data_dir: str
         raise ConfigError("an ensemble needs at least one member run")
     if find_checkpoint(out, required=False) is not None or RunDir(out).metrics.exists():
         raise ConfigError(f"{out} is a training run; choose a new directory for the ensemble")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_ensemble_dir(out))):
+        raise ConfigError(f"{out} holds files that are not an ensemble's; choose a new or empty directory "
+                          f"(an earlier ensemble there is replaced)")
+    for m in members:
+        check_output_outside(out, m)
     resolved, seen = [], {}
     for m in members:
         src = Path(m).resolve()
@@ -178,6 +183,8 @@ def load_ensemble(path: str | Path, device, precision: str = "fp32", batch_size:
                 not all(isinstance(t, str) and isinstance(m, list) and all(isinstance(x, str) for x in m)
                         for t, m in task_members.items()):
             raise TypeError("members need a name and a checkpoint path; tasks map task names to lists of members")
+        if not task_members or not all(task_members.values()):
+            raise ValueError("every task needs at least one member, and an ensemble at least one task")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"corrupt ensemble {spec_path}: {e}") from e
     if spec.get("format") != FORMAT:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from mtbert.core.errors import ConfigError
+from mtbert.core.errors import CheckpointError, ConfigError
 from mtbert.core.runtime import resolve_inference_precision, select_device
 from mtbert.core.tasks import overall_scorer
 from mtbert.inference import int8_check
@@ -28,6 +28,9 @@ def load_predictor(path: str | Path, device="auto", precision: str = "auto", bat
         ensemble.precision = precision
         return ensemble
     model, tok, cfg, meta = load_checkpoint(path, device=str(device))
+    if not model.tasks:  # nothing to predict: a contrastive pre-training stage
+        raise CheckpointError(f"{path} has no task heads (a pre-training stage?): fine-tune it with "
+                              f"model.backbone={path}, then predict with that run")
     model, amp = for_precision(model, precision, device)
     predictor = Predictor(model, tok, device, amp, batch_size, name=str(find_checkpoint(path)),
                           data_dir=cfg.data.data_dir, meta=meta)

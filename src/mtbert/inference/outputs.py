@@ -90,18 +90,17 @@ def predict_file(predictor: BasePredictor, task_name: str, input_path: str | Pat
         writer = csv.DictWriter(f, fieldnames=_csv_fields(task)) if out_fmt == "csv" else None
         if writer is not None:
             writer.writeheader()
-        bar = tqdm(desc=f"predict {task_name}", unit=" rows", disable=not progress)
-        for examples in _chunks(examples_from_rows(reading, rows, report, labeled=False), chunk):
-            out = predictor.predict(task_name, examples)
-            for ex, rec in zip(examples, prediction_records(task, out)):
-                rec = {"id": ex.id, **rec}
-                if writer is None:
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                else:
-                    writer.writerow(_flat(rec))
-            predicted += len(examples)
-            bar.update(len(examples))
-        bar.close()
+        with tqdm(desc=f"predict {task_name}", unit=" rows", disable=not progress) as bar:  # (closed on errors too)
+            for examples in _chunks(examples_from_rows(reading, rows, report, labeled=False), chunk):
+                out = predictor.predict(task_name, examples)
+                for ex, rec in zip(examples, prediction_records(task, out)):
+                    rec = {"id": ex.id, **rec}
+                    if writer is None:
+                        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    else:
+                        writer.writerow(_flat(rec))
+                predicted += len(examples)
+                bar.update(len(examples))
         if report.rows and not predicted:
             raise DataError(_nothing_predicted(input_path, report, wanted, found))
     return report
@@ -179,7 +178,7 @@ def write_prediction_files(predictor: BasePredictor, data_dir, out_dir, splits=(
     and `id , value` rows. Other tasks: {task}-{split}-predictions.csv (id, label or score, probabilities)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    written: list[tuple[Path, str]] = []
     for split in splits:
         names = [t for t in predictor.tasks if predictor.task_spec(t).has_split(split)]
         for name, examples in load_examples(names, data_dir, split).items():
@@ -202,9 +201,10 @@ def write_prediction_files(predictor: BasePredictor, data_dir, out_dir, splits=(
                 text = buf.getvalue()
             if path.resolve().parent != out_dir.resolve():  # (task definitions are checked; this is the last word)
                 raise DataError(f"task {name}: its prediction file {path.name!r} would fall outside {out_dir}")
-            atomic_write_text(path, text)
-            written.append(path)
-    return written
+            written.append((path, text))
+    for path, text in written:  # only once every task has been predicted: a failure writes none
+        atomic_write_text(path, text)
+    return [path for path, _ in written]
 
 
 def format_table(rows: dict[str, float], title: str = "") -> str:

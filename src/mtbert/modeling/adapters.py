@@ -81,8 +81,27 @@ def _unroute(model, args, output):
         m.active = None
 
 
+LORA_SPEC = {"rank": int, "alpha": (int, float), "dropout": (int, float), "modules": list, "adapters": list,
+             "routed": bool}
+
+
+def check_lora_spec(spec) -> None:
+    """A LoRA spec (as a checkpoint's model.json records it) of the right keys, types and ranges."""
+    if not isinstance(spec, dict) or set(spec) != set(LORA_SPEC):
+        raise ConfigError(f"a LoRA spec has exactly the keys {sorted(LORA_SPEC)}")
+    for key, kind in LORA_SPEC.items():
+        if not isinstance(spec[key], kind) or (kind is not bool and isinstance(spec[key], bool)):
+            raise ConfigError(f"LoRA {key} must be {getattr(kind, '__name__', 'a number')}, got {spec[key]!r}")
+    if not 1 <= spec["rank"] <= 4096 or not (math.isfinite(spec["alpha"]) and 0 < spec["alpha"] <= 1e6) \
+            or not 0 <= spec["dropout"] < 1:
+        raise ConfigError(f"LoRA rank must be in [1, 4096], alpha in (0, 1e6] and dropout in [0, 1): {spec}")
+    if not spec["adapters"] or not all(isinstance(x, str) for x in spec["modules"] + spec["adapters"]):
+        raise ConfigError("LoRA modules and adapters must be lists of names (adapters: at least one)")
+
+
 def apply_lora(model, spec: dict) -> None:
     """Replace the encoder's target Linear layers by LoRALinear with `spec`'s adapters."""
+    check_lora_spec(spec)
     unknown = sorted(set(spec["modules"]) - set(TARGETS))
     if unknown:
         raise ConfigError(f"lora.modules: unknown {unknown}; choose from {sorted(TARGETS)}")

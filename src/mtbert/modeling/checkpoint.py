@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from mtbert.core.config import Config, load_config
 from mtbert.core.errors import CheckpointError, ConfigError
-from mtbert.core.io import replace_dir, temporary_dir
+from mtbert.core.io import read_run_text, replace_dir, temporary_dir
 from mtbert.core.rundir import TRAIN_STATE, RunDir
 from mtbert.core.tasks import get_task
 from mtbert.core.trust import UntrustedCodeError, reading_run
@@ -191,8 +191,10 @@ def _model_spec(ckpt: Path) -> dict:
 def _read(path: Path, parse, kind: type):
     """A checkpoint file parsed; corrupt or of the wrong shape is one CheckpointError naming it."""
     try:
-        value = parse(path.read_text())
-    except (OSError, ValueError, yaml.YAMLError) as e:
+        value = parse(read_run_text(path))
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, yaml.YAMLError, RecursionError) as e:
         raise CheckpointError(f"corrupt checkpoint file {path}: {str(e).splitlines()[0]}") from e
     if not isinstance(value, kind):
         raise CheckpointError(f"corrupt checkpoint file {path}: expected a {kind.__name__}, got {type(value).__name__}")
@@ -213,14 +215,30 @@ def _model_of(spec: dict, encoder_config: BertConfig, tasks, ckpt: Path) -> Mult
     try:
         model = MultitaskModel(BertModel(encoder_config), tasks, spec["pair_encoding"], spec["bi_head"],
                                spec["pooling"], spec["dropout"], spec.get("shared_pair_layer", 0))
-    except (TypeError, KeyError, AttributeError) as e:  # a well-typed model.json naming parts that do not fit
+    except UntrustedCodeError:
+        raise
+    except (ConfigError, TypeError, KeyError, AttributeError) as e:  # well-typed, naming parts that do not fit
         raise CheckpointError(f"{ckpt}/model.json does not describe a model: {e}") from e
     for name, ext in spec.get("extensions", {}).items():
         if name not in EXTENSIONS:
             raise CheckpointError(f"{ckpt} was trained with technique {name!r}, unknown to this mtbert")
-        EXTENSIONS[name](model, ext)
+        try:
+            EXTENSIONS[name](model, ext)
+        except (ConfigError, TypeError, KeyError) as e:
+            raise CheckpointError(f"{ckpt}/model.json: extension {name}: {e}") from e
         model.extensions[name] = ext
+    check_token_types(model, ckpt)
     return model
+
+
+def check_token_types(model: MultitaskModel, ckpt: Path) -> None:
+    """A BERT-style pair gives its second text token type 1: the encoder needs two type embeddings."""
+    config = model.encoder.config
+    if model.encoder.family.pair_style == "bert" and model.encoder.family.token_types and \
+            any(spec.is_pair and model.pair_encoding[t] != "bi" for t, spec in model.tasks.items()) and \
+            config.type_vocab_size < 2:
+        raise CheckpointError(f"{ckpt}/model.json: type_vocab_size {config.type_vocab_size} cannot embed the "
+                              f"second text of a pair (token type 1)")
 
 
 def check_vocab(tokenizer: BertTokenizer, encoder: BertModel, where: Path) -> None:

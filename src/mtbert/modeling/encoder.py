@@ -115,7 +115,7 @@ class BertConfig:
         for name, low, high in (("vocab_size", 1, MAX_DIM), ("hidden_size", 1, MAX_DIM), ("num_hidden_layers", 1, 256),
                                 ("num_attention_heads", 1, 1024), ("intermediate_size", 1, MAX_DIM),
                                 ("max_position_embeddings", 1, MAX_DIM), ("type_vocab_size", 0, 1024),
-                                ("pad_token_id", 0, self.vocab_size - 1), ("relative_attention_num_buckets", 1, 4096)):
+                                ("pad_token_id", 0, self.vocab_size - 1), ("relative_attention_num_buckets", 4, 4096)):
             if not low <= getattr(self, name) <= high:
                 fail(f"{name} {getattr(self, name)} is outside [{low}, {high}]")
         if self.hidden_size % self.num_attention_heads:

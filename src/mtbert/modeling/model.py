@@ -53,7 +53,7 @@ class MultitaskModel(nn.Module):
                 heads[t.name] = pair_head(pair_width, out_dim, dropout, regression=regression, shared=self.shared_pair)
             elif mode == "cross+cos":
                 heads[t.name] = CrossPlusCosineHead(dim, out_dim, dropout, regression)
-            elif mode in ("cross", "single"):
+            elif mode == "cross" or (mode == "single" and not t.is_pair):
                 heads[t.name] = LinearHead(dim, out_dim, dropout)
             else:
                 raise ConfigError(f"pair encoding for {t.name} must be one of {PAIR_ENCODINGS}, got {mode!r}")

@@ -17,7 +17,7 @@ from pathlib import Path
 from mtbert.core.distributed import Dist
 from mtbert.core.errors import ConfigError, TrainingDiverged
 from mtbert.core.io import process_alive
-from mtbert.core.rundir import RUN_FILES, SUMMARY, RunDir
+from mtbert.core.rundir import CONFIG, RUN_FILES, SUMMARY, RunDir
 
 
 class ReplacedRun:
@@ -69,7 +69,10 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool, dist: Dist | None 
     problem, replaced = None, None
     if dist.main:
         found = RunDir(out).present()
-        if found and not resume and not overwrite:
+        if found and not resume and not RunDir(out).holds_run():  # (never delete the user's own folders)
+            problem = (f"{out} holds {', '.join(found)} but no mtbert run (no {CONFIG}, no checkpoint): "
+                       f"choose another --out")
+        elif found and not resume and not overwrite:
             finished = "finished " if SUMMARY in found else ""
             resume_it = f"continue an unfinished run with `mtbert train --resume {out}`, " if resumable else ""
             problem = (f"{out} already holds a {finished}run ({', '.join(found)}): {resume_it}replace it with "

@@ -46,6 +46,15 @@ class Tracker:
         pass
 
 
+def own_path(run_dir: Path, name: str) -> Path:
+    """RUN_DIR/name for a tracker to write, refused if it is a link (a resumed run someone else
+    made must not write outside its directory)."""
+    path = Path(run_dir) / name
+    if path.is_symlink() or (path.exists() and not path.resolve().is_relative_to(Path(run_dir).resolve())):
+        raise ConfigError(f"{path} is a link: a tracker writes only inside the run directory; remove it")
+    return path
+
+
 @TRACKERS.register(name="tensorboard")
 class TensorBoard(Tracker):
     def __init__(self, run_dir, config, resume_step):
@@ -55,7 +64,7 @@ class TensorBoard(Tracker):
             raise ConfigError("train.report_to tensorboard needs the `tensorboard` package "
                               "(pip install 'mtbert[track]')") from e
         # purge_step: events at later steps (logged after the state we resume from) are discarded
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"),
+        self.writer = SummaryWriter(str(own_path(run_dir, "tensorboard")),
                                     purge_step=None if resume_step is None else resume_step + 1)
 
     def log(self, row):
@@ -79,8 +88,8 @@ class MLflow(Tracker):
                               "(pip install 'mtbert[track]')") from e
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # its schema-migration chatter
         logging.getLogger("alembic").setLevel(logging.WARNING)
-        self.client = MlflowClient(tracking_uri=f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
-        id_file = run_dir / self.RUN_ID_FILE
+        self.client = MlflowClient(tracking_uri=f"sqlite:///{own_path(run_dir, 'mlflow.db').resolve()}")
+        id_file = own_path(run_dir, self.RUN_ID_FILE)
         if resume_step is not None and id_file.exists():
             self.run_id = id_file.read_text().strip()
             self.client.update_run(self.run_id, status="RUNNING")

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from mtbert.core.errors import CheckpointError, ConfigError, DataError
 from mtbert.core.io import read_json, sha256
 from mtbert.core.runtime import resolve_precision
+from mtbert.core.trust import reading_run_source
 from mtbert.inference.ensemble import ENSEMBLE_FILE, is_ensemble_dir
 from mtbert.inference.loading import load_predictor
 from mtbert.modeling.checkpoint import find_checkpoint
@@ -105,6 +106,10 @@ class Distill(Technique):
                    "data": {t: examples_digest(ctx.train_sets[t]) for t in self.tasks}}
         key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:20]
         cache = Path(self.cache_dir) if self.cache_dir else Path(ctx.out_dir or ".") / "teacher_targets"
+        if reading_run_source() is not None and ctx.out_dir is not None and \
+                not cache.resolve().is_relative_to(Path(ctx.out_dir).resolve()):  # a resumed run's config
+            raise ConfigError(f"distill.cache_dir {cache} lies outside the resumed run {ctx.out_dir}: a run "
+                              f"directory's config may write only inside it")
         self.cache_file = cache / f"{key}.safetensors"
         if ctx.dist.main and not self.cache_file.exists():
             # Loading a model draws from the global generators: keep them as they were, so that
