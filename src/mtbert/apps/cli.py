@@ -29,14 +29,15 @@ from mtbert.core.errors import (
     ConfigError,
     MtbertError,
 )
-from mtbert.core.io import write_json
+from mtbert.core.io import read_yaml, write_json
 from mtbert.core.registry import STAGES
 from mtbert.core.rundir import TRAIN_STATE, RunDir, check_output_outside
-from mtbert.core.tasks import TASKS
+from mtbert.core.tasks import TASKS, get_task
 from mtbert.core.trust import reading_run, run_code_trusted
 from mtbert.data.readers import NOT_CHECKED, check_data_dir
 from mtbert.inference.ensemble import build_ensemble, format_summary, parse_thresholds
 from mtbert.inference.loading import load_predictor
+from mtbert.inference.manifest import MANIFEST, verify, write_manifest
 from mtbert.inference.outputs import (
     check_input_columns,
     format_table,
@@ -47,6 +48,7 @@ from mtbert.inference.outputs import (
 from mtbert.inference.predictor import evaluate_examples, load_examples
 from mtbert.modeling.backbones import ARCHIVES
 from mtbert.modeling.backbones import install as install_archive
+from mtbert.modeling.checkpoint import find_checkpoint
 from mtbert.modeling.encoder import load_hf_encoder, read_encoder_config
 from mtbert.modeling.heads import PAIR_ENCODINGS, PAIR_HEADS
 from mtbert.modeling.poolers import POOLERS
@@ -134,6 +136,12 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    if args.verify:
+        if args.run_dir or args.out or args.input:
+            raise ConfigError("predict --verify DIR checks prediction files: give no RUN_DIR, --out or --input")
+        return cmd_verify(args)
+    if not args.run_dir or not args.out:
+        raise ConfigError("predict needs RUN_DIR and --out (or --verify DIR)")
     if args.input or args.task:  # any input file -> one prediction file
         if not (args.input and args.task):
             raise ConfigError("predict --input FILE needs --task T (and --task needs --input)")
@@ -149,9 +157,33 @@ def cmd_predict(args) -> int:
         return 0
     check_output_outside(args.out, args.run_dir)
     predictor = _load_predictor(args)
-    paths = write_prediction_files(predictor, _data_dir(args), args.out)
-    for p in paths:
+    data_dir = _data_dir(args)
+    written = write_prediction_files(predictor, data_dir, args.out)
+    for p in written:
         print(p)
+    leaderboard = {p.name: t for p, t in written.items() if predictor.task_spec(t).cs224n_output}
+    if leaderboard:
+        cfg = _run_config(args.run_dir)
+        write_manifest(Path(args.out), leaderboard, {t: predictor.task_spec(t) for t in set(leaderboard.values())},
+                       data_dir, run=Path(args.run_dir).resolve().name, config=cfg,
+                       command=RunDir(RunDir.of_checkpoint(find_checkpoint(args.run_dir, required=False)
+                                                           or args.run_dir)).read_command(),
+                       predict_command=shlex.join(["mtbert", *args.argv]))
+        print(Path(args.out) / MANIFEST)
+    return 0
+
+
+def _run_config(run_dir) -> dict:
+    """The config a run (or an ensemble) was made with, for a manifest."""
+    ckpt = find_checkpoint(run_dir, required=False)
+    path = (ckpt or Path(run_dir)) / "config.yaml"
+    raw = read_yaml(path) if path.is_file() else None
+    return raw if isinstance(raw, dict) else {}
+
+
+def cmd_verify(args) -> int:
+    metrics = verify(Path(args.verify), get_task, _data_dir(args))
+    print(format_table(metrics, f"{args.verify}: every file matches {MANIFEST}; dev metrics recomputed"))
     return 0
 
 
@@ -364,8 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="CS224N-format prediction files for dev and test-student, "
                                         "or predictions for any input file (--task T --input FILE)")
-    pr.add_argument("run_dir")
-    pr.add_argument("--out", required=True, help="a directory; with --input, the output file (.csv or .jsonl)")
+    pr.add_argument("run_dir", nargs="?")
+    pr.add_argument("--out", help="a directory; with --input, the output file (.csv or .jsonl)")
+    pr.add_argument("--verify", metavar="DIR", help="check prediction files against their MANIFEST.json: hashes, "
+                                                     "and dev metrics recomputed against the dev labels (exit 2 on any "
+                                                     "mismatch)")
     pr.add_argument("--task", help="with --input: the task to predict")
     pr.add_argument("--input", help="a CSV, TSV or JSONL file of texts (or pairs) to predict")
     pr.add_argument("--format", choices=["csv", "tsv", "jsonl"], help="the input's format (default: by suffix)")

@@ -173,12 +173,13 @@ def _chunks(items: Iterator, size: int) -> Iterator[list]:
 
 # ---------------------------------------------------------------- leaderboard files
 
-def write_prediction_files(predictor: BasePredictor, data_dir, out_dir, splits=("dev", "test")) -> list[Path]:
+def write_prediction_files(predictor: BasePredictor, data_dir, out_dir, splits=("dev", "test")) -> dict[Path, str]:
     """For tasks with `cs224n_output`: {prefix}-{dev|test}-output.csv with the leaderboard's header
-    and `id , value` rows. Other tasks: {task}-{split}-predictions.csv (id, label or score, probabilities)."""
+    and `id , value` rows. Other tasks: {task}-{split}-predictions.csv (id, label or score, probabilities).
+    Returns each file written with its task."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written: list[tuple[Path, str]] = []
+    written: list[tuple[Path, str, str]] = []
     for split in splits:
         names = [t for t in predictor.tasks if predictor.task_spec(t).has_split(split)]
         for name, examples in load_examples(names, data_dir, split).items():
@@ -201,10 +202,10 @@ def write_prediction_files(predictor: BasePredictor, data_dir, out_dir, splits=(
                 text = buf.getvalue()
             if path.resolve().parent != out_dir.resolve():  # (task definitions are checked; this is the last word)
                 raise DataError(f"task {name}: its prediction file {path.name!r} would fall outside {out_dir}")
-            written.append((path, text))
-    for path, text in written:  # only once every task has been predicted: a failure writes none
+            written.append((path, text, name))
+    for path, text, _ in written:  # only once every task has been predicted: a failure writes none
         atomic_write_text(path, text)
-    return [path for path, _ in written]
+    return {path: name for path, _, name in written}
 
 
 def format_table(rows: dict[str, float], title: str = "") -> str:

@@ -1,0 +1,98 @@
+"""Committed predictions stay what RESULTS.md says: `mtbert predict RUN --out DIR` writes a
+MANIFEST.json (run, config, seed, commit, commands, each file's sha256, dev metrics computed from
+the dev files), and `mtbert predict --verify DIR` recomputes those metrics from the files against
+the dev labels and checks every hash, failing (exit 2, the file named) on any difference."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from mtbert.apps.cli import main
+from mtbert.core.metrics import pearson
+from mtbert.inference.loading import load_predictor
+from mtbert.inference.manifest import MANIFEST
+from mtbert.inference.predictor import evaluate_examples, load_examples
+from tests.conftest import train_tiny_run
+
+
+@pytest.fixture(scope="module")
+def predictions(tmp_path_factory, synthetic_data_dir):
+    root = tmp_path_factory.mktemp("manifest")
+    run = train_tiny_run(root / "run", synthetic_data_dir, "train.max_steps=2", "train.int8_check=false")
+    assert main(["predict", str(run), "--out", str(root / "preds"), "--data-dir", str(synthetic_data_dir),
+                 "--device", "cpu", "--precision", "fp32"]) == 0
+    return run, root / "preds"
+
+
+def _copy(preds, to):
+    shutil.copytree(preds, to)
+    return to
+
+
+def test_the_manifest_records_the_run_and_metrics_that_match_evaluate(predictions, synthetic_data_dir):
+    run, preds = predictions
+    manifest = json.loads((preds / MANIFEST).read_text())
+    assert sorted(manifest["files"]) == sorted(p.name for p in preds.iterdir() if p.name != MANIFEST)
+    assert {e["task"] for e in manifest["files"].values()} == {"sst", "qqp", "sts"}
+    assert manifest["run"] == "run" and manifest["seeds"] == [manifest["config"]["train"]["seed"]]
+    assert manifest["commands"]["train"].startswith("mtbert train") and "predict" in manifest["commands"]["predict"]
+    predictor = load_predictor(run, "cpu", "fp32")
+    metrics, _ = evaluate_examples(predictor, load_examples(predictor.tasks, synthetic_data_dir, "dev"))
+    for task in ("sst", "qqp"):  # class labels: the files hold them exactly
+        assert manifest["dev_metrics"][task] == pytest.approx(metrics[task], abs=1e-12)
+    # sts: the files hold scores rounded to 4 decimals, as the leaderboard reads them (the tiny
+    # model's scores are nearly constant, so rounding moves its correlation a lot)
+    examples = load_examples(["sts"], synthetic_data_dir, "dev")["sts"]
+    rounded = [float(f"{v:.4f}") for v in predictor.predict("sts", examples)["pred"]]
+    assert manifest["dev_metrics"]["sts"] == pytest.approx(pearson(rounded, [e.label for e in examples]), abs=1e-12)
+    assert "overall" in manifest["dev_metrics"]
+
+
+def test_verify_passes_on_untouched_files(predictions, synthetic_data_dir, capsys):
+    _, preds = predictions
+    assert main(["predict", "--verify", str(preds), "--data-dir", str(synthetic_data_dir)]) == 0
+    assert "every file matches" in capsys.readouterr().out
+
+
+def _change_a_prediction(path):
+    lines = path.read_text().splitlines(keepends=True)
+    ex_id, _, value = lines[1].partition(",")
+    lines[1] = f"{ex_id}, {1 - int(value)} \n"
+    path.write_text("".join(lines))
+
+
+@pytest.mark.parametrize("tamper, expected", [
+    (lambda d: _change_a_prediction(d / "para-dev-output.csv"), "para-dev-output.csv: its sha256 differs"),
+    (lambda d: (d / "sts-test-output.csv").unlink(), "sts-test-output.csv: listed in MANIFEST.json but missing"),
+    (lambda d: (d / "extra.csv").write_text("x"), "['extra.csv'] are not in MANIFEST.json"),
+    (lambda d: d.joinpath(MANIFEST).write_text("[]"), "not a format-1 prediction manifest"),
+])
+def test_verify_names_what_does_not_match(predictions, tmp_path, synthetic_data_dir, capsys, tamper, expected):
+    _, preds = predictions
+    copy = _copy(preds, tmp_path / "copy")
+    tamper(copy)
+    assert main(["predict", "--verify", str(copy), "--data-dir", str(synthetic_data_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+
+
+def test_verify_recomputes_the_metrics_not_only_the_hashes(predictions, tmp_path, synthetic_data_dir, capsys):
+    """A changed prediction with its hash updated in the manifest still fails: the recorded dev
+    metric no longer matches the files."""
+    _, preds = predictions
+    copy = _copy(preds, tmp_path / "copy")
+    _change_a_prediction(copy / "para-dev-output.csv")
+    from mtbert.core.io import sha256
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["files"]["para-dev-output.csv"]["sha256"] = sha256(copy / "para-dev-output.csv")
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    assert main(["predict", "--verify", str(copy), "--data-dir", str(synthetic_data_dir)]) == 2
+    assert "dev qqp recomputed from the files" in capsys.readouterr().err
+
+
+def test_verify_takes_no_run(predictions, capsys):
+    _, preds = predictions
+    assert main(["predict", "somewhere", "--verify", str(preds)]) == 2
+    assert "give no RUN_DIR" in capsys.readouterr().err
