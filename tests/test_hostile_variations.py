@@ -264,3 +264,29 @@ def test_data_check_survives_a_malformed_checksum_line_and_flags_a_missing_datas
 def test_torch_weights_are_untouched_by_every_refusal_above(run):
     """(The module-scoped runs the tests copied from are intact.)"""
     assert torch.isfinite(next(iter(load_file(str(run / "best" / "model.safetensors")).values()))).all()
+
+
+def _custom_run(root, data_dir, name, names):
+    config = root / f"{name}.yaml"
+    from tests.conftest import TINY_YAML
+    config.write_text(yaml.safe_dump({
+        "base": str(TINY_YAML), "data": {"tasks": ["mine", "sts"]},
+        "tasks": {"mine": {"files": {"train": "{data_dir}/ids-sst-train.csv", "dev": "{data_dir}/ids-sst-dev.csv"},
+                           "format": "tsv", "text": "sentence",
+                           "label": {"column": "sentiment", "kind": "classification", "names": names}}}}))
+    return train_tiny_run(root / name, data_dir, "train.max_steps=1", "train.int8_check=false", config=config)
+
+
+def test_an_ensemble_refuses_members_that_define_a_shared_task_differently(tmp_path, capsys, synthetic_data_dir):
+    """Two runs whose task `mine` has other label names (or another kind) would be averaged as one
+    task, scored on whichever definition was read last."""
+    a = _custom_run(tmp_path, synthetic_data_dir, "a", list("abcde"))
+    b = _custom_run(tmp_path, synthetic_data_dir, "b", list("edcba"))
+    same = _custom_run(tmp_path, synthetic_data_dir, "same", list("abcde"))
+    capsys.readouterr()
+    assert main(["ensemble", str(a), str(b), "--out", str(tmp_path / "ens"), "--data-dir",
+                 str(synthetic_data_dir)]) == 2
+    err = _one_line_error(capsys)
+    assert "define task 'mine' differently" in err and not (tmp_path / "ens").exists()
+    assert main(["ensemble", str(a), str(same), "--out", str(tmp_path / "ok"), "--data-dir",
+                 str(synthetic_data_dir)]) == 0

@@ -29,11 +29,12 @@ import yaml
 
 from mtbert.core.config import resolve_data_dir
 from mtbert.core.errors import CheckpointError, ConfigError
-from mtbert.core.io import atomic_write_text, sha256
+from mtbert.core.io import atomic_write_text, read_json, read_yaml, sha256
 from mtbert.core.registry import register_stage
 from mtbert.core.rundir import RunDir, check_output_outside
 from mtbert.core.runtime import resolve_inference_precision, select_device
-from mtbert.core.tasks import get_task
+from mtbert.core.tasks import get_task, task_from_definition
+from mtbert.core.trust import reading_run
 from mtbert.inference.predictor import (
     EnsemblePredictor,
     Predictor,
@@ -88,6 +89,35 @@ def _member_name(path: Path, taken: set[str]) -> str:
     return name
 
 
+def member_task_signatures(ckpt: Path) -> dict[str, tuple]:
+    """What each task of a member checkpoint predicts (kind, number of labels, label names, range),
+    read from its model.json and config.yaml without registering anything."""
+    spec = read_json(ckpt / "model.json")
+    raw = read_yaml(ckpt / "config.yaml")
+    declared = raw.get("tasks") if isinstance(raw, dict) and isinstance(raw.get("tasks"), dict) else {}
+    signatures = {}
+    for name in spec.get("tasks", []) if isinstance(spec, dict) else []:
+        with reading_run(ckpt):
+            task = task_from_definition(name, declared[name]) if name in declared else get_task(name)
+        signatures[name] = (type(task.kind).__name__, task.num_labels, task.label_names, task.label_range)
+    return signatures
+
+
+def check_shared_tasks_agree(members: list[tuple[Path, Path]]) -> None:
+    """Members may have different task sets and tokenizers, but a task they share must mean the
+    same thing in each: averaging a 2-class head with a 5-class one, or two label orders, would be
+    wrong in silence."""
+    first: dict[str, tuple[Path, tuple]] = {}
+    for src, ckpt in members:
+        for task, signature in member_task_signatures(ckpt).items():
+            if task in first and first[task][1] != signature:
+                other, theirs = first[task]
+                raise ConfigError(f"members {other} and {src} define task {task!r} differently "
+                                  f"(kind, labels, names or range: {theirs} vs {signature}); an ensemble averages "
+                                  f"only the same task")
+            first.setdefault(task, (src, signature))
+
+
 def build_ensemble(members: list[str | Path], out_dir: str | Path, data_dir: str | Path | None = None,
                    thresholds: dict[str, float] | None = None, device: str = "auto", precision: str = "auto",
                    batch_size: int = 128, limit: int | None = None, command: str | None = None) -> dict:
@@ -114,6 +144,7 @@ def build_ensemble(members: list[str | Path], out_dir: str | Path, data_dir: str
             raise ConfigError(f"{m} and {seen[ckpt]} are the same checkpoint {ckpt}")
         seen[ckpt] = m
         resolved.append((src, ckpt))
+    check_shared_tasks_agree(resolved)
 
     dev_device = select_device(device)
     precision = resolve_inference_precision(precision, dev_device)
