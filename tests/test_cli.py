@@ -29,7 +29,8 @@ def test_train_evaluate_predict_smoke(tmp_path, data_dir, capsys):
     preds = tmp_path / "preds"
     assert main(["predict", str(run), "--out", str(preds), "--data-dir", str(data_dir)]) == 0
     names = sorted(p.name for p in preds.iterdir())
-    assert names == sorted(f"{p}-{s}-output.csv" for p in ("sst", "para", "sts") for s in ("dev", "test"))
+    assert names == sorted(["MANIFEST.json", *(f"{p}-{s}-output.csv" for p in ("sst", "para", "sts")
+                                                for s in ("dev", "test"))])
     sst_test = (preds / "sst-test-output.csv").read_text().splitlines()
     assert sst_test[0] == "id \t Predicted_Sentiment "
     assert len(sst_test) == 1 + _usable("sst", "test", data_dir)  # every usable test row

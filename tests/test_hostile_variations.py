@@ -290,3 +290,21 @@ def test_an_ensemble_refuses_members_that_define_a_shared_task_differently(tmp_p
     assert "define task 'mine' differently" in err and not (tmp_path / "ens").exists()
     assert main(["ensemble", str(a), str(same), "--out", str(tmp_path / "ok"), "--data-dir",
                  str(synthetic_data_dir)]) == 0
+
+
+def test_two_loaded_runs_keep_their_own_definition_of_one_task_name(tmp_path, synthetic_data_dir):
+    """Loading a run registers nothing process-wide: each model keeps the TaskSpecs it was trained
+    with, so a second run that defines `mine` otherwise changes nothing about the first."""
+    from mtbert.core.tasks import TASKS
+    from mtbert.inference.loading import load_predictor
+    from mtbert.inference.predictor import evaluate_examples, load_examples, task_specs
+    a = _custom_run(tmp_path, synthetic_data_dir, "a", list("abcde"))
+    b = _custom_run(tmp_path, synthetic_data_dir, "b", list("edcba"))
+    TASKS._entries.pop("mine", None)  # (training registered it: a fresh process would not have it)
+    first = load_predictor(a, "cpu", "fp32")
+    before, _ = evaluate_examples(first, load_examples(task_specs(first).values(), synthetic_data_dir, "dev"))
+    second = load_predictor(b, "cpu", "fp32")
+    assert "mine" not in TASKS
+    assert first.task_spec("mine").label_names == tuple("abcde") and second.task_spec("mine").label_names == tuple("edcba")
+    after, _ = evaluate_examples(first, load_examples(task_specs(first).values(), synthetic_data_dir, "dev"))
+    assert after == before

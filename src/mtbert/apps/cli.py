@@ -45,7 +45,7 @@ from mtbert.inference.outputs import (
     report_line,
     write_prediction_files,
 )
-from mtbert.inference.predictor import evaluate_examples, load_examples
+from mtbert.inference.predictor import evaluate_examples, load_examples, task_specs
 from mtbert.modeling.backbones import ARCHIVES
 from mtbert.modeling.backbones import install as install_archive
 from mtbert.modeling.checkpoint import find_checkpoint
@@ -127,7 +127,7 @@ def cmd_evaluate(args) -> int:
     predictor = _load_predictor(args)
     if args.split == "test":
         raise ConfigError("the test-student files have no labels; use `mtbert predict` for them")
-    examples = load_examples(predictor.tasks, _data_dir(args), args.split, args.limit)
+    examples = load_examples(task_specs(predictor).values(), _data_dir(args), args.split, args.limit)
     metrics, _ = evaluate_examples(predictor, examples)
     print(format_table(metrics, f"{args.split} metrics for {args.run_dir} ({predictor.precision})"))
     if args.json:

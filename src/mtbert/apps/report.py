@@ -34,7 +34,6 @@ from mtbert.core.io import (
 )
 from mtbert.core.rundir import RunDir
 from mtbert.core.runtime import autocast
-from mtbert.core.tasks import TASKS, get_task
 from mtbert.data.readers import Example, collate, pad
 from mtbert.inference.loading import load_predictor
 from mtbert.inference.predictor import (
@@ -42,6 +41,7 @@ from mtbert.inference.predictor import (
     Predictor,
     load_examples,
     score_outputs,
+    task_specs,
 )
 
 
@@ -219,7 +219,7 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def plot_learning_curves(rows: list[dict], path: Path, title: str) -> str:
+def plot_learning_curves(rows: list[dict], path: Path, title: str, specs: dict | None = None) -> str:
     """One panel per task (dev metric; train loss on a second axis) and one for the overall score."""
     keys = [k for k in dict.fromkeys(k for r in rows for k in r.get("dev", {})) if k != "overall"]
     panels = keys + ["overall"]
@@ -227,7 +227,7 @@ def plot_learning_curves(rows: list[dict], path: Path, title: str) -> str:
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, key in zip(axes, panels):
         pts = [(r["step"], r["dev"][key]) for r in rows if key in r.get("dev", {})]
-        metric = get_task(key).main_metric if key in TASKS else "score"
+        metric = specs[key].main_metric if key in (specs or {}) else "score"
         if pts:
             ax.plot(*zip(*pts), "o-", color="C0", label=f"dev {metric}")
         ax.set_title(f"{key}: dev {metric}")
@@ -385,7 +385,7 @@ def analyse_task(task, examples: list[Example], out: dict, out_dir: Path, prefix
 
 
 def analyse_tsne(predictor, examples, task_name, out_dir, prefix, points) -> dict:
-    task = get_task(task_name)
+    task = predictor.task_spec(task_name)
     idx = sample_indices(len(examples), points)
     sample = [examples[i] for i in idx]
     log(f"embedding {len(sample)} {task_name} sentences for t-SNE...")
@@ -418,35 +418,36 @@ def analyse_run(run_dir: str, name: str, prefix: str, out_dir: Path, data_dir=No
     log(f"loading {run_dir}")
     predictor: BasePredictor = load_predictor(run_dir, device, precision, batch_size)
     ddir = resolve_data_dir(data_dir)  # never the run's own data_dir: a loaded run reads only where the user says
-    examples = load_examples(predictor.tasks, ddir, "dev", limit)
+    specs = task_specs(predictor)  # the tasks as this model knows them (another run may define a name otherwise)
+    examples = load_examples(specs.values(), ddir, "dev", limit)
     outputs = {}
     for task_name, ex in examples.items():
         log(f"predicting dev ({task_name}, {len(ex)} examples)...")
         outputs[task_name] = predictor.predict(task_name, ex)
-    metrics = score_outputs(outputs, examples)
+    metrics = score_outputs(outputs, examples, specs=specs)
     root = Path(run_dir)
     rows = read_metrics_log(root)
     res = {"name": name, "path": run_dir, "metrics": metrics, "summary": _mapping(RunDir(root).read_summary()),
            "checkpoint": _read_json(RunDir(root).best / "meta.json") or _read_json(root / "meta.json"),
-           "figures": {}, "tasks": {}, "notes": []}
+           "figures": {}, "tasks": {}, "notes": [], "specs": specs}
     if rows:
         log("drawing learning curves...")
         res["figures"]["curves"] = plot_learning_curves(rows, out_dir / f"{prefix}curves.png",
-                                                        f"{name}: learning curves")
+                                                        f"{name}: learning curves", specs)
         res["curve"] = [(r["step"], r["dev"]["overall"]) for r in rows if "overall" in r.get("dev", {})]
     else:
         res["notes"].append("no metrics.jsonl: no learning curves")
     for task_name, ex in examples.items():
         log(f"analysing {task_name}...")
-        res["tasks"][task_name] = analyse_task(get_task(task_name), ex, outputs[task_name], out_dir, prefix, top)
+        res["tasks"][task_name] = analyse_task(specs[task_name], ex, outputs[task_name], out_dir, prefix, top)
     if isinstance(predictor, Predictor) and predictor.tokenizer is not None:
-        single = [t for t in examples if t == "sst"] or [t for t in examples if not get_task(t).is_pair
-                                                         and get_task(t).kind.categorical]
+        single = [t for t in examples if t == "sst"] or [t for t in examples if not specs[t].is_pair
+                                                         and specs[t].kind.categorical]
         if single and len(examples[single[0]]) >= 5 and tsne_points >= 5:
             res["tsne"] = analyse_tsne(predictor, examples[single[0]], single[0], out_dir, prefix, tsne_points)
         else:
             res["notes"].append("t-SNE skipped: no single-sentence classification task with at least 5 examples")
-        pairs = [t for t in ("sts", "qqp") if t in examples] + [t for t in examples if get_task(t).is_pair
+        pairs = [t for t in ("sts", "qqp") if t in examples] + [t for t in examples if specs[t].is_pair
                                                                 and t not in ("sts", "qqp")]
         if pairs and examples[pairs[0]]:
             log("extracting attention maps...")
@@ -489,15 +490,17 @@ def _metric_columns(runs: list[dict]) -> list[str]:
     return keys + (["overall"] if any("overall" in r["metrics"] for r in runs) else [])
 
 
-def _metric_label(key: str) -> str:
-    return f"{key} ({get_task(key).main_metric})" if key in TASKS else key
+def _metric_label(key: str, runs: list[dict]) -> str:
+    spec = next((r["specs"][key] for r in runs if key in r.get("specs", {})), None)
+    return f"{key} ({spec.main_metric})" if spec else key
 
 
 def render_comparison(runs: list[dict]) -> str:
     cols = _metric_columns(runs)
     rows = [[r["name"]] + [r["metrics"].get(k, "–") for k in cols]
             + [_Raw(esc(r["summary"].get(k, "–"))) for k in ("steps", "train_seconds")] for r in runs]
-    return _table(["run"] + [_metric_label(k) for k in cols] + ["train steps", "train seconds"], rows, "compare")
+    return _table(["run"] + [_metric_label(k, runs) for k in cols] + ["train steps", "train seconds"], rows,
+                  "compare")
 
 
 def _errors_table(task, errors: list[dict]) -> str:
@@ -511,8 +514,8 @@ def _errors_table(task, errors: list[dict]) -> str:
     return _table(["id", *cols, "gold", "predicted", "confidence"], rows, "errors")
 
 
-def render_task(task_name: str, t: dict) -> str:
-    task = get_task(task_name)
+def render_task(task, t: dict) -> str:
+    task_name = task.name
     parts = [f"<h3>{esc(task_name)} ({t['n']} dev examples)</h3>"]
     if task.kind.scores:
         lo, hi = t["bucket_range"]
@@ -540,14 +543,15 @@ def render_run(r: dict) -> str:
     where = f"; best checkpoint at step {esc(ck['step'])} (epoch {esc(ck.get('epoch', '?'))})" if "step" in ck else ""
     parts = [f'<section id="{esc(_slug(r["name"]))}"><h2>Run {esc(r["name"])}</h2>',
              f"<p>Path: <code>{esc(r['path'])}</code>{where}</p>"]
-    parts.append(_table(["task", "dev metric"], [[_metric_label(k), v] for k, v in r["metrics"].items()], "metrics"))
+    parts.append(_table(["task", "dev metric"], [[_metric_label(k, [r]), v] for k, v in r["metrics"].items()],
+                        "metrics"))
     for note in r["notes"]:
         parts.append(f'<p class="note">{esc(note)}</p>')
     if "curves" in r["figures"]:
         parts.append("<h3>Learning curves</h3>" + _img(r["figures"]["curves"], f"{r['name']}: dev metrics and train "
                                                                              "losses against step"))
     for task_name, t in r["tasks"].items():
-        parts.append(render_task(task_name, t))
+        parts.append(render_task(r["specs"][task_name], t))
     if "tsne" in r:
         s = r["tsne"]
         parts.append(f"<h3>t-SNE of {esc(s['task'])} sentence vectors</h3>"

@@ -64,7 +64,6 @@ from mtbert.core.errors import ConfigError
 from mtbert.core.io import read_json, read_yaml
 from mtbert.core.rundir import RunDir
 from mtbert.core.runtime import set_threads
-from mtbert.core.tasks import get_task
 from mtbert.data.readers import Example
 from mtbert.inference.api import describe_task
 from mtbert.inference.ensemble import ENSEMBLE_FILE, is_ensemble_dir
@@ -424,8 +423,8 @@ def _short_errors(errors: list[dict]) -> list[dict]:
     return short
 
 
-def _route_info(route: str, task: str) -> dict:
-    spec = get_task(task)
+def _route_info(route: str, spec) -> dict:
+    task = spec.name
     extra = {"range": list(spec.label_range)} if spec.kind.scores else {"labels": list(spec.label_names or ())}
     return {"path": f"/v1/{route}", "task": task, **extra}
 
@@ -465,7 +464,7 @@ def create_app(predictor_or_run_dir: BasePredictor | str | Path, *, max_items: i
     run_name = run_dir.resolve().name if run_dir else predictor.name
     info = {"mtbert_version": __version__, "run": _public_name(run_name), "tasks": predictor.tasks,
             **describe(predictor, run_dir)}
-    info["routes"] = {route: _route_info(route, task) for route, task in service.routes.items()}
+    info["routes"] = {route: _route_info(route, predictor.task_spec(task)) for route, task in service.routes.items()}
     info["task_info"] = {t: {**describe_task(predictor.task_spec(t)), "path": f"/v1/tasks/{t}"} for t in predictor.tasks}
     info["limits"] = {"max_items": max_items, "max_batch_items": service.max_batch_items, "max_chars": max_chars,
                       "max_body_bytes": max_body_bytes,
@@ -528,7 +527,7 @@ def create_app(predictor_or_run_dir: BasePredictor | str | Path, *, max_items: i
     @app.post("/v1/sentiment", response_model=SentimentResponse)
     async def sentiment(body: TextsRequest):
         task, out, truncated = await service.predict("sentiment", "texts", [(t,) for t in body.texts])
-        names = get_task(task).label_names
+        names = predictor.task_spec(task).label_names
         results = []
         for i, cut in enumerate(truncated):
             label, probs = int(out["pred"][i]), [float(p) for p in out["prob"][i]]
@@ -546,7 +545,7 @@ def create_app(predictor_or_run_dir: BasePredictor | str | Path, *, max_items: i
     @app.post("/v1/similarity", response_model=SimilarityResponse)
     async def similarity(body: PairsRequest):
         task, out, truncated = await service.predict("similarity", "pairs", body.pairs)
-        lo, hi = get_task(task).label_range
+        lo, hi = predictor.task_spec(task).label_range
         # a regression head can overshoot the gold range; clip to the scale the API promises
         scores = np.clip(np.asarray(out["score"], dtype=np.float64), lo, hi)
         return SimilarityResponse(task=task, results=[SimilarityResult(score=float(s), truncated=cut)

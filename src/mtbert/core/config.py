@@ -16,7 +16,13 @@ from typing import Any
 import yaml
 
 from mtbert.core.errors import ConfigError
-from mtbert.core.tasks import OVERALL_SCORES, TASKS, register_tasks
+from mtbert.core.tasks import (
+    OVERALL_SCORES,
+    TASKS,
+    get_task,
+    register_tasks,
+    task_known,
+)
 from mtbert.core.trust import check_import, reading_run_source
 
 
@@ -328,10 +334,10 @@ def _validate_option_numbers(key: str, value) -> None:
 def _validate_tasks(tasks: list) -> None:
     if not tasks:
         raise ConfigError("data.tasks must name at least one task")
-    unknown = [t for t in tasks if not isinstance(t, str) or t not in TASKS]
+    unknown = [t for t in tasks if not task_known(t)]
     if unknown:
         raise ConfigError(f"data.tasks: unknown task(s) {unknown}; choose from {sorted(TASKS)}")
-    variants = [t for t in tasks if getattr(TASKS[t], "variant_of", None) in tasks]
+    variants = [t for t in tasks if get_task(t).variant_of in tasks]
     if variants or len(set(tasks)) != len(tasks):
         raise ConfigError(f"data.tasks lists a task twice (or with its variant {variants}): {tasks}")
 

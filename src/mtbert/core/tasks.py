@@ -10,6 +10,8 @@ scorer (OVERALL_SCORES).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import re
 from dataclasses import dataclass, field
@@ -270,7 +272,30 @@ def _format_of(files: dict | None, dataset: dict | None) -> str:
 TASKS: Registry[TaskSpec] = Registry("task")
 
 
+# While a run is loaded for inference, the tasks its config declares go into this overlay instead
+# of TASKS: the loaded model keeps its own TaskSpecs, and two runs that define one task name
+# differently can live in one process (inference asks the model, never get_task, after loading).
+_RUN_TASKS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("mtbert_run_tasks", default=None)
+
+
+@contextlib.contextmanager
+def run_tasks():
+    """Within this block, tasks registered (a loaded run's config) are visible only within it."""
+    token = _RUN_TASKS.set({})
+    try:
+        yield
+    finally:
+        _RUN_TASKS.reset(token)
+
+
+def task_known(name) -> bool:
+    return isinstance(name, str) and (name in (_RUN_TASKS.get() or {}) or name in TASKS)
+
+
 def get_task(name: str) -> TaskSpec:
+    overlay = _RUN_TASKS.get()
+    if overlay is not None and name in overlay:
+        return overlay[name]
     try:
         return TASKS.get(name)
     except RegistryError as e:
@@ -289,10 +314,14 @@ def register_tasks(definitions: dict, base_dir: Path | None = None) -> list[Task
         if name in TASKS and TASKS.get(name).builtin:
             raise ConfigError(f"task {name!r} is built in; give your task another name")
         specs.append(task_from_definition(name, d, base_dir))
+    overlay = _RUN_TASKS.get()
     for spec in specs:
-        TASKS.replace(spec.name, spec)
+        if overlay is not None:
+            overlay[spec.name] = spec
+        else:
+            TASKS.replace(spec.name, spec)
     for spec in specs:
-        if spec.variant_of is not None and spec.variant_of not in TASKS:
+        if spec.variant_of is not None and spec.variant_of not in TASKS and spec.variant_of not in (overlay or {}):
             raise ConfigError(f"task {spec.name!r}: variant_of names unknown task {spec.variant_of!r}")
     return specs
 
@@ -310,7 +339,7 @@ _register_builtins()
 
 def leaderboard_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """Metrics keyed by leaderboard task: a task variant (e.g. sts_bins) counts as its base task."""
-    return {(TASKS[k].variant_of if k in TASKS and TASKS[k].variant_of else k): v for k, v in metrics.items()}
+    return {(get_task(k).variant_of if task_known(k) and get_task(k).variant_of else k): v for k, v in metrics.items()}
 
 
 class Leaderboard:

@@ -164,11 +164,15 @@ def build_ensemble(members: list[str | Path], out_dir: str | Path, data_dir: str
     if unknown:
         raise ConfigError(f"--threshold for task(s) {unknown} that no member has; the members' tasks are {tasks}")
     data = resolve_data_dir(str(data_dir) if data_dir else None).resolve()  # (never a member's own data_dir)
-    examples = load_examples(tasks, data, "dev", limit)
+    specs = {}  # each task as its (first) member knows it; the members agree (check_shared_tasks_agree)
+    for p in predictors.values():
+        for t in p.tasks:
+            specs.setdefault(t, p.task_spec(t))
+    examples = load_examples(list(specs.values()), data, "dev", limit)
 
     outputs = {name: {t: p.predict(t, examples[t]) for t in p.tasks} for name, p in predictors.items()}
     for rec in records:
-        rec["dev"] = score_outputs(outputs[rec["name"]], examples)
+        rec["dev"] = score_outputs(outputs[rec["name"]], examples, specs=specs)
     member_dev = {rec["name"]: rec["dev"] for rec in records}
     task_members, fallbacks = {}, {}
     for t in tasks:
@@ -178,8 +182,8 @@ def build_ensemble(members: list[str | Path], out_dir: str | Path, data_dir: str
             chosen = [max(having, key=lambda n: member_dev[n][t])]
             fallbacks[t] = chosen[0]
         task_members[t] = chosen
-    combined = {t: average_outputs(get_task(t), [outputs[n][t] for n in task_members[t]]) for t in tasks}
-    metrics = score_outputs(combined, examples)
+    combined = {t: average_outputs(specs[t], [outputs[n][t] for n in task_members[t]]) for t in tasks}
+    metrics = score_outputs(combined, examples, specs=specs)
 
     spec = {"format": FORMAT, "members": records, "tasks": task_members, "thresholds": thresholds,
             "fallbacks": fallbacks, "data_dir": str(data), "dev_limit": limit,

@@ -182,7 +182,7 @@ def write_prediction_files(predictor: BasePredictor, data_dir, out_dir, splits=(
     written: list[tuple[Path, str, str]] = []
     for split in splits:
         names = [t for t in predictor.tasks if predictor.task_spec(t).has_split(split)]
-        for name, examples in load_examples(names, data_dir, split).items():
+        for name, examples in load_examples([predictor.task_spec(n) for n in names], data_dir, split).items():
             task = predictor.task_spec(name)
             out = predictor.predict(name, examples)
             if task.cs224n_output:

@@ -293,12 +293,14 @@ class EnsemblePredictor(BasePredictor):
 
 # ---------------------------------------------------------------- metrics
 
-def score_outputs(outputs: dict[str, dict], examples: dict[str, list[Example]], scorer=None) -> dict[str, float]:
+def score_outputs(outputs: dict[str, dict], examples: dict[str, list[Example]], scorer=None,
+                  specs: dict[str, TaskSpec] | None = None) -> dict[str, float]:
     """Main metric per task (key: the task), its other metrics (key: "task/metric"), and the
-    overall score where the scorer (default: auto, the CS224N leaderboard) defines one."""
+    overall score where the scorer (default: auto, the CS224N leaderboard) defines one. `specs`:
+    the tasks as the model knows them (default: the registry's)."""
     metrics, extra = {}, {}
     for name, out in outputs.items():
-        task = get_task(name)
+        task = (specs or {}).get(name) or get_task(name)
         gold = np.array([e.label for e in examples[name]])
         for m, value in task.all_metrics(out["pred"], gold).items():
             if m == task.main_metric:
@@ -311,7 +313,7 @@ def score_outputs(outputs: dict[str, dict], examples: dict[str, list[Example]], 
 def evaluate_examples(predictor: BasePredictor, examples: dict[str, list[Example]]) -> tuple[dict[str, float], dict]:
     """Metrics and raw outputs of any predictor on labelled examples per task."""
     outputs = {name: predictor.predict(name, ex) for name, ex in examples.items()}
-    return score_outputs(outputs, examples, predictor.scorer), outputs
+    return score_outputs(outputs, examples, predictor.scorer, task_specs(predictor)), outputs
 
 
 def metrics_for(model, datasets: dict[str, EncodedDataset], scorer=None, **kw) -> tuple[dict[str, float], dict]:
@@ -327,9 +329,17 @@ def metrics_for(model, datasets: dict[str, EncodedDataset], scorer=None, **kw) -
 
 
 def load_examples(tasks, data_dir, split: str, limit=None) -> dict[str, list[Example]]:
-    return {name: load_split(get_task(name), data_dir, split, limit)[0] for name in tasks}
+    """The examples of each task (a TaskSpec, as a loaded model knows it, or a registered name)."""
+    specs = [t if isinstance(t, TaskSpec) else get_task(t) for t in tasks]
+    return {spec.name: load_split(spec, data_dir, split, limit)[0] for spec in specs}
+
+
+def task_specs(predictor: BasePredictor) -> dict[str, TaskSpec]:
+    """Every task of a loaded predictor as the model knows it."""
+    return {name: predictor.task_spec(name) for name in predictor.tasks}
 
 
 def encode_split(model, tokenizer, data_dir, split: str, limit=None) -> dict[str, EncodedDataset]:
     predictor = Predictor(model, tokenizer)
-    return {name: predictor.encode(name, ex) for name, ex in load_examples(model.tasks, data_dir, split, limit).items()}
+    return {name: predictor.encode(name, ex)
+            for name, ex in load_examples(list(model.tasks.values()), data_dir, split, limit).items()}

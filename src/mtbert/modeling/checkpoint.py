@@ -22,7 +22,7 @@ from mtbert.core.config import Config, load_config
 from mtbert.core.errors import CheckpointError, ConfigError
 from mtbert.core.io import read_run_text, replace_dir, temporary_dir
 from mtbert.core.rundir import TRAIN_STATE, RunDir
-from mtbert.core.tasks import get_task
+from mtbert.core.tasks import get_task, run_tasks
 from mtbert.core.trust import UntrustedCodeError, reading_run
 from mtbert.data.tokenizer import BertTokenizer
 from mtbert.modeling.adapters import EXTENSIONS, merge_lora
@@ -130,7 +130,9 @@ def find_checkpoint(path: str | Path, required: bool = True) -> Path | None:
 def load_checkpoint(path: str | Path, device: str = "cpu"):
     """-> (model, tokenizer, config, meta) with heads and options restored."""
     ckpt = find_checkpoint(path)
-    with reading_run(ckpt):  # a checkpoint is data: nothing it names is imported (core.trust)
+    # a checkpoint is data: nothing it names is imported (core.trust); the tasks it declares are
+    # its own (the model keeps their specs), not registered for the rest of the process
+    with reading_run(ckpt), run_tasks():
         return _load_checkpoint(ckpt, device)
 
 
