@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from mtbert.core.config import ConfigError, load_config
@@ -42,3 +44,10 @@ def test_strategy_args_follow_their_strategy():
 def test_sizes_must_be_positive(override):
     with pytest.raises(ConfigError, match="at least"):
         load_config("configs/quick.yaml", [override])
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path("configs").rglob("*.yaml")
+                                        if p.parent.name not in ("ablations", "tune")))
+def test_every_shipped_config_loads(path):
+    """(Ablation and search-space files are specs of their own, checked in their tests.)"""
+    assert load_config(path).data.tasks
