@@ -127,6 +127,24 @@ def test_a_tokenizer_whose_rules_panic_is_one_line(run, tmp_path, capsys):
     assert code == 2 and "tokenizer failed on this input" in _one_line_error(capsys)
 
 
+def test_the_server_answers_a_panicking_input_alone_and_keeps_serving(run, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from mtbert.apps.serve import create_app
+    copy = _copy(run, tmp_path / "copy")
+    path = copy / "best" / "tokenizer.json"
+    tok = json.loads(path.read_text())
+    tok["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Replace", "pattern": {"Regex": "(a|aa)+$"}, "content": "x"}] + (
+        [tok["normalizer"]] if tok.get("normalizer") else [])}
+    path.write_text(json.dumps(tok))
+    with TestClient(create_app(copy, device="cpu"), base_url="http://localhost") as client:
+        bad = client.post("/v1/sentiment", json={"texts": ["a" * 40 + "!"]})
+        assert 400 <= bad.status_code < 600 and "Traceback" not in bad.text
+        ok = client.post("/v1/sentiment", json={"texts": ["A fine film."]})
+        assert ok.status_code == 200, ok.text
+
+
 @pytest.mark.parametrize("lora, expected", [
     ({"alpha": float("nan")}, "alpha"),
     ({"alpha": 1e308}, "alpha"),
