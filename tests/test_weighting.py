@@ -70,8 +70,11 @@ def test_every_weighting_is_additive_across_tasks_and_affine_in_each_loss(name):
     with torch.no_grad():
         for p in w.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.3)
-    both = w({"sst": L["sst"], "sts": L["sts"]})
-    assert float(both) == pytest.approx(float(w({"sst": L["sst"]})) + float(w({"sts": L["sts"]})), rel=1e-6)
+    def value(losses) -> float:
+        return float(torch.as_tensor(w(losses)).detach())
+
+    both = value({"sst": L["sst"], "sts": L["sts"]})
+    assert both == pytest.approx(value({"sst": L["sst"]}) + value({"sts": L["sts"]}), rel=1e-6)
     for task in L:
-        f = [float(w({task: torch.tensor(x)})) for x in (0.0, 1.0, 3.0)]
+        f = [value({task: torch.tensor(x)}) for x in (0.0, 1.0, 3.0)]
         assert f[2] - f[1] == pytest.approx(2 * (f[1] - f[0]), rel=1e-5, abs=1e-6), (task, f)
