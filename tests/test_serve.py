@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from mtbert.apps.cli import main
 from mtbert.apps.serve import create_app
+from mtbert.core.errors import ConfigError
 from mtbert.core.tasks import get_task
 from mtbert.data.readers import Example
 from mtbert.inference.loading import load_predictor
@@ -267,3 +268,46 @@ def test_web_page_in_a_real_browser(live_server, client):
     assert decision == ("paraphrase" if paraphrase["is_paraphrase"] else "not a paraphrase")
     score = client.post("/v1/similarity", json={"pairs": [[sentence_a, sentence_b]]}).json()["results"][0]["score"]
     assert re.fullmatch(r"\d\.\d\d", shown_score) and shown_score == f"{score:.2f}"
+
+
+class TopicsAsSentiment(BasePredictor):
+    """A model whose own task `mood` declares `route: sentiment` (tasks are data: no task name is
+    hard-coded in the server)."""
+    name = "moods"
+
+    def __init__(self, route="sentiment", kind="classification"):
+        from mtbert.core.tasks import task_from_definition
+        label = {"column": "y", "kind": kind}
+        if kind == "classification":
+            label["names"] = ["sad", "happy"]
+        self.spec = task_from_definition("mood", {"files": {"dev": "mood.csv"}, "text": "t", "label": label,
+                                                  "route": route})
+
+    @property
+    def tasks(self):
+        return ["mood"]
+
+    def task_spec(self, task_name):
+        return self.spec
+
+    def predict(self, task_name, examples):
+        n = len(examples)
+        return {"pred": np.ones(n, dtype=np.int64), "prob": np.tile([[0.25, 0.75]], (n, 1))}
+
+
+def test_a_route_alias_is_declared_by_the_task_not_the_server():
+    with TestClient(create_app(TopicsAsSentiment()), base_url="http://localhost") as c:
+        r = c.post("/v1/sentiment", json={"texts": ["what a day"]})
+        assert r.status_code == 200, r.text
+        assert r.json()["task"] == "mood" and r.json()["results"][0]["label_name"] == "happy"
+        assert c.get("/v1/info").json()["routes"]["sentiment"]["task"] == "mood"
+        assert c.post("/v1/paraphrase", json={"pairs": PAIRS}).status_code == 404
+
+
+@pytest.mark.parametrize("route, kind, expected", [
+    ("similarity", "classification", "cannot carry"),  # a score route over a class task
+    ("no_such_route", "classification", "unknown route"),
+])
+def test_a_route_the_task_cannot_answer_is_refused_at_start(route, kind, expected):
+    with pytest.raises(ConfigError, match=expected):
+        create_app(TopicsAsSentiment(route, kind))

@@ -307,6 +307,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, force: bool = Fal
         else:
             usage = write_onnx(tmp, model, tokenizer, cfg.model.max_length, quantize, meta)
         tasks = {t: {"labels": list(spec.label_names or []), "metric": spec.main_metric, "scores": spec.kind.scores,
+                     "description": spec.description,
                      "pair_encoding": model.pair_encoding[t],
                      "files": {s: spec.file(s) for s in ("train", "dev")}} for t, spec in model.tasks.items()}
         notes = []

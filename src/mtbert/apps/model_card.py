@@ -11,13 +11,6 @@ from mtbert import __version__
 from mtbert.core.rundir import RunDir
 
 DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
-TASK_TITLES = {
-    "sst": ("SST-5 sentiment", "Stanford Sentiment Treebank movie-review sentences, 5 classes"),
-    "qqp": ("Quora Question Pairs paraphrase", "Quora question pairs: is the second a duplicate of the first?"),
-    "sts": ("STS-B semantic similarity", "sentence pairs scored 0 (unrelated) to 5 (same meaning)"),
-    "sts_bins": ("STS-B semantic similarity (26 bins)", "STS-B scores learned as 26 classes in 0.2 steps"),
-    "cfimdb": ("CFIMDB sentiment", "IMDB movie reviews, negative / positive"),
-}
 LIBRARY = {"hf": "transformers", "sentence-transformers": "sentence-transformers", "onnx": "onnx"}
 PIPELINE = {"hf": "feature-extraction", "sentence-transformers": "sentence-similarity", "onnx": "text-classification"}
 
@@ -26,6 +19,12 @@ QUORA_CAVEAT = (
     "their makers on about a billion sentence pairs that include Quora duplicate-question pairs, among other "
     "data. QQP numbers of a model built on them are therefore not comparable with those of papers whose "
     "backbone did not see Quora pairs (e.g. plain BERT-base).")
+
+
+def title_and_what(task: str, info: dict) -> tuple[str, str]:
+    """A task's title and what it is, from its definition's `description:` ("Title: what it is")."""
+    title, _, what = (info.get("description") or "").partition(":")
+    return (title.strip() or task), what.strip()
 
 
 def _base_model(cfg: dict) -> str | None:
@@ -46,7 +45,7 @@ def model_index(name: str, tasks: dict, dev: dict) -> list[dict]:
     for task, info in tasks.items():
         if task not in dev:
             continue
-        title = TASK_TITLES.get(task, (task, ""))[0]
+        title = title_and_what(task, info)[0]
         results.append({"task": {"type": "sentence-similarity" if info["scores"] else "text-classification",
                                  "name": title},
                         "dataset": {"name": f"{title} (CS224N dev split)", "type": task, "split": "dev"},
@@ -57,7 +56,8 @@ def model_index(name: str, tasks: dict, dev: dict) -> list[dict]:
 
 def render(fmt: str, name: str, cfg: dict, tasks: dict, meta: dict, summary: dict | None, command: str,
            usage: str, notes: list[str] = ()) -> str:
-    """`tasks`: name -> {labels, metric, scores (bool), pair_encoding, files (train/dev/test file names)}."""
+    """`tasks`: name -> {labels, metric, scores (bool), pair_encoding, files (train/dev/test file names),
+    description (the definition's "Title: what it is")}."""
     dev = meta.get("dev") or {}
     base = _base_model(cfg)
     header = {"library_name": LIBRARY[fmt], "pipeline_tag": PIPELINE[fmt], "language": ["en"],
@@ -68,7 +68,7 @@ def render(fmt: str, name: str, cfg: dict, tasks: dict, meta: dict, summary: dic
     lines = ["---", yaml.safe_dump(header, sort_keys=False).strip(), "---", "",
              f"# {name}", "",
              f"A multitask BERT encoder fine-tuned with mtbert {__version__} on "
-             f"{', '.join(TASK_TITLES.get(t, (t,))[0] for t in tasks)}: one shared encoder "
+             f"{', '.join(title_and_what(t, info)[0] for t, info in tasks.items())}: one shared encoder "
              + ("(random-initialised, `model.tiny`), " if model.get("tiny") is not None else
                 f"(backbone `{model.get('backbone')}`{f' = {base}' if base else ''}), ") +
              f"{model.get('pooling')} pooling, one small head per task. Exported as `{fmt}`.", "",
@@ -76,7 +76,7 @@ def render(fmt: str, name: str, cfg: dict, tasks: dict, meta: dict, summary: dic
              "| task | what | pair encoding | output | labels |", "|---|---|---|---|---|"]
     for t, info in tasks.items():
         labels = ", ".join(f"{i} = {l}" for i, l in enumerate(info["labels"])) or "score"
-        lines.append(f"| {t} | {TASK_TITLES.get(t, (t, ''))[1]} | {info['pair_encoding']} | "
+        lines.append(f"| {t} | {title_and_what(t, info)[1]} | {info['pair_encoding']} | "
                      f"{'score' if info['scores'] else 'class'} ({info['metric']}) | {labels} |")
     lines += ["", "## Dev metrics", "",
               f"Best checkpoint of the run (step {meta.get('step', '?')}, epoch {meta.get('epoch', '?')}), "

@@ -441,14 +441,13 @@ def analyse_run(run_dir: str, name: str, prefix: str, out_dir: Path, data_dir=No
         log(f"analysing {task_name}...")
         res["tasks"][task_name] = analyse_task(specs[task_name], ex, outputs[task_name], out_dir, prefix, top)
     if isinstance(predictor, Predictor) and predictor.tokenizer is not None:
-        single = [t for t in examples if t == "sst"] or [t for t in examples if not specs[t].is_pair
-                                                         and specs[t].kind.categorical]
+        # the model's first single-sentence classification task, and its first pair task (its order)
+        single = [t for t in examples if not specs[t].is_pair and specs[t].kind.categorical]
         if single and len(examples[single[0]]) >= 5 and tsne_points >= 5:
             res["tsne"] = analyse_tsne(predictor, examples[single[0]], single[0], out_dir, prefix, tsne_points)
         else:
             res["notes"].append("t-SNE skipped: no single-sentence classification task with at least 5 examples")
-        pairs = [t for t in ("sts", "qqp") if t in examples] + [t for t in examples if specs[t].is_pair
-                                                                and t not in ("sts", "qqp")]
+        pairs = [t for t in examples if specs[t].is_pair]
         if pairs and examples[pairs[0]]:
             log("extracting attention maps...")
             res["attention"] = analyse_attention(predictor, examples[pairs[0]], pairs[0], out_dir, prefix)

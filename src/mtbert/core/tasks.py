@@ -31,7 +31,8 @@ FORMATS = {"csv": ",", "tsv": "\t", "jsonl": None}
 KINDS = ("classification", "binary", "regression", "binned")
 PAIR_ENCODINGS = ("cross", "bi", "cross+cos")
 DEFINITION_KEYS = {"files", "dataset", "format", "delimiter", "encoding", "header", "id_column", "text", "pair_encoding",
-                   "label", "metrics", "main_metric", "leaderboard", "cs224n_output", "variant_of", "description"}
+                   "label", "metrics", "main_metric", "leaderboard", "cs224n_output", "variant_of", "description",
+                   "route"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class TaskSpec:
     variant_of: str | None = None        # same data, other head: counts as that task in the overall score
     leaderboard: str | None = None       # leaderboard group (the CS224N score)
     cs224n_output: dict | None = None    # {prefix, header}: `mtbert predict RUN --out DIR` files
+    route: str | None = None             # a named route alias of `mtbert serve` (/v1/<route>) that answers it
     builtin: bool = False
     confined: bool = False               # a loaded run's task: its files are read only under the data directory
     definition: dict = field(default_factory=dict, compare=False)  # as declared (saved with runs)
@@ -66,6 +68,11 @@ class TaskSpec:
     @property
     def main_metric(self) -> str:
         return self.metrics[0]
+
+    @property
+    def description(self) -> str:
+        """The definition's `description:` ("Title: what it is"), '' if none."""
+        return str(self.definition.get("description") or "")
 
 
     def path(self, split: str, data_dir: str | Path) -> Path:
@@ -231,12 +238,15 @@ def task_from_definition(name: str, d: dict, base_dir: Path | None = None, built
     if out is not None and not all(isinstance(out[k], str) and OUTPUT_WORD.fullmatch(out[k]) for k in out):
         # (a run's task definition must not name a path outside --out, nor write lines of its own)
         fail("cs224n_output's prefix and header must be words of letters, digits, '_' or '-' (at most 64)")
+    route = d.get("route")
+    if route is not None and not (isinstance(route, str) and OUTPUT_WORD.fullmatch(route)):
+        fail("route must be a word of letters, digits, '_' or '-' (a server route alias, e.g. sentiment)")
     return TaskSpec(name=name, text_columns=text_columns, label_column=str(label["column"]), kind=kind,
                     num_labels=num_labels, metrics=tuple(metrics), files=files or {}, dataset=dataset,
                     format=fmt, delimiter=d.get("delimiter"), encoding=encoding, columns=tuple(header) if isinstance(header, list) else None,
                     id_column=d.get("id_column", "id" if builtin else None), label_range=rng, label_names=names,
                     pair_encoding=pair_encoding, variant_of=d.get("variant_of"), leaderboard=d.get("leaderboard"),
-                    cs224n_output=out, builtin=builtin, confined=run_data_confined() and not builtin,
+                    cs224n_output=out, route=route, builtin=builtin, confined=run_data_confined() and not builtin,
                     definition=_portable(d, files))
 
 
