@@ -29,7 +29,9 @@ import shlex
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -37,6 +39,7 @@ from mtbert import __version__
 from mtbert.apps import model_card
 from mtbert.core.errors import CheckpointError, ConfigError
 from mtbert.core.io import replace_dir, temporary_dir, write_json
+from mtbert.core.registry import Registry
 from mtbert.core.rundir import RunDir
 from mtbert.data.readers import pad
 from mtbert.data.tokenizer import BertTokenizer
@@ -48,7 +51,6 @@ from mtbert.modeling.model import MultitaskModel
 
 log = logging.getLogger("mtbert")
 
-FORMATS = ("hf", "sentence-transformers", "onnx")
 EXPORT_MARKER = "mtbert_export.json"  # in every export: what `--force` may replace
 QUANTIZE = ("int8",)
 TOLERANCE = 1e-4
@@ -69,17 +71,36 @@ def _require(module: str):
 
 # ---------------------------------------------------------------- checks before writing
 
+def _one_encoder(model: MultitaskModel, fmt: str) -> str | None:
+    if "lora_experts" in model.extensions:
+        return ("this run has per-task LoRA experts (a different encoder per task): "
+                f"--format {fmt} holds one encoder; use --format onnx (one graph per task)")
+    return None
+
+
+def _refuse_hf(model: MultitaskModel) -> str | None:
+    return _one_encoder(model, "hf")
+
+
+def _refuse_sentence_transformers(model: MultitaskModel) -> str | None:
+    if model.pooling not in ("cls", "mean"):
+        return (f"sentence-transformers holds `cls` or `mean` pooling; this run uses {model.pooling!r}: "
+                f"use --format hf (pooler weights in the heads file) or onnx")
+    return _one_encoder(model, "sentence-transformers")
+
+
+def _refuse_onnx(model: MultitaskModel) -> str | None:
+    if "bilstm" in model.pooling.split("+"):
+        return ("the bilstm pooler runs on packed sequences, which torch.export cannot trace: "
+                "--format onnx is not available for it; use --format hf")
+    return None
+
+
 def check_exportable(model: MultitaskModel, fmt: str) -> None:
     """Refuse what a format cannot hold, with the alternative."""
-    if "lora_experts" in model.extensions and fmt != "onnx":
-        raise CheckpointError("this run has per-task LoRA experts (a different encoder per task): "
-                              f"--format {fmt} holds one encoder; use --format onnx (one graph per task)")
-    if fmt == "onnx" and "bilstm" in model.pooling.split("+"):
-        raise CheckpointError("the bilstm pooler runs on packed sequences, which torch.export cannot trace: "
-                              "--format onnx is not available for it; use --format hf")
-    if fmt == "sentence-transformers" and model.pooling not in ("cls", "mean"):
-        raise CheckpointError(f"sentence-transformers holds `cls` or `mean` pooling; this run uses "
-                              f"{model.pooling!r}: use --format hf (pooler weights in the heads file) or onnx")
+    reason = EXPORT_FORMATS.get(fmt).refuse(model)
+    if reason:
+        raise CheckpointError(reason)
 
 
 def single_encoder(model: MultitaskModel) -> MultitaskModel:
@@ -277,13 +298,53 @@ def _check_close(what: str, got: torch.Tensor, ref: torch.Tensor) -> None:
 
 # ---------------------------------------------------------------- the command
 
+@dataclass(frozen=True)
+class ExportFormat:
+    """One export format: what loads it (its model card's library and pipeline tag), what it cannot
+    hold (a reason, or None), how it is written (returns the card's usage snippet), and its notes."""
+    name: str
+    library: str
+    pipeline_tag: str
+    refuse: Callable[[MultitaskModel], str | None]
+    write: Callable[..., str]           # (out, model, tokenizer, cfg, meta, quantize) -> usage
+    notes: Callable[[MultitaskModel], list[str]] = lambda model: []
+    quantize: tuple[str, ...] = ()
+
+
+def _merged_lora_note(model: MultitaskModel) -> list[str]:
+    return ["Trained with LoRA adapters; they are merged into the exported encoder's weights."] \
+        if "lora" in model.extensions else []
+
+
+EXPORT_FORMATS: Registry[ExportFormat] = Registry("export format")
+EXPORT_FORMATS.register(ExportFormat(
+    "hf", "transformers", "feature-extraction", _refuse_hf,
+    lambda out, model, tok, cfg, meta, quantize: write_hf(out, model, tok, cfg.model.max_length, cfg.model.dropout),
+    _merged_lora_note), name="hf")
+EXPORT_FORMATS.register(ExportFormat(
+    "sentence-transformers", "sentence-transformers", "sentence-similarity", _refuse_sentence_transformers,
+    lambda out, model, tok, cfg, meta, quantize: write_sentence_transformers(out, model, tok, cfg.model.max_length),
+    lambda model: _merged_lora_note(model) + [
+        "Sentence vectors only: the task heads are not part of this format (use the hf export)."]),
+    name="sentence-transformers")
+EXPORT_FORMATS.register(ExportFormat(
+    "onnx", "onnx", "text-classification", _refuse_onnx,
+    lambda out, model, tok, cfg, meta, quantize: write_onnx(out, model, tok, cfg.model.max_length, quantize, meta),
+    quantize=QUANTIZE), name="onnx")
+FORMATS = tuple(EXPORT_FORMATS.names())
+INT8_NOTE = ("The int8 graphs are dynamically quantised (weights int8, activations quantised per batch); their "
+             "dev metrics can differ from the fp32 graphs' (see the project's RESULTS.md).")
+
+
 def export_run(run_dir: str | Path, fmt: str, out: str | Path, force: bool = False, quantize: str | None = None) -> Path:
     """Export RUN_DIR's best checkpoint (or a checkpoint directory) to `out`; returns `out`."""
     run_dir, out = Path(run_dir), Path(out)
-    if fmt not in FORMATS:
+    if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
-    if quantize is not None and (fmt != "onnx" or quantize not in QUANTIZE):
-        raise ConfigError(f"--quantize {quantize} applies to --format onnx only, with {', '.join(QUANTIZE)}")
+    form = EXPORT_FORMATS.get(fmt)
+    if quantize is not None and quantize not in form.quantize:
+        takes = [f.name for f in EXPORT_FORMATS.values() if quantize in f.quantize]
+        raise ConfigError(f"--quantize {quantize} applies to --format {' or '.join(takes) or 'none'} only")
     if is_ensemble_dir(run_dir):
         raise CheckpointError(f"{run_dir} is an ensemble: its members are separate models; export each member run")
     if (out.exists() or out.is_symlink()) and not force:
@@ -300,25 +361,13 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, force: bool = Fal
     tmp = temporary_dir(out)
     try:
         torch.manual_seed(0)
-        if fmt == "hf":
-            usage = write_hf(tmp, model, tokenizer, cfg.model.max_length, cfg.model.dropout)
-        elif fmt == "sentence-transformers":
-            usage = write_sentence_transformers(tmp, model, tokenizer, cfg.model.max_length)
-        else:
-            usage = write_onnx(tmp, model, tokenizer, cfg.model.max_length, quantize, meta)
+        usage = form.write(tmp, model, tokenizer, cfg, meta, quantize)
         tasks = {t: {"labels": list(spec.label_names or []), "metric": spec.main_metric, "scores": spec.kind.scores,
                      "description": spec.description,
                      "pair_encoding": model.pair_encoding[t],
                      "files": {s: spec.file(s) for s in ("train", "dev")}} for t, spec in model.tasks.items()}
-        notes = []
-        if "lora" in model.extensions and fmt != "onnx":
-            notes.append("Trained with LoRA adapters; they are merged into the exported encoder's weights.")
-        if fmt == "sentence-transformers":
-            notes.append("Sentence vectors only: the task heads are not part of this format (use the hf export).")
-        if quantize:
-            notes.append("The int8 graphs are dynamically quantised (weights int8, activations quantised per "
-                         "batch); their dev metrics can differ from the fp32 graphs' (see the project's RESULTS.md).")
-        card = model_card.render(fmt, run_root.name, cfg.to_dict(), tasks, meta, summary,
+        notes = form.notes(model) + ([INT8_NOTE] if quantize else [])
+        card = model_card.render(form, run_root.name, cfg.to_dict(), tasks, meta, summary,
                                  command or _reproduce_command(run_root), usage, notes)
         (tmp / "README.md").write_text(card)
         write_json(tmp / EXPORT_MARKER, {"format": fmt, "source": str(ckpt.resolve()), "mtbert": __version__})

@@ -11,8 +11,6 @@ from mtbert import __version__
 from mtbert.core.rundir import RunDir
 
 DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
-LIBRARY = {"hf": "transformers", "sentence-transformers": "sentence-transformers", "onnx": "onnx"}
-PIPELINE = {"hf": "feature-extraction", "sentence-transformers": "sentence-similarity", "onnx": "text-classification"}
 
 QUORA_CAVEAT = (
     "The backbone matters for QQP: all-MiniLM-L6-v2 (the default) and all-mpnet-base-v2 were trained by "
@@ -54,13 +52,14 @@ def model_index(name: str, tasks: dict, dev: dict) -> list[dict]:
     return [{"name": name, "results": results}] if results else []
 
 
-def render(fmt: str, name: str, cfg: dict, tasks: dict, meta: dict, summary: dict | None, command: str,
+def render(form, name: str, cfg: dict, tasks: dict, meta: dict, summary: dict | None, command: str,
            usage: str, notes: list[str] = ()) -> str:
     """`tasks`: name -> {labels, metric, scores (bool), pair_encoding, files (train/dev/test file names),
     description (the definition's "Title: what it is")}."""
     dev = meta.get("dev") or {}
     base = _base_model(cfg)
-    header = {"library_name": LIBRARY[fmt], "pipeline_tag": PIPELINE[fmt], "language": ["en"],
+    fmt = form.name  # an apps.export.ExportFormat
+    header = {"library_name": form.library, "pipeline_tag": form.pipeline_tag, "language": ["en"],
               "tags": ["mtbert", "bert", "multitask", *(["onnx"] if fmt == "onnx" else []),
                        *(["sentence-transformers", "feature-extraction"] if fmt == "sentence-transformers" else [])],
               **({"base_model": base} if base else {}), "model-index": model_index(name, tasks, dev)}
