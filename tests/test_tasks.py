@@ -41,3 +41,37 @@ def test_losses_and_predictions_per_kind():
     assert sst.kind.loss(logits, torch.tensor([1])).item() == pytest.approx(-torch.log_softmax(logits, -1)[0, 1].item())
     assert qqp.kind.predict(torch.tensor([[0.3], [-0.2]])).tolist() == [1, 0]
     assert sts.kind.loss(torch.tensor([[1.0], [3.0]]), torch.tensor([2.0, 2.0])).item() == pytest.approx(1.0)
+
+
+def test_an_output_kind_parses_its_own_label_block(monkeypatch):
+    """Adding a kind is one class that reads its `label:` block (core/kinds.py), registered by name:
+    task definitions use it without an edit of core/tasks.py."""
+    from mtbert.core.errors import ConfigError
+    from mtbert.core.kinds import OUTPUT_KINDS, Classification
+    from mtbert.core.tasks import task_from_definition
+
+    class Ordinal(Classification):
+        name = "ordinal"
+        label_keys = Classification.label_keys | {"levels"}
+
+        @classmethod
+        def from_label(cls, label, names, rng, fail):
+            if not label.get("levels"):
+                fail("an ordinal label needs `levels`")
+            return cls(), int(label["levels"])
+
+    monkeypatch.setitem(OUTPUT_KINDS, "ordinal", Ordinal)
+    base = {"files": {"dev": "x.csv"}, "text": "t"}
+    spec = task_from_definition("o", {**base, "label": {"column": "y", "kind": "ordinal", "levels": 4}})
+    assert isinstance(spec.kind, Ordinal) and spec.num_labels == 4
+    with pytest.raises(ConfigError, match="an ordinal label needs `levels`"):
+        task_from_definition("o", {**base, "label": {"column": "y", "kind": "ordinal"}})
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['levels'\] for a binary label"):
+        task_from_definition("o", {**base, "label": {"column": "y", "kind": "binary", "levels": 4}})
+    with pytest.raises(ConfigError, match="label.kind must be one of"):
+        task_from_definition("o", {**base, "label": {"column": "y", "kind": "nope"}})
+    spec = task_from_definition("o", {**base, "label": {"column": "y", "kind": "binned", "range": [0, 5],
+                                                        "bins": 11}})
+    assert spec.num_labels == 11 and spec.kind.step == 0.5
+    with pytest.raises(ConfigError, match="needs `range"):
+        task_from_definition("o", {**base, "label": {"column": "y", "kind": "binned", "bins": 3}})

@@ -25,6 +25,14 @@ class OutputKind:
     categorical: bool = False        # gold is one of K classes read from a K-way softmax head
     positive_class: int | None = None  # binary tasks: the class whose probability `prob` holds
     uncertainty_factor: float = 1.0  # Kendall et al.: ½ for a Gaussian likelihood (regression)
+    label_keys: frozenset = frozenset({"column", "kind", "names", "range"})  # what its `label:` block may hold
+
+    @classmethod
+    def from_label(cls, label: dict, names: tuple[str, ...] | None, rng: tuple[float, float] | None,
+                   fail) -> tuple["OutputKind", int]:
+        """This kind for a task definition's `label:` block (names and range already read), with
+        its number of labels; `fail(message)` reports what the block lacks."""
+        raise NotImplementedError
 
     def out_dim(self, num_labels: int) -> int:
         raise NotImplementedError
@@ -98,6 +106,12 @@ class Classification(OutputKind):
     name = "classification"
     categorical = True
 
+    @classmethod
+    def from_label(cls, label, names, rng, fail):
+        if names is None:
+            fail("a classification label needs `names` (class names in order; integer labels index them)")
+        return CLASSIFICATION, len(names)
+
     def out_dim(self, num_labels):
         return num_labels
 
@@ -119,6 +133,12 @@ class Classification(OutputKind):
 class Binary(OutputKind):
     name = "binary"
     positive_class = 1
+
+    @classmethod
+    def from_label(cls, label, names, rng, fail):
+        if names is not None and len(names) != 2:
+            fail("a binary label has two names: [negative, positive]")
+        return BINARY, 2
 
     def out_dim(self, num_labels):
         return 1
@@ -150,6 +170,10 @@ class Regression(OutputKind):
     name = "regression"
     scores = True
     distribution = False
+
+    @classmethod
+    def from_label(cls, label, names, rng, fail):
+        return REGRESSION, 1
     uncertainty_factor = 0.5
 
     def out_dim(self, num_labels):
@@ -186,9 +210,17 @@ class Binned(OutputKind):
     prediction is the expected bin value, so Pearson and score files work unchanged."""
     name = "binned"
     scores = True
+    label_keys = OutputKind.label_keys | {"bins"}
 
     def __init__(self, lo: float, step: float, bins: int):
         self.lo, self.step, self.bins = lo, step, bins
+
+    @classmethod
+    def from_label(cls, label, names, rng, fail):
+        bins = label.get("bins")
+        if rng is None or not isinstance(bins, int) or isinstance(bins, bool) or bins < 2:
+            fail("a binned label needs `range: [low, high]` and `bins` (at least 2)")
+        return cls(rng[0], (rng[1] - rng[0]) / (bins - 1), bins), bins
 
     def out_dim(self, num_labels):
         return num_labels
@@ -223,4 +255,6 @@ class Binned(OutputKind):
 
 
 CLASSIFICATION, BINARY, REGRESSION = Classification(), Binary(), Regression()
+# label.kind -> its class: a new kind is one class here, registered (it parses its own `label:` block)
+OUTPUT_KINDS = {k.name: k for k in (Classification, Binary, Regression, Binned)}
 BINNED_STS = Binned(lo=0.0, step=0.2, bins=26)  # 0.0, 0.2, ..., 5.0

@@ -22,13 +22,12 @@ import yaml
 
 from mtbert.core.errors import ConfigError, DataError, RegistryError, UnknownTaskError
 from mtbert.core.io import text_encoding
-from mtbert.core.kinds import BINARY, CLASSIFICATION, REGRESSION, Binned, OutputKind
+from mtbert.core.kinds import OUTPUT_KINDS, OutputKind
 from mtbert.core.metrics import METRICS, accuracy, pearson, rescaled  # noqa: F401  (accuracy, pearson: re-exported)
 from mtbert.core.registry import Registry
 from mtbert.core.trust import run_data_confined
 
 FORMATS = {"csv": ",", "tsv": "\t", "jsonl": None}
-KINDS = ("classification", "binary", "regression", "binned")
 PAIR_ENCODINGS = ("cross", "bi", "cross+cos")
 DEFINITION_KEYS = {"files", "dataset", "format", "delimiter", "encoding", "header", "id_column", "text", "pair_encoding",
                    "label", "metrics", "main_metric", "leaderboard", "cs224n_output", "variant_of", "description",
@@ -168,12 +167,12 @@ def task_from_definition(name: str, d: dict, base_dir: Path | None = None, built
     label = d.get("label")
     if not isinstance(label, dict) or "column" not in label or "kind" not in label:
         fail("label must be a mapping with `column` and `kind`")
-    bad = sorted(set(label) - {"column", "kind", "names", "range", "bins"})
-    if bad:
-        fail(f"label: unknown key(s) {bad}")
     kind_name, names, rng = label["kind"], label.get("names"), label.get("range")
-    if kind_name not in KINDS:
-        fail(f"label.kind must be one of {list(KINDS)}, got {kind_name!r}")
+    if not isinstance(kind_name, str) or kind_name not in OUTPUT_KINDS:
+        fail(f"label.kind must be one of {list(OUTPUT_KINDS)}, got {kind_name!r}")
+    bad = sorted(set(label) - OUTPUT_KINDS[kind_name].label_keys)
+    if bad:
+        fail(f"label: unknown key(s) {bad} for a {kind_name} label")
     if names is not None:
         if not isinstance(names, list):
             fail("label.names must be a list of class names")
@@ -185,21 +184,7 @@ def task_from_definition(name: str, d: dict, base_dir: Path | None = None, built
                 and rng[0] < rng[1]):
             fail("label.range must be [low, high] with low < high")
         rng = (float(rng[0]), float(rng[1]))
-    if kind_name == "classification":
-        if names is None:
-            fail("a classification label needs `names` (class names in order; integer labels index them)")
-        kind, num_labels = CLASSIFICATION, len(names)
-    elif kind_name == "binary":
-        if names is not None and len(names) != 2:
-            fail("a binary label has two names: [negative, positive]")
-        kind, num_labels = BINARY, 2
-    elif kind_name == "regression":
-        kind, num_labels = REGRESSION, 1
-    else:
-        bins = label.get("bins")
-        if rng is None or not isinstance(bins, int) or bins < 2:
-            fail("a binned label needs `range: [low, high]` and `bins` (at least 2)")
-        kind, num_labels = Binned(rng[0], (rng[1] - rng[0]) / (bins - 1), bins), bins
+    kind, num_labels = OUTPUT_KINDS[kind_name].from_label(label, names, rng, fail)
     if kind.scores and names is not None:
         fail(f"a {kind_name} label has a range, not names")
     metrics = d.get("metrics") or (["pearson"] if kind.scores else ["accuracy"])
