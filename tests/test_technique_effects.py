@@ -160,3 +160,37 @@ def test_every_preset_switches_on_what_it_names_and_runs(tmp_path, preset):
     tr = Trainer(cfg, tmp_path / "r")
     assert PRESET_EFFECTS[preset](tr), f"preset {preset} does not switch on what it names"
     assert tr.run()["steps"] == 2
+
+
+# task_loss hooks add their terms to the loss they are given: so their order in the YAML does not
+# matter. One spec per technique that overrides task_loss (the registry-wide check below fails
+# for a new one that is missing here).
+ADDITIVE_SPECS = {
+    "smart": "{smart: {weight: 1.0, epsilon: 1.0e-2, step_size: 1.0e-2}}",
+    "bregman": "{bregman: {mu: 1.0, beta: 0.5}}",
+    "uda": "{uda: {weight: 1.0, beta: 0.0, tsa: exp}}",
+}
+
+
+def test_every_loss_hook_is_listed_for_the_order_check():
+    from mtbert.training.techniques import TECHNIQUES, Technique
+    overriding = {name for name, cls in TECHNIQUES.items()
+                  if isinstance(cls, type) and cls.task_loss is not Technique.task_loss}
+    assert overriding - {"distill"} <= set(ADDITIVE_SPECS), overriding  # (distill: its own test, it needs a teacher)
+
+
+@pytest.mark.parametrize("name", sorted(ADDITIVE_SPECS))
+def test_a_loss_hook_adds_to_the_loss_it_is_given(tmp_path, tiny_cfg, name):
+    """hook(L + c) == hook(L) + c: what earlier techniques added passes through unchanged, so any
+    YAML order of techniques gives the same total loss (the order contract of Technique.task_loss)."""
+    tr = Trainer(tiny_cfg(*NO_DROPOUT, f"techniques={ADDITIVE_SPECS[name]}"), tmp_path / "r")
+    tech = tr.techniques[0]
+    batch = tr.to_device(next(tr.streams["sst"]))
+    tr.model.eval()
+    logits = tr.model("sst", batch["inputs"])
+    base = tr.model.tasks["sst"].kind.loss(logits, batch["labels"])
+    torch.manual_seed(0)
+    a = tech.task_loss(tr.ctx, "sst", batch, logits, base)
+    torch.manual_seed(0)
+    b = tech.task_loss(tr.ctx, "sst", batch, logits, base + 5.0)
+    assert float(b - a) == pytest.approx(5.0, abs=1e-5)

@@ -5,6 +5,9 @@ counter, autocast, the loss scale, the training sets), never the trainer, and th
 instead of changing other objects: `task_loss` returns the loss, `param_groups` the groups,
 `on_eval` a learning-rate factor.
 
+Techniques run in the order the YAML lists them; their loss hooks only add terms (task_loss), so
+that order changes nothing, and a gradient combiner is a slot of its own.
+
 Gradient combiners (PCGrad and its successors) are a separate slot: a `GradientCombiner` gets
 the per-task gradients of the shared parameters (`model.shared_parameters()`) and returns the one
 gradient to apply. At most one combiner can be configured.
@@ -66,7 +69,10 @@ class Technique:
 
     def task_loss(self, ctx: StepContext, task: str, batch: dict, logits: torch.Tensor,
                   loss: torch.Tensor) -> torch.Tensor:
-        """Return the task loss with this technique's regulariser added."""
+        """Return `loss` plus this technique's terms. The order contract: a hook only adds (a term
+        may stand in for the plain supervised loss as `+ (new - plain)`, as UDA's TSA and
+        distillation do), never scales or replaces what it is given, so the techniques' order in
+        the YAML (the order they run in) does not change the total (tests/test_technique_effects.py)."""
         return loss
 
     def after_step(self, ctx: StepContext) -> None:
