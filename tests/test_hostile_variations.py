@@ -108,18 +108,28 @@ def test_overwrite_never_deletes_a_folder_that_only_looks_like_a_run(tmp_path, c
 
 # ---------------------------------------------------------------- crafted checkpoints
 
-def test_a_tokenizer_whose_rules_panic_is_one_line(run, tmp_path, capsys):
-    """A Replace normalizer with a catastrophic regex makes the Rust tokenizer panic (a
-    BaseException in Python) on a matching input; that input fails in one line, exit 2."""
-    copy = _copy(run, tmp_path / "copy")
+PANICS = "a" * 40 + "!"  # what the crafted rule below cannot match in time
+
+
+def _with_panicking_tokenizer(run: Path, to: Path) -> Path:
+    """A copy of `run` whose tokenizer.json adds a Replace normalizer with a catastrophic regex:
+    the Rust library panics (retry limit) on PANICS."""
+    copy = _copy(run, to)
     path = copy / "best" / "tokenizer.json"
     tok = json.loads(path.read_text())
     tok["normalizer"] = {"type": "Sequence", "normalizers": [
         {"type": "Replace", "pattern": {"Regex": "(a|aa)+$"}, "content": "x"}] + (
         [tok["normalizer"]] if tok.get("normalizer") else [])}
     path.write_text(json.dumps(tok))
+    return copy
+
+
+def test_a_tokenizer_whose_rules_panic_is_one_line(run, tmp_path, capsys):
+    """A Replace normalizer with a catastrophic regex makes the Rust tokenizer panic (a
+    BaseException in Python) on a matching input; that input fails in one line, exit 2."""
+    copy = _with_panicking_tokenizer(run, tmp_path / "copy")
     src = tmp_path / "in.csv"
-    src.write_text("id,sentence\n1," + "a" * 40 + "!\n")
+    src.write_text(f"id,sentence\n1,{PANICS}\n")
     code = main(["predict", str(copy), "--task", "sst", "--input", str(src), "--out", str(tmp_path / "o.csv"),
                  "--device", "cpu"])
     if code == 0:
@@ -131,15 +141,9 @@ def test_the_server_answers_a_panicking_input_alone_and_keeps_serving(run, tmp_p
     from fastapi.testclient import TestClient
 
     from mtbert.apps.serve import create_app
-    copy = _copy(run, tmp_path / "copy")
-    path = copy / "best" / "tokenizer.json"
-    tok = json.loads(path.read_text())
-    tok["normalizer"] = {"type": "Sequence", "normalizers": [
-        {"type": "Replace", "pattern": {"Regex": "(a|aa)+$"}, "content": "x"}] + (
-        [tok["normalizer"]] if tok.get("normalizer") else [])}
-    path.write_text(json.dumps(tok))
+    copy = _with_panicking_tokenizer(run, tmp_path / "copy")
     with TestClient(create_app(copy, device="cpu"), base_url="http://localhost") as client:
-        bad = client.post("/v1/sentiment", json={"texts": ["a" * 40 + "!"]})
+        bad = client.post("/v1/sentiment", json={"texts": [PANICS]})
         assert 400 <= bad.status_code < 600 and "Traceback" not in bad.text
         ok = client.post("/v1/sentiment", json={"texts": ["A fine film."]})
         assert ok.status_code == 200, ok.text
@@ -326,3 +330,15 @@ def test_two_loaded_runs_keep_their_own_definition_of_one_task_name(tmp_path, sy
     assert first.task_spec("mine").label_names == tuple("abcde") and second.task_spec("mine").label_names == tuple("edcba")
     after, _ = evaluate_examples(first, load_examples(task_specs(first).values(), synthetic_data_dir, "dev"))
     assert after == before
+
+
+def test_an_hf_export_carries_its_user_tasks_definitions(tmp_path, synthetic_data_dir):
+    """An hf export of a run with a user task loads in a process that never saw that task's config:
+    the export stores the task's definition (and reading it imports nothing)."""
+    from mtbert.core.tasks import TASKS
+    from mtbert.modeling.hf_format import load_hf_export
+    run = _custom_run(tmp_path, synthetic_data_dir, "a", list("abcde"))
+    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    TASKS._entries.pop("mine", None)
+    model, _ = load_hf_export(tmp_path / "hf")
+    assert model.tasks["mine"].label_names == tuple("abcde") and "mine" not in TASKS

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from mtbert.core.errors import CheckpointError
 from mtbert.core.io import read_json
-from mtbert.core.tasks import get_task
+from mtbert.core.tasks import TaskSpec, get_task, task_from_definition
 from mtbert.core.trust import reading_run
 from mtbert.data.tokenizer import BertTokenizer
 from mtbert.modeling.encoder import BertModel, load_hf_encoder, load_state_checked
@@ -108,7 +108,9 @@ def save_heads(directory: str | Path, model: MultitaskModel, dropout: float, max
     for name, t in model.tasks.items():
         tasks[name] = {"kind": repr(t.kind), "num_labels": t.num_labels, "labels": list(t.label_names or []),
                        "label_range": list(t.label_range) if t.label_range else None, "metric": t.main_metric,
-                       "pair_encoding": model.pair_encoding[name]}
+                       "pair_encoding": model.pair_encoding[name],
+                       # the full definition, so a task that is not built in loads without its config
+                       **({} if t.builtin else {"definition": t.definition})}
     spec = {"format": 1, "tasks": tasks, "pair_encoding": model.pair_encoding, "pooling": model.pooling,
             "bi_head": model.bi_head, "shared_pair_layer": model.shared_pair_layer, "dropout": dropout,
             "max_length": max_length}
@@ -125,11 +127,24 @@ def load_hf_export(directory: str | Path, device: str = "cpu") -> tuple[Multitas
         return _load_hf_export(directory, device)
 
 
+def _export_task(name: str, record) -> TaskSpec:
+    """A task of an export: its stored definition (user tasks; exports written before they stored
+    one need the task registered) or the built-in task of that name."""
+    if isinstance(record, dict) and isinstance(record.get("definition"), dict):
+        return task_from_definition(name, record["definition"])
+    return get_task(name)
+
+
 def _load_hf_export(directory: Path, device: str) -> tuple[MultitaskModel, BertTokenizer]:
     spec = read_json(directory / HEADS_SPEC)
+    if not isinstance(spec, dict) or not isinstance(spec.get("tasks"), dict):
+        raise CheckpointError(f"{directory / HEADS_SPEC}: not an mtbert heads record (no `tasks` mapping)")
     encoder = load_hf_encoder(directory)
-    model = MultitaskModel(encoder, [get_task(t) for t in spec["tasks"]], spec["pair_encoding"], spec["bi_head"],
-                           spec["pooling"], spec["dropout"], spec["shared_pair_layer"])
+    try:
+        model = MultitaskModel(encoder, [_export_task(t, r) for t, r in spec["tasks"].items()], spec["pair_encoding"],
+                               spec["bi_head"], spec["pooling"], spec["dropout"], spec["shared_pair_layer"])
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{directory / HEADS_SPEC} does not describe a model: {e}") from e
     heads = load_file(str(directory / HEADS_FILE))
     full = {**{f"encoder.{k}": v for k, v in encoder.state_dict().items()}, **heads}
     load_state_checked(model, full, str(directory))
