@@ -248,6 +248,16 @@ def test_formats_refuse_what_they_cannot_hold(tmp_path, capsys, args, message):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+@pytest.mark.parametrize("fmt", ["hf", "sentence-transformers"])
+def test_a_technique_declares_the_formats_that_hold_it(tmp_path, capsys, fmt):
+    """Per-task LoRA experts (a different encoder per task) declare `exports = ("onnx",)`: the
+    single-encoder formats refuse them with that declaration's reason."""
+    ckpt = _checkpoint(tmp_path, "techniques={lora_experts: {rank: 2}}", "model.pooling=mean")
+    assert main(["export", str(ckpt), "--format", fmt, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "technique 'lora_experts' exports to --format onnx only" in err and "per task" in err
+
+
 def test_ensembles_and_self_overwrites_are_refused(run, tmp_path, capsys):
     ens = tmp_path / "ens"
     ens.mkdir()

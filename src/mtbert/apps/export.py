@@ -48,6 +48,8 @@ from mtbert.modeling import hf_format
 from mtbert.modeling.adapters import merge_lora
 from mtbert.modeling.checkpoint import find_checkpoint, load_checkpoint
 from mtbert.modeling.model import MultitaskModel
+from mtbert.modeling.poolers import POOLERS
+from mtbert.training.techniques import TECHNIQUES
 
 log = logging.getLogger("mtbert")
 
@@ -71,34 +73,21 @@ def _require(module: str):
 
 # ---------------------------------------------------------------- checks before writing
 
-def _one_encoder(model: MultitaskModel, fmt: str) -> str | None:
-    if "lora_experts" in model.extensions:
-        return ("this run has per-task LoRA experts (a different encoder per task): "
-                f"--format {fmt} holds one encoder; use --format onnx (one graph per task)")
-    return None
-
-
-def _refuse_hf(model: MultitaskModel) -> str | None:
-    return _one_encoder(model, "hf")
-
-
-def _refuse_sentence_transformers(model: MultitaskModel) -> str | None:
-    if model.pooling not in ("cls", "mean"):
-        return (f"sentence-transformers holds `cls` or `mean` pooling; this run uses {model.pooling!r}: "
-                f"use --format hf (pooler weights in the heads file) or onnx")
-    return _one_encoder(model, "sentence-transformers")
-
-
-def _refuse_onnx(model: MultitaskModel) -> str | None:
-    if "bilstm" in model.pooling.split("+"):
-        return ("the bilstm pooler runs on packed sequences, which torch.export cannot trace: "
-                "--format onnx is not available for it; use --format hf")
+def declared_refusal(model: MultitaskModel, fmt: str) -> str | None:
+    """Why `fmt` cannot hold `model`, from what its poolers and techniques declare they export to."""
+    parts = [(f"pooling {name!r}", POOLERS.get(name)) for name in model.pooling.split("+")]
+    parts += [(f"technique {name!r}", TECHNIQUES.get(name)) for name in model.extensions if name in TECHNIQUES]
+    for what, part in parts:
+        allowed = getattr(part, "exports", FORMATS)
+        if fmt not in allowed:
+            note = getattr(part, "export_note", "")
+            return f"{what} exports to --format {' or '.join(allowed)} only{f' ({note})' if note else ''}"
     return None
 
 
 def check_exportable(model: MultitaskModel, fmt: str) -> None:
     """Refuse what a format cannot hold, with the alternative."""
-    reason = EXPORT_FORMATS.get(fmt).refuse(model)
+    reason = declared_refusal(model, fmt)
     if reason:
         raise CheckpointError(reason)
 
@@ -300,12 +289,12 @@ def _check_close(what: str, got: torch.Tensor, ref: torch.Tensor) -> None:
 
 @dataclass(frozen=True)
 class ExportFormat:
-    """One export format: what loads it (its model card's library and pipeline tag), what it cannot
-    hold (a reason, or None), how it is written (returns the card's usage snippet), and its notes."""
+    """One export format: what loads it (its model card's library and pipeline tag), how it is
+    written (returns the card's usage snippet), its notes and the quantisations it takes. What it
+    cannot hold is declared by the poolers and techniques themselves (`exports`)."""
     name: str
     library: str
     pipeline_tag: str
-    refuse: Callable[[MultitaskModel], str | None]
     write: Callable[..., str]           # (out, model, tokenizer, cfg, meta, quantize) -> usage
     notes: Callable[[MultitaskModel], list[str]] = lambda model: []
     quantize: tuple[str, ...] = ()
@@ -318,17 +307,17 @@ def _merged_lora_note(model: MultitaskModel) -> list[str]:
 
 EXPORT_FORMATS: Registry[ExportFormat] = Registry("export format")
 EXPORT_FORMATS.register(ExportFormat(
-    "hf", "transformers", "feature-extraction", _refuse_hf,
+    "hf", "transformers", "feature-extraction",
     lambda out, model, tok, cfg, meta, quantize: write_hf(out, model, tok, cfg.model.max_length, cfg.model.dropout),
     _merged_lora_note), name="hf")
 EXPORT_FORMATS.register(ExportFormat(
-    "sentence-transformers", "sentence-transformers", "sentence-similarity", _refuse_sentence_transformers,
+    "sentence-transformers", "sentence-transformers", "sentence-similarity",
     lambda out, model, tok, cfg, meta, quantize: write_sentence_transformers(out, model, tok, cfg.model.max_length),
     lambda model: _merged_lora_note(model) + [
         "Sentence vectors only: the task heads are not part of this format (use the hf export)."]),
     name="sentence-transformers")
 EXPORT_FORMATS.register(ExportFormat(
-    "onnx", "onnx", "text-classification", _refuse_onnx,
+    "onnx", "onnx", "text-classification",
     lambda out, model, tok, cfg, meta, quantize: write_onnx(out, model, tok, cfg.model.max_length, quantize, meta),
     quantize=QUANTIZE), name="onnx")
 FORMATS = tuple(EXPORT_FORMATS.names())

@@ -12,6 +12,7 @@ from mtbert.core.errors import ConfigError
 from mtbert.core.registry import Registry
 
 POOLERS: Registry[type] = Registry("pooling")
+ALL_EXPORTS = ("hf", "sentence-transformers", "onnx")  # what a pooler can be exported to, unless it says less
 
 
 def masked_mean(x, mask):
@@ -26,6 +27,7 @@ def masked_max(x, mask):
 @POOLERS.register(name="cls")
 class ClsPool(nn.Module):
     """BERT's pooler output: tanh(W h_[CLS])."""
+    exports, export_note = ALL_EXPORTS, ""
     def __init__(self, hidden):
         super().__init__()
         self.dim = hidden
@@ -37,6 +39,7 @@ class ClsPool(nn.Module):
 @POOLERS.register(name="mean")
 class MeanPool(nn.Module):
     """SBERT mean pooling over real (non-padding) tokens."""
+    exports, export_note = ALL_EXPORTS, ""
     def __init__(self, hidden):
         super().__init__()
         self.dim = hidden
@@ -48,6 +51,7 @@ class MeanPool(nn.Module):
 @POOLERS.register(name="cnn")
 class CNNPool(nn.Module):
     """n-gram convolutions (n = 1..4) over token states, max-pooled over real positions [002]."""
+    exports, export_note = ("hf", "onnx"), "sentence-transformers holds `cls` or `mean` pooling only"
     def __init__(self, hidden, channels: int = 128, ngrams=(1, 2, 3, 4)):
         super().__init__()
         self.convs = nn.ModuleList(nn.Conv1d(hidden, channels, n, padding=n - 1) for n in ngrams)
@@ -68,6 +72,9 @@ class CNNPool(nn.Module):
 @POOLERS.register(name="bilstm")
 class BiLSTMPool(nn.Module):
     """A BiLSTM over token states, max-pooled over real positions [002]; padding is packed away."""
+    exports = ("hf",)
+    export_note = ("it runs on packed sequences, which torch.export cannot trace; sentence-transformers holds "
+                   "`cls` or `mean` pooling only")
     def __init__(self, hidden, lstm_hidden: int = 128):
         super().__init__()
         self.lstm = nn.LSTM(hidden, lstm_hidden, batch_first=True, bidirectional=True)

@@ -54,6 +54,10 @@ class Technique:
     # False where the technique's forward depends on state set around the model's call (hooks,
     # routing), which a layer recomputed during backward (train.checkpoint_above_tokens) would miss
     recomputable: bool = True
+    # the export formats that can hold a model this technique changed (modeling.adapters.EXTENSIONS),
+    # and why not the others
+    exports: tuple[str, ...] = ("hf", "sentence-transformers", "onnx")
+    export_note: str = ""
 
     def prepare_model(self, model, finetune: str) -> None:
         """Change the model's structure (e.g. insert adapters) before the optimizer is built. A

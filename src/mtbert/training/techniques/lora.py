@@ -50,6 +50,8 @@ class LoRA(Technique):
 class LoRAExperts(LoRA):
     name = "lora_experts"
     recomputable = False  # its adapters learn the task from hooks around the model's forward
+    exports = ("onnx",)
+    export_note = "a different encoder per task: only per-task graphs hold it"
     summary = "mixture of low-rank experts: one LoRA adapter set per task on a shared frozen encoder"
     paper = "001"
     routed = True
