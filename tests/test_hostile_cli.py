@@ -342,3 +342,12 @@ def test_an_atomic_write_removes_a_dead_writers_temporaries_only(tmp_path):
     alive.write_text("half")
     atomic_write_text(tmp_path / "out.csv", "id\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "out.csv"])
+
+
+def test_a_run_that_fails_while_building_leaves_no_run_directory(tmp_path, capsys, data_dir):
+    """The run directory is touched last: a backbone that is not there fails before it exists."""
+    out = tmp_path / "new-run"
+    code = main(["train", "--config", str(TINY_YAML), "--out", str(out), "--data-dir", str(data_dir),
+                 "--set", "model.tiny=null", "--set", f"model.backbone={tmp_path / 'no-such-backbone'}"])
+    one_line_error(capsys, code, "backbone not found")
+    assert not out.exists()

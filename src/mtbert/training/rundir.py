@@ -59,27 +59,45 @@ class ReplacedRun:
         self.restore() if kind is not None else self.release()
 
 
+def run_dir_problem(out: Path, resume: bool, overwrite: bool, resumable: bool = True) -> str | None:
+    """Why training into `out` is refused (read-only: nothing is created or moved), or None."""
+    found = RunDir(out).present()
+    if found and not resume and not RunDir(out).holds_run():  # (never delete the user's own folders)
+        return f"{out} holds {', '.join(found)} but no mtbert run (no {CONFIG}, no checkpoint): choose another --out"
+    if found and not resume and not overwrite:
+        finished = "finished " if SUMMARY in found else ""
+        resume_it = f"continue an unfinished run with `mtbert train --resume {out}`, " if resumable else ""
+        return (f"{out} already holds a {finished}run ({', '.join(found)}): {resume_it}replace it with "
+                f"--overwrite (deletes its model and metrics), or choose another --out")
+    return None
+
+
+def check_run_dir(out: Path, resume: bool, overwrite: bool, dist: Dist | None = None,
+                  resumable: bool = True) -> None:
+    """Refuse, before anything is built, to train into a directory that holds a run unless resuming
+    or overwriting it; touches nothing. Every rank gets the main rank's verdict."""
+    dist = dist or Dist()
+    problem = run_dir_problem(out, resume, overwrite, resumable) if dist.main else None
+    problem = dist.broadcast_object(problem)
+    if problem:
+        raise ConfigError(problem)
+
+
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool, dist: Dist | None = None,
                     resumable: bool = True) -> ReplacedRun | None:
-    """Refuse to train into a directory that holds a run, unless resuming it or told to overwrite
-    it: then its run files are moved aside (returned as a ReplacedRun, on the main rank), so no
-    stale summary or model outlives the new run and the old one survives the new one's failure.
-    The main rank looks and writes; every rank gets its verdict, so all stop together."""
+    """Make `out` ready to write, last, once everything that can fail on input has been checked:
+    refuse a directory that holds a run unless resuming it or told to overwrite it; then its run
+    files are moved aside (returned as a ReplacedRun, on the main rank), so no stale summary or
+    model outlives the new run and the old one survives the new one's failure. The main rank looks
+    and writes; every rank gets its verdict, so all stop together."""
     dist = dist or Dist()
     problem, replaced = None, None
     if dist.main:
-        found = RunDir(out).present()
-        if found and not resume and not RunDir(out).holds_run():  # (never delete the user's own folders)
-            problem = (f"{out} holds {', '.join(found)} but no mtbert run (no {CONFIG}, no checkpoint): "
-                       f"choose another --out")
-        elif found and not resume and not overwrite:
-            finished = "finished " if SUMMARY in found else ""
-            resume_it = f"continue an unfinished run with `mtbert train --resume {out}`, " if resumable else ""
-            problem = (f"{out} already holds a {finished}run ({', '.join(found)}): {resume_it}replace it with "
-                       f"--overwrite (deletes its model and metrics), or choose another --out")
-        else:
+        problem = run_dir_problem(out, resume, overwrite, resumable)
+        if problem is None:
             try:
                 _ensure_writable(out)
+                found = RunDir(out).present()
                 if overwrite and not resume and found:
                     replaced = ReplacedRun(out, found)
             except OSError as e:

@@ -72,6 +72,7 @@ from mtbert.training.pretrain import pretrained_start
 from mtbert.training.rundir import (
     check_finite_losses,
     check_finite_score,
+    check_run_dir,
     prepare_run_dir,
 )
 from mtbert.training.schedules import build_schedule
@@ -82,7 +83,7 @@ from mtbert.training.techniques import (
     build_techniques,
     gradient_combiner,
 )
-from mtbert.training.tracking import build_trackers, check_trackers
+from mtbert.training.tracking import build_trackers
 from mtbert.training.validate import validate_run
 from mtbert.training.weightings import build_weighting
 
@@ -102,43 +103,83 @@ def not_recomputable(techniques, model) -> list[str]:
 
 
 class Trainer:
+    """Built in three parts: `validate_run(cfg)` (pure), then the parts (runtime, data, the model
+    and the pretraining stage, techniques, batches and plan, optimizer, counters), each its own
+    step, in an order that keeps every random draw where it was; the run directory is touched last.
+    Then `run()`, the loop."""
+
     def __init__(self, cfg: Config, out_dir: str | Path, dist: Dist | None = None, resume: bool = False,
                  overwrite: bool = False, command: str | None = None):
         self.cfg, self.out, self.dist = cfg, Path(out_dir), dist or Dist()
+        self.command = command  # how the run was started, for an export's model card
         state_dir = state.find_state(self.out) if resume else None
         validate_run(cfg, check_data=False)  # (the data is checked as it is read, below)
-        self.command = command  # how the run was started, for an export's model card
-        tc = cfg.train
+        check_run_dir(self.out, resume, overwrite, self.dist)  # refuse a directory holding a run: reads only
+        self.replaced = None  # an --overwrite'n run, kept aside until this one's first checkpoint
+        self._set_up_runtime()
+        examples = self._read_data()
+        self._build_model(resume, overwrite)
+        self._build_techniques()
+        self._build_batches(examples)
+        self._build_optimizer()
+        self._init_progress(state_dir)
+        # Only now, with the config, tasks, data, model, techniques, schedule and weighting built,
+        # is the run directory touched (--overwrite moves the old run aside; techniques' setup may
+        # write into it).
+        if not (cfg.pretrain.enabled and not resume):  # (a pretraining stage prepared it already)
+            self.replaced = prepare_run_dir(self.out, resume, overwrite, self.dist)
+        with self._restoring_replaced():
+            for tech in self.techniques:
+                tech.setup(self.ctx)
+            self.budget = self._budget_planner()
+            self.budget_announced = False
+            if state_dir is not None:
+                state.restore(self, state_dir)
+                self.ctx.step, self.ctx.total_steps = self.step, self.total_steps
+                log.info("resumed %s at step %d of %d", self.out, self.step, self.total_steps)
+
+    # ---------------------------------------------------------------- building the parts
+
+    def _set_up_runtime(self) -> None:
+        """Seeds, threads, device and precision (before this process's first matmul)."""
+        tc = self.cfg.train
         bound_kernel_caches()  # (before this process's first matmul, or it has no effect)
         set_seed(tc.seed)
         set_threads(tc.threads)
         self.rng = random.Random(tc.seed)
         self.device = self.dist.device(select_device(tc.device))
         self.amp_dtype = resolve_precision(tc.precision, self.device)
-        self.data_dir = resolve_data_dir(cfg.data.data_dir)
-        # the tasks and their files first: a bad file fails before any model loads
-        self.tasks = [get_task(t) for t in cfg.data.tasks]
-        examples = {split: self._read(split) for split in ("train", "dev")}  # (checks files and columns)
-        if not overwrite:  # refuse a directory that holds a run now; deleting one waits (below)
-            prepare_run_dir(self.out, resume, overwrite, self.dist)
-        self.scorer = overall_scorer(cfg.data.overall, cfg.data.overall_weights)
+
+    def _read_data(self) -> dict[str, dict]:
+        """The tasks and their train / dev examples: a bad file fails before any model loads."""
+        self.data_dir = resolve_data_dir(self.cfg.data.data_dir)
+        self.tasks = [get_task(t) for t in self.cfg.data.tasks]
+        self.scorer = overall_scorer(self.cfg.data.overall, self.cfg.data.overall_weights)
+        return {split: self._read(split) for split in ("train", "dev")}  # (checks files and columns)
+
+    def _build_model(self, resume: bool, overwrite: bool) -> None:
+        """The model and tokenizer: from the backbone, or from a contrastive pretraining stage run
+        first into RUN_DIR/pretrain (training.pretrain). A resumed run skips the stage: every weight
+        comes from RUN_DIR/last, and the architecture is the backbone's either way."""
+        cfg = self.cfg
         if cfg.pretrain.enabled and self.dist.world > 1:
             raise ConfigError("pretrain.enabled is single-process: run `mtbert pretrain` first, then train from "
-                             "it with model.backbone=STAGE_DIR")
-        # Contrastive stage first (training.pretrain). A resumed run skips it: every weight comes from
-        # RUN_DIR/last, and the architecture is the backbone's either way.
-        self.replaced = None  # an --overwrite'n run, kept aside until this one's first checkpoint
+                              "it with model.backbone=STAGE_DIR")
         if cfg.pretrain.enabled and not resume:
-            if overwrite:  # (the stage is written into the run directory)
-                self.replaced = prepare_run_dir(self.out, resume, overwrite, self.dist)
+            self.replaced = prepare_run_dir(self.out, resume, overwrite, self.dist)  # (the stage is written there)
             with self._restoring_replaced(), run_code_trusted():  # (the stage this process just wrote)
                 self.model, self.tokenizer = build_model(pretrained_start(cfg, RunDir(self.out).pretrain))
         else:
             self.model, self.tokenizer = build_model(cfg)
-        self.techniques = build_techniques(cfg.techniques)
+
+    def _build_techniques(self) -> None:
+        """The techniques (in YAML order), the structural changes they make to the model, the model
+        on its device with activation checkpointing where every technique allows it, compiled if asked."""
+        tc = self.cfg.train
+        self.techniques = build_techniques(self.cfg.techniques)
         self.combiner = gradient_combiner(self.techniques)
         for tech in self.techniques:
-            tech.prepare_model(self.model, cfg.model.finetune)
+            tech.prepare_model(self.model, self.cfg.model.finetune)
         self.model.to(self.device)
         self.model.encoder.checkpoint_above_tokens = tc.checkpoint_above_tokens
         blocking = not_recomputable(self.techniques, self.model)
@@ -148,6 +189,10 @@ class Trainer:
             self.model.encoder.checkpoint_above_tokens = None
         if tc.compile:  # in place, so parameter names (checkpoints, optimizer state) stay the same
             self.model.encoder.compile(backend=tc.compile, dynamic=True)
+
+    def _build_batches(self, examples: dict[str, dict]) -> None:
+        """Encoded datasets, each task's batch stream, the schedule and weighting, and the plan."""
+        cfg, tc = self.cfg, self.cfg.train
         self.train_sets, self.dev_sets = self._encode(examples["train"]), self._encode(examples["dev"])
         self.streams = {t: TaskStream(ds, cfg.data.batch_size, cfg.data.bucket, self.rng, self.tokenizer.pad_id,
                                       self.dist.rank, self.dist.world)
@@ -162,7 +207,12 @@ class Trainer:
         self.plans, self.sampling_positions, self.total_steps = self._plan(tc.epochs, tc.max_steps)
         self.configured_steps = self.total_steps
         self.epoch_lengths = [len(p) for p in self.plans]  # (as configured: a time budget's fit may drop epochs)
-        if cfg.model.finetune == "frozen":
+
+    def _build_optimizer(self) -> None:
+        """Parameter groups (techniques may split them), AdamW with warm-up and linear decay, and
+        the per-task gradient split a gradient combiner needs."""
+        tc = self.cfg.train
+        if self.cfg.model.finetune == "frozen":
             for p in self.model.encoder.parameters():
                 p.requires_grad_(False)
         groups = parameter_groups(self.model, tc.lr, tc.head_lr, self.weighting, self.weighting.lr)
@@ -179,9 +229,12 @@ class Trainer:
                 raise ConfigError(f"{self.combiner.name} needs a trainable shared encoder (model.finetune=full)")
             shared_ids = {id(p) for p in self.shared}
             self.private = [p for p in self.grad_params if id(p) not in shared_ids]
+
+    def _init_progress(self, state_dir) -> None:
+        """Counters, history, early stopping, the same weights on every rank, and the StepContext."""
+        tc = self.cfg.train
         self.step, self.epoch, self.best_score, self.best_metrics, self.last_recorded_step = 0, 0, -math.inf, {}, None
-        check_trackers(tc.report_to)
-        self.early_stopping = EarlyStopping.from_config(tc.early_stopping, cfg.data.tasks)
+        self.early_stopping = EarlyStopping.from_config(tc.early_stopping, self.cfg.data.tasks)
         self.stop_reason: str | None = None  # set at an evaluation that ends the run early
         self.eval_callbacks: list = []  # f(metrics row) -> reason to stop or None, after each evaluation (tune)
         self.trackers, self.resumed = [], state_dir is not None
@@ -194,19 +247,6 @@ class Trainer:
             torch.manual_seed(tc.seed + self.dist.rank)
         self.ctx = StepContext(self.model, self.total_steps, self.device, self.tokenizer, self.train_sets,
                                tc.seed, self.autocast, out_dir=self.out, dist=self.dist)
-        # Only now, with the config, tasks, data, model, techniques, schedule and weighting built,
-        # may --overwrite delete the run there (techniques' setup may write into it).
-        if overwrite and not (cfg.pretrain.enabled and not resume):
-            self.replaced = prepare_run_dir(self.out, resume, overwrite, self.dist)
-        with self._restoring_replaced():
-            for tech in self.techniques:
-                tech.setup(self.ctx)
-            self.budget = self._budget_planner()
-            self.budget_announced = False
-            if state_dir is not None:
-                state.restore(self, state_dir)
-                self.ctx.step, self.ctx.total_steps = self.step, self.total_steps
-                log.info("resumed %s at step %d of %d", self.out, self.step, self.total_steps)
 
     @contextlib.contextmanager
     def _restoring_replaced(self):
