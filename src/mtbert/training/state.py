@@ -9,7 +9,9 @@ a resumed run ends bit-identical to an uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -27,16 +29,36 @@ FORMAT = 1
 COUNTERS = ("step", "epoch", "best_score", "last_recorded_step", "examples_seen", "loss_sums", "loss_counts")
 
 
+@dataclass
+class TrainState:
+    """How far a run has come: what `--resume` restores besides the weights, the optimizer and
+    the generators. The trainer holds one (`trainer.progress`) and reads its fields as attributes."""
+    step: int = 0                         # optimizer steps taken
+    epoch: int = 0
+    best_score: float = -math.inf         # selection score of best/
+    best_metrics: dict = field(default_factory=dict)
+    last_recorded_step: int | None = None  # the step of the last evaluation
+    examples_seen: int = 0
+    loss_sums: dict = field(default_factory=dict)    # training losses since the last evaluation, per task
+    loss_counts: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)      # one metrics row per evaluation
+    elapsed: float = 0.0                  # training seconds before this process (a resumed run)
+    plans: list = field(default_factory=list)        # each epoch's steps (tasks), as a time budget may fit them
+    total_steps: int = 0                  # the planned steps
+    sampling_positions: list = field(default_factory=list)  # each epoch's share of the schedule (annealing)
+
+
 def capture(trainer) -> dict:
     """Everything besides the model weights that the rest of the run depends on. Collective
     under torchrun (the ranks' generators are gathered), so every rank calls it."""
-    return {"format": FORMAT, **{k: getattr(trainer, k) for k in COUNTERS},
+    progress: TrainState = trainer.progress
+    return {"format": FORMAT, **{k: getattr(progress, k) for k in COUNTERS},
             "elapsed_s": time.time() - trainer.t0,
             # as JSON: metric values of any float type, and weights_only loading accepts it
-            "log": json.dumps({"history": trainer.history, "best_metrics": trainer.best_metrics}),
+            "log": json.dumps({"history": progress.history, "best_metrics": progress.best_metrics}),
             # the plan, as a time budget may have fitted it (the LR factor is in the scheduler's state)
-            "plan": json.dumps({"plans": trainer.plans, "planned_steps": trainer.total_steps,
-                                "sampling_positions": trainer.sampling_positions}),
+            "plan": json.dumps({"plans": progress.plans, "planned_steps": progress.total_steps,
+                                "sampling_positions": progress.sampling_positions}),
             **trainer.updater.state_dict(), "weighting": trainer.weighting.state_dict(),
             "data_rng": trainer.rng.getstate(), "streams": {t: s.state_dict() for t, s in trainer.streams.items()},
             "techniques": {tech.name: tech.state_dict() for tech in trainer.techniques},
@@ -103,19 +125,22 @@ def _apply(trainer, state: dict) -> None:
     if trainer.early_stopping and state.get("early_stopping"):
         trainer.early_stopping.load_state_dict(state["early_stopping"])
     trainer.rng.setstate(state["data_rng"])
-    for key in COUNTERS:
-        setattr(trainer, key, state[key])
-    log_ = json.loads(state["log"])
-    trainer.history, trainer.best_metrics = log_["history"], log_["best_metrics"]
-    trainer.elapsed = state["elapsed_s"]
-    if "plan" in state:  # (states saved before time budgets planned have the configured plan)
-        plan = json.loads(state["plan"])
-        trainer.plans, trainer.total_steps = plan["plans"], plan["planned_steps"]
-        trainer.sampling_positions = plan.get("sampling_positions", trainer.sampling_positions)
+    trainer.progress = progress_of(state, trainer.progress)
     rngs, dist = state["rng"], trainer.dist
     set_rng_state(rngs[dist.rank] if len(rngs) == dist.world else rngs[0])
     if len(rngs) != dist.world and dist.world > 1:  # another world size: fresh dropout streams
         torch.manual_seed(trainer.cfg.train.seed + trainer.step + dist.rank)
+
+
+def progress_of(state: dict, built: TrainState) -> TrainState:
+    """The TrainState a saved state holds; `built` (the plan as configured) fills what states saved
+    before time budgets planned do not have."""
+    log_ = json.loads(state["log"])
+    plan = json.loads(state["plan"]) if "plan" in state else {}
+    return TrainState(**{k: state[k] for k in COUNTERS}, history=log_["history"], best_metrics=log_["best_metrics"],
+                      elapsed=state["elapsed_s"], plans=plan.get("plans", built.plans),
+                      total_steps=plan.get("planned_steps", built.total_steps),
+                      sampling_positions=plan.get("sampling_positions", built.sampling_positions))
 
 
 def find_state(run_dir: str | Path) -> Path:
@@ -154,3 +179,17 @@ def resume_config(run_dir: str | Path, data_dir: str | None = None, overrides: l
                              f"(only {', '.join(RESUME_OVERRIDES[1:])})")
     raw = read_yaml(find_state(run_dir) / CONFIG)
     return load_config(None, list(overrides) + ([f"data.data_dir={data_dir}"] if data_dir else []), base=raw)
+
+
+def _progress_attribute(name: str) -> property:
+    return property(lambda trainer: getattr(trainer.progress, name),
+                    lambda trainer, value: setattr(trainer.progress, name, value),
+                    doc=f"trainer.progress.{name}")
+
+
+def progress_attributes(cls: type) -> type:
+    """Class decorator: each TrainState field readable and writable as an attribute of the trainer
+    (`trainer.step` is `trainer.progress.step`)."""
+    for f in fields(TrainState):
+        setattr(cls, f.name, _progress_attribute(f.name))
+    return cls

@@ -102,6 +102,7 @@ def not_recomputable(techniques, model) -> list[str]:
                            if name in TECHNIQUES and not TECHNIQUES.get(name).recomputable})
 
 
+@state.progress_attributes  # step, epoch, history, plans, ... live in self.progress (a TrainState)
 class Trainer:
     """Built in three parts: `validate_run(cfg)` (pure), then the parts (runtime, data, the model
     and the pretraining stage, techniques, batches and plan, optimizer, counters), each its own
@@ -111,6 +112,7 @@ class Trainer:
     def __init__(self, cfg: Config, out_dir: str | Path, dist: Dist | None = None, resume: bool = False,
                  overwrite: bool = False, command: str | None = None):
         self.cfg, self.out, self.dist = cfg, Path(out_dir), dist or Dist()
+        self.progress = state.TrainState()
         self.command = command  # how the run was started, for an export's model card
         state_dir = state.find_state(self.out) if resume else None
         validate_run(cfg, check_data=False)  # (the data is checked as it is read, below)
