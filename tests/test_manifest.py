@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +97,14 @@ def test_verify_takes_no_run(predictions, capsys):
     _, preds = predictions
     assert main(["predict", "somewhere", "--verify", str(preds)]) == 2
     assert "give no RUN_DIR" in capsys.readouterr().err
+
+
+COMMITTED = sorted(p.parent for p in Path(__file__).resolve().parents[1].glob("results/predictions/*/MANIFEST.json"))
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("directory", COMMITTED, ids=[d.name for d in COMMITTED])
+def test_the_committed_predictions_verify(directory, capsys):
+    """What RESULTS.md's leaderboard table points to: every hash, and the dev metrics recomputed
+    from the files against the real dev labels."""
+    assert main(["predict", "--verify", str(directory)]) == 0, capsys.readouterr().err
