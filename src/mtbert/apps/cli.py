@@ -1,5 +1,7 @@
-"""`mtbert` command line: train, evaluate, predict, ensemble, data check, techniques, env, report, ablate,
-serve, install-backbone."""
+"""`mtbert` command line: train, pretrain, evaluate, predict (and predict --verify), ensemble, data check,
+ablate, report, serve, install-backbone, export, tune, techniques, env. Each command is a `cmd_*`
+function over the library; `main` is the error boundary (MtbertError, OSError and YAML errors are
+the user's: one line, exit 2; anything else is internal: exit 1; Ctrl-C 130, SIGTERM 143)."""
 from __future__ import annotations
 
 import argparse
