@@ -115,7 +115,8 @@ def write_hf(out: Path, model: MultitaskModel, tokenizer: BertTokenizer, max_len
     hf_format.save_heads(out, model, dropout, max_length)
     _require("transformers")
     from transformers import AutoModel, AutoTokenizer
-    theirs, their_tok = AutoModel.from_pretrained(str(out)).eval(), AutoTokenizer.from_pretrained(str(out))
+    with _quiet():
+        theirs, their_tok = AutoModel.from_pretrained(str(out)).eval(), AutoTokenizer.from_pretrained(str(out))
     enc = their_tok(SAMPLES, padding=True, return_tensors="pt")
     with torch.inference_mode():
         ref = model.encoder(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])["last_hidden_state"]
@@ -151,7 +152,9 @@ def write_sentence_transformers(out: Path, model: MultitaskModel, tokenizer: Ber
             modules.append(Dense(hidden, hidden, activation_function=torch.nn.Tanh(),
                                  init_weight=pooler.weight.detach().clone(), init_bias=pooler.bias.detach().clone()))
         SentenceTransformer(modules=modules, device="cpu").save(str(out))
-    got = torch.as_tensor(SentenceTransformer(str(out), device="cpu").encode(SAMPLES, convert_to_numpy=True))
+    with _quiet():
+        loaded = SentenceTransformer(str(out), device="cpu")
+    got = torch.as_tensor(loaded.encode(SAMPLES, convert_to_numpy=True, show_progress_bar=False))
     cos = torch.nn.functional.cosine_similarity(got, _pooled(model, tokenizer, SAMPLES), dim=-1)
     if cos.min() < 0.9999:
         raise CheckpointError(f"sentence-transformers export check failed: cosine {cos.min():.6f} < 0.9999")
@@ -268,8 +271,10 @@ def _reason(e: Exception) -> str:
 
 @contextlib.contextmanager
 def _quiet():
-    """The exporters' progress prints, warnings and log lines: not ours to show."""
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    """The exporters' progress prints and bars (transformers' "Loading weights" on stderr), warnings
+    and log lines: not ours to show (their errors still arrive as exceptions)."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+            warnings.catch_warnings():
         warnings.simplefilter("ignore")
         previous = logging.root.manager.disable
         logging.disable(logging.WARNING)
