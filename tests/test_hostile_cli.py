@@ -191,6 +191,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path
     run = tmp_path / "copy"
     import shutil
     shutil.copytree(finished_run, run)
+    (run / "command.txt").unlink()  # (an old run without one: the new run's must not stay behind)
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     seen_aside = []
     real = Trainer.task_loss
@@ -351,3 +352,29 @@ def test_a_run_that_fails_while_building_leaves_no_run_directory(tmp_path, capsy
                  "--set", "model.tiny=null", "--set", f"model.backbone={tmp_path / 'no-such-backbone'}"])
     one_line_error(capsys, code, "backbone not found")
     assert not out.exists()
+
+
+
+def test_overwrite_puts_the_old_run_back_when_a_tracker_cannot_start(tmp_path, finished_run, data_dir, capsys,
+                                                                    monkeypatch):
+    import shutil
+
+    from mtbert.core.errors import ConfigError
+    from mtbert.training import trainer as trainer_module
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    def no_tracker(*args, **kwargs):
+        raise ConfigError("train.report_to tensorboard needs the `tensorboard` package")
+
+    monkeypatch.setattr(trainer_module, "build_trackers", no_tracker)
+    code = main(["train", "--config", str(TINY_YAML), "--out", str(run), "--data-dir", str(data_dir),
+                 "--set", "train.max_steps=3", "--overwrite"])
+    one_line_error(capsys, code, "needs the `tensorboard` package")
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_too_few_examples_to_score_is_one_line(tmp_path, capsys, finished_run, data_dir):
+    code = main(["evaluate", str(finished_run), "--data-dir", str(data_dir), "--limit", "1"])
+    one_line_error(capsys, code, "needs at least two examples")

@@ -69,6 +69,8 @@ def _change_a_prediction(path):
     (lambda d: (d / "sts-test-output.csv").unlink(), "sts-test-output.csv: listed in MANIFEST.json but missing"),
     (lambda d: (d / "extra.csv").write_text("x"), "['extra.csv'] are not in MANIFEST.json"),
     (lambda d: d.joinpath(MANIFEST).write_text("[]"), "not a format-1 prediction manifest"),
+    (lambda d: d.joinpath(MANIFEST).write_text(d.joinpath(MANIFEST).read_text().replace(
+        '"sst": 0.', '"sst": NaN, "was": 0.', 1)), "dev sst recomputed from the files"),
 ])
 def test_verify_names_what_does_not_match(predictions, tmp_path, synthetic_data_dir, capsys, tamper, expected):
     _, preds = predictions

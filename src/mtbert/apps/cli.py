@@ -109,7 +109,7 @@ def _train_and_report(cfg, out, args) -> int:
 def cmd_pretrain(args) -> int:
     overrides = list(args.set or []) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
     cfg = load_config(args.config, overrides)
-    validate_run(cfg)
+    validate_run(cfg, check_data=False)  # (the stage reads the train split itself, and says what is missing)
     replaced = prepare_run_dir(Path(args.out), resume=False, overwrite=args.overwrite, resumable=False)  # (holds best/)
     with replaced or contextlib.nullcontext():  # an --overwrite'n stage comes back if this one fails
         summary = run_pretrain(cfg, args.out)
@@ -163,10 +163,10 @@ def cmd_predict(args) -> int:
     written = write_prediction_files(predictor, data_dir, args.out)
     for p in written:
         print(p)
-    leaderboard = {p.name: t for p, t in written.items() if predictor.task_spec(t).cs224n_output}
-    if leaderboard:
+    files = {p.name: t for p, t in written.items()}
+    if files:  # every file hashed; the dev metrics from the leaderboard-format ones
         cfg = _run_config(args.run_dir)
-        write_manifest(Path(args.out), leaderboard, {t: predictor.task_spec(t) for t in set(leaderboard.values())},
+        write_manifest(Path(args.out), files, {t: predictor.task_spec(t) for t in set(files.values())},
                        data_dir, run=Path(args.run_dir).resolve().name, config=cfg,
                        command=RunDir(RunDir.of_checkpoint(find_checkpoint(args.run_dir, required=False)
                                                            or args.run_dir)).read_command(),
@@ -199,7 +199,7 @@ def cmd_ensemble(args) -> int:
 def cmd_data_check(args) -> int:
     cfg = load_config(args.config) if args.config else None  # registers the config's own tasks too
     if cfg is not None:
-        validate_run(cfg, check_data=False)  # (the files are this command's report, below)
+        validate_run(cfg, check_data=False, check_hardware=False)  # (the files: this command's report, below)
     data_dir = _data_dir(args, cfg.data.data_dir if cfg else None)
     results = check_data_dir(data_dir, TASKS.values())
     bad = False

@@ -99,7 +99,10 @@ class Space:
         self.path = Path(path)
         if not self.path.exists():
             raise ConfigError(f"search space file not found: {self.path}")
-        spec = yaml.safe_load(self.path.read_text()) or {}
+        try:
+            spec = yaml.safe_load(self.path.read_text(encoding="utf-8")) or {}
+        except (UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"{self.path}: not a readable YAML search space ({str(e).splitlines()[0]})") from None
         where = str(self.path)
         unknown = set(spec) - SPACE_KEYS
         if unknown:

@@ -227,6 +227,8 @@ def _task_file(path: Path) -> dict:
         d = load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: a task file maps task names to definitions")
     return _resolve_task_paths(d.get("tasks", d), path.parent)

@@ -64,7 +64,7 @@ def process_alive(pid: int) -> bool:
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):  # (no such process; no such pid at all)
         return False
     except PermissionError:  # someone else's process
         return True

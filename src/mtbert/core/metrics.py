@@ -11,6 +11,7 @@ from typing import Callable
 
 import numpy as np
 
+from mtbert.core.errors import DataError
 from mtbert.core.registry import Registry
 
 METRICS: Registry[Callable] = Registry("metric")
@@ -26,7 +27,8 @@ def metric(name: str, bounds: tuple[float, float], for_scores: bool):
 def _labels(pred, gold) -> tuple[np.ndarray, np.ndarray]:
     pred, gold = np.asarray(pred), np.asarray(gold)
     if len(gold) == 0:
-        raise ValueError("a metric of an empty set")
+        raise DataError("a metric of an empty set: no example to score (a dev file whose rows were all skipped, "
+                        "or --limit 0)")
     return pred, gold
 
 
@@ -82,7 +84,7 @@ def mcc(pred, gold) -> float:
 def pearson(pred, gold) -> float:
     pred, gold = np.asarray(pred, dtype=np.float64), np.asarray(gold, dtype=np.float64)
     if len(gold) < 2:
-        raise ValueError("Pearson correlation needs at least two examples")
+        raise DataError("Pearson correlation needs at least two examples (a larger --limit, or more dev rows)")
     if pred.std() == 0 or gold.std() == 0:
         return 0.0  # undefined; a constant predictor carries no correlation
     return float(np.corrcoef(pred, gold)[0, 1])

@@ -38,9 +38,9 @@ class Registry(Generic[T]):
         def add(e: T) -> T:
             key = name or getattr(e, "name", None) or getattr(e, "__name__", None)
             if not key or not isinstance(key, str):
-                raise ValueError(f"cannot register a {self.kind} without a name: {e!r}")
+                raise RegistryError(f"cannot register a {self.kind} without a name: {e!r}")
             if key in self._entries and self._entries[key] is not e:
-                raise ValueError(f"{self.kind} {key!r} is registered twice")
+                raise RegistryError(f"{self.kind} {key!r} is registered twice")
             if isinstance(e, type) and "name" not in vars(e):
                 e.name = key  # classes know their registered name (logs, state keys)
             self._entries[key] = e

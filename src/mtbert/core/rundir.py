@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtbert.core.errors import ConfigError
-from mtbert.core.io import read_json
+from mtbert.core.io import read_json, read_run_text
 
 BEST, BEST_OLD, LAST, LAST_OLD, PRETRAIN = "best", "best.old", "last", "last.old", "pretrain"
 CONFIG, COMMAND, METRICS, SUMMARY = "config.yaml", "command.txt", "metrics.jsonl", "summary.json"
@@ -102,7 +102,7 @@ class RunDir:
         return read_json(self.summary) if self.summary.exists() else None
 
     def read_command(self) -> str | None:
-        return self.command.read_text().strip() if self.command.exists() else None
+        return read_run_text(self.command).strip() if self.command.exists() else None
 
 
 def check_output_outside(out: str | Path, read: str | Path, flag: str = "--out") -> None:

@@ -283,6 +283,16 @@ def run_tasks():
         _RUN_TASKS.reset(token)
 
 
+@contextlib.contextmanager
+def using_tasks(specs):
+    """Within this block, get_task answers with these TaskSpecs first (a loaded model's own tasks)."""
+    token = _RUN_TASKS.set({**(_RUN_TASKS.get() or {}), **{spec.name: spec for spec in specs}})
+    try:
+        yield
+    finally:
+        _RUN_TASKS.reset(token)
+
+
 def task_known(name) -> bool:
     return isinstance(name, str) and (name in (_RUN_TASKS.get() or {}) or name in TASKS)
 

@@ -21,7 +21,8 @@ import numpy as np
 from mtbert import __version__
 from mtbert.core.errors import DataError
 from mtbert.core.io import read_json, read_run_text, sha256, write_json
-from mtbert.core.tasks import TaskSpec, with_overall
+from mtbert.core.tasks import TaskSpec, register_tasks, run_tasks, with_overall
+from mtbert.core.trust import reading_run
 from mtbert.data.readers import load_split
 
 MANIFEST = "MANIFEST.json"
@@ -53,7 +54,7 @@ def dev_metrics_of_files(files: dict[str, str], out_dir: Path, tasks: dict[str, 
     """The dev metrics of the dev prediction files (file name -> task name) against the dev labels."""
     metrics, extra = {}, {}
     for name, task_name in files.items():
-        if "-dev-" not in name:
+        if "-dev-" not in name or not tasks[task_name].cs224n_output:  # (other tasks' files: hashed only)
             continue
         task = tasks[task_name]
         predicted = read_output_file(out_dir / name, task)
@@ -120,11 +121,21 @@ def verify(out_dir: Path, tasks_of, data_dir: Path) -> dict[str, float]:
     extra = sorted(p.name for p in out_dir.iterdir() if p.name != MANIFEST and p.name not in files)
     if extra:
         raise DataError(f"{out_dir}: {extra} are not in {MANIFEST}")
-    tasks = {t: tasks_of(t) for t in set(files.values())}
-    recomputed = dev_metrics_of_files(files, out_dir, tasks, data_dir)
-    recorded = manifest.get("dev_metrics") or {}
+    if not all(isinstance(t, str) for t in files.values()):
+        raise DataError(f"{out_dir / MANIFEST}: every file entry needs the name of its task")
+    definitions = (manifest.get("config") or {}).get("tasks") if isinstance(manifest.get("config"), dict) else None
+    with reading_run(out_dir), run_tasks():  # the run's own task definitions, as data (core.trust)
+        if isinstance(definitions, dict):
+            register_tasks({k: v for k, v in definitions.items() if k in set(files.values())})
+        tasks = {t: tasks_of(t) for t in set(files.values())}
+        recomputed = dev_metrics_of_files(files, out_dir, tasks, data_dir)
+    recorded = manifest.get("dev_metrics")
+    if not isinstance(recorded, dict):
+        raise DataError(f"{out_dir / MANIFEST}: dev_metrics must be a mapping of metric -> value")
     for key in sorted(set(recorded) | set(recomputed), key=lambda k: (k == "overall", k)):  # (the cause first)
         a, b = recorded.get(key), recomputed.get(key)
-        if a is None or b is None or abs(a - b) > TOLERANCE:
+        fine = isinstance(a, (int, float)) and not isinstance(a, bool) and b is not None and math.isfinite(a) \
+            and abs(a - b) <= TOLERANCE
+        if not fine:
             raise DataError(f"{out_dir}: dev {key} recomputed from the files is {b}, {MANIFEST} says {a}")
     return recomputed

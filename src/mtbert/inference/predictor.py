@@ -14,7 +14,7 @@ import torch
 
 from mtbert.core.errors import UnknownTaskError
 from mtbert.core.runtime import AMP_DTYPES, autocast, release_free_memory
-from mtbert.core.tasks import TaskSpec, get_task, with_overall
+from mtbert.core.tasks import TaskSpec, get_task, using_tasks, with_overall
 from mtbert.data.readers import (
     EncodedDataset,
     Example,
@@ -307,7 +307,8 @@ def score_outputs(outputs: dict[str, dict], examples: dict[str, list[Example]], 
                 metrics[name] = value
             else:
                 extra[f"{name}/{m}"] = value
-    return {**with_overall(metrics, scorer), **extra}
+    with using_tasks((specs or {}).values()):  # (a variant task of the model counts as its task)
+        return {**with_overall(metrics, scorer), **extra}
 
 
 def evaluate_examples(predictor: BasePredictor, examples: dict[str, list[Example]]) -> tuple[dict[str, float], dict]:
@@ -325,7 +326,8 @@ def metrics_for(model, datasets: dict[str, EncodedDataset], scorer=None, **kw) -
                                          for n, d in datasets.items()})
     predictor = Predictor(model, **kw)
     outputs = {name: predictor.predict_encoded(ds) for name, ds in datasets.items()}
-    return score_outputs(outputs, {name: ds.examples for name, ds in datasets.items()}, scorer), outputs
+    return score_outputs(outputs, {name: ds.examples for name, ds in datasets.items()}, scorer,
+                         {name: ds.task for name, ds in datasets.items()}), outputs
 
 
 def load_examples(tasks, data_dir, split: str, limit=None) -> dict[str, list[Example]]:

@@ -12,11 +12,12 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from mtbert.core.distributed import Dist
 from mtbert.core.errors import ConfigError, TrainingDiverged
-from mtbert.core.io import process_alive
+from mtbert.core.io import process_alive, remove_path
 from mtbert.core.rundir import CONFIG, RUN_FILES, SUMMARY, RunDir
 
 
@@ -28,26 +29,33 @@ class ReplacedRun:
     PREFIX = ".replaced-"
 
     def __init__(self, out: Path, names: list[str]):
-        self.out, self.held = out, out / f"{self.PREFIX}{os.getpid()}"
-        self.held.mkdir()
-        for name in names:
-            os.replace(out / name, self.held / name)
+        self.out = out
+        self.held = Path(tempfile.mkdtemp(dir=out, prefix=f"{self.PREFIX}{os.getpid()}-"))
+        moved = []
+        try:
+            for name in names:
+                os.replace(out / name, self.held / name)
+                moved.append(name)
+        except BaseException:  # all or nothing: what moved goes back
+            for name in moved:
+                os.replace(self.held / name, out / name)
+            self.held.rmdir()
+            raise
 
     def release(self) -> None:
         """Delete the old run, and any a killed writer left aside (an older attempt to replace it)."""
         shutil.rmtree(self.held, ignore_errors=True)
         for other in self.out.glob(f"{self.PREFIX}*"):
-            pid = re.fullmatch(rf"{re.escape(self.PREFIX)}(\d+)", other.name)
+            pid = re.match(rf"{re.escape(self.PREFIX)}(\d+)(-|$)", other.name)
             if pid and not process_alive(int(pid.group(1))):
                 shutil.rmtree(other, ignore_errors=True)
 
     def restore(self) -> None:
+        """Put the old run back: every run entry in the directory now is the failed new run's."""
         if not self.held.exists():
             return
-        for name in RUN_FILES:  # the failed new run's files give way to the old run's
-            if (self.held / name).exists() and (self.out / name).exists():
-                path = self.out / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        for name in RUN_FILES:
+            remove_path(self.out / name)
         for entry in self.held.iterdir():
             os.replace(entry, self.out / entry.name)
         self.held.rmdir()

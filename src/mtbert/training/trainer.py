@@ -120,11 +120,12 @@ class Trainer:
         self.replaced = None  # an --overwrite'n run, kept aside until this one's first checkpoint
         self._set_up_runtime()
         examples = self._read_data()
-        self._build_model(resume, overwrite)
-        self._build_techniques()
-        self._build_batches(examples)
-        self._build_optimizer()
-        self._init_progress(state_dir)
+        with self._restoring_replaced():  # (a pretraining stage moves an --overwrite'n run aside first)
+            self._build_model(resume, overwrite)
+            self._build_techniques()
+            self._build_batches(examples)
+            self._build_optimizer()
+            self._init_progress(state_dir)
         # Only now, with the config, tasks, data, model, techniques, schedule and weighting built,
         # is the run directory touched (--overwrite moves the old run aside; techniques' setup may
         # write into it).
@@ -532,12 +533,12 @@ class Trainer:
 
     def run(self) -> dict:
         """Train to the end (or the time budget, or early stopping); returns the summary."""
-        if self.dist.main:  # trackers continue their logs after the restored state's step
-            self.trackers = build_trackers(self.cfg.train.report_to, self.out, self.cfg.to_dict(),
-                                           self.step if self.resumed else None)
         ok = False
         try:
             with self._restoring_replaced():
+                if self.dist.main:  # trackers continue their logs after the restored state's step
+                    self.trackers = build_trackers(self.cfg.train.report_to, self.out, self.cfg.to_dict(),
+                                                   self.step if self.resumed else None)
                 summary = self._run()
             ok = True
             return summary

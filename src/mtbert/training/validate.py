@@ -24,15 +24,17 @@ from mtbert.training.weightings import build_weighting
 FINETUNE = ("full", "frozen")
 
 
-def validate_run(cfg: Config, check_data: bool = True) -> None:
+def validate_run(cfg: Config, check_data: bool = True, check_hardware: bool = True) -> None:
     """Raise the MtbertError that training `cfg` would meet first; `check_data`: also the task
-    files (they exist, with the declared columns) under the configured data directory."""
+    files (they exist, with the declared columns) under the configured data directory;
+    `check_hardware`: also that this machine has the device and runs the precision natively."""
     tasks = [get_task(t) for t in cfg.data.tasks]
     variants = [t.name for t in tasks if t.variant_of in cfg.data.tasks]
     if variants or len(set(cfg.data.tasks)) != len(cfg.data.tasks):
         raise ConfigError(f"data.tasks lists a task twice (or with its variant {variants}): {cfg.data.tasks}")
     tc = cfg.train
-    resolve_precision(tc.precision, select_device(tc.device))  # an emulated precision, an absent device
+    if check_hardware:
+        resolve_precision(tc.precision, select_device(tc.device))  # an emulated precision, an absent device
     if cfg.model.finetune not in FINETUNE:
         raise ConfigError(f"model.finetune must be one of {FINETUNE}, got {cfg.model.finetune!r}")
     if tc.compile:

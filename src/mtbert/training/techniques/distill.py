@@ -52,7 +52,10 @@ def teacher_fingerprint(path: str | Path) -> tuple[list[str], dict]:
         return list(spec["tasks"]), {"ensemble_tasks": spec["tasks"],
                                      "members": {m: sha256(ckpts[m] / "model.safetensors") for m in used}}
     ckpt = find_checkpoint(path)
-    tasks = read_json(ckpt / "model.json")["tasks"]
+    spec = read_json(ckpt / "model.json")
+    tasks = spec.get("tasks") if isinstance(spec, dict) else None
+    if not isinstance(tasks, list):
+        raise CheckpointError(f"{ckpt}/model.json lists no tasks: not a teacher to distill from")
     return tasks, {"checkpoint": sha256(ckpt / "model.safetensors")}
 
 
