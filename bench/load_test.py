@@ -7,7 +7,7 @@ the model answers (sentiment, paraphrase, similarity; or --routes), each request
 texts or pairs. Then --single requests of one SST-style sentence each to /v1/sentiment, one at a
 time (concurrency 1): their p50 is the lone-sentence latency. With RUN_DIR it then stops the server
 and runs the engine: the same run loaded in this process (load_predictor, same --precision, device,
---batch-size and --threads), predicting exactly the texts and pairs that were sent, task by task as
+--batch-size, every core unless --engine-threads), predicting exactly the texts and pairs that were sent, task by task as
 `mtbert predict` does (median of --engine-repeats timed runs after one warm-up).
 
     python bench/load_test.py RUN_DIR --precision fp32 --concurrency 16 --items 1 --requests 400
@@ -70,13 +70,23 @@ def wait_for_health(url: str, server: subprocess.Popen | None, timeout_s: float)
 
 
 def cpu_seconds(pid: int | None = None) -> float:
-    """CPU time (user + system, all threads) of this process, or of process `pid` (Linux /proc)."""
+    """CPU time (user + system, all threads) of this process, or of process `pid` and its child
+    processes (the server's model workers; Linux /proc)."""
     if pid is None:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return usage.ru_utime + usage.ru_stime
-    with open(f"/proc/{pid}/stat") as f:  # fields 14 and 15: utime, stime in clock ticks
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:  # fields 4, 14, 15: ppid, utime, stime (clock ticks)
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # (a process that ended meanwhile)
+            continue
+        if int(entry) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def make_body(route: str, items: int, rng: random.Random) -> dict:
@@ -186,8 +196,14 @@ def main() -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="fp32", help="fp32 | bf16 | ...: the server's and the engine's")
     ap.add_argument("--batch-size", type=int, default=128, help="the server's and the engine's batch size")
-    ap.add_argument("--threads", type=int, help="torch intra-op threads of the server's model (`mtbert serve "
-                                                 "--threads`) and of the engine (default: torch's, one per core)")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads of each of the server's model workers "
+                                                 "(`mtbert serve --threads`; default: the server's)")
+    ap.add_argument("--engine-threads", type=int, help="torch intra-op threads of the engine (default: torch's, "
+                                                        "one per core: the machine's best offline)")
+    ap.add_argument("--worker", choices=("process", "thread"), default="process",
+                    help="where the server's model runs (`mtbert serve --worker`)")
+    ap.add_argument("--workers", type=int, help="the server's model worker processes (`mtbert serve --workers`; "
+                                                 "default: the server's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--startup-timeout", type=float, default=180.0)
     args = ap.parse_args()
@@ -202,7 +218,8 @@ def main() -> int:
             url = f"http://127.0.0.1:{port}"
             server = subprocess.Popen([sys.executable, "-m", "mtbert.cli", "serve", args.run_dir, "--port", str(port),
                                        "--device", args.device, "--precision", args.precision,
-                                       "--batch-size", str(args.batch_size)]
+                                       "--batch-size", str(args.batch_size), "--worker", args.worker]
+                                      + (["--workers", str(args.workers)] if args.workers else [])
                                       + (["--threads", str(args.threads)] if args.threads else []),
                                       stdout=log, stderr=subprocess.STDOUT)
         wait_for_health(url, server, args.startup_timeout)
@@ -239,11 +256,12 @@ def main() -> int:
     if args.engine and args.run_dir and not args.url:  # (after the server stopped: nothing else runs)
         route_tasks = {route: info["routes"][route]["task"] for route in routes}
         engine_s = run_engine(args.run_dir, route_tasks, jobs, args.device, args.precision, args.batch_size,
-                              args.engine_repeats, args.threads)
+                              args.engine_repeats, args.engine_threads)
 
     p50, p95, p99 = np.percentile(latencies * 1000, [50, 95, 99])
     rps, items_per_s = len(latencies) / wall, len(latencies) * args.items / wall
-    print(f"server {url}  model {info['run']}  routes {', '.join(routes)}")
+    print(f"server {url}  model {info['run']}  routes {', '.join(routes)}"
+          + (f"  model worker: {args.worker} x{args.workers or 'auto'}" if server is not None else ""))
     print(f"{len(latencies)} requests x {args.items} items, concurrency {args.concurrency}: {wall:.2f}s")
     print(f"throughput {rps:.1f} req/s, {items_per_s:.1f} items/s")
     print(f"latency p50 {p50:.1f} ms, p95 {p95:.1f} ms, p99 {p99:.1f} ms, max {latencies.max() * 1000:.1f} ms")

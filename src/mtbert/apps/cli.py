@@ -304,7 +304,8 @@ def cmd_serve(args) -> int:
     serve(args.run_dir, args.host, args.port, max_items=args.max_items, max_chars=args.max_chars,
           max_batch_items=args.max_batch_items, threads=args.threads, device=args.device, precision=args.precision, batch_size=args.batch_size,
           allowed_hosts=args.allowed_host or (), read_timeout=args.read_timeout,
-          keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections, docs=args.docs)
+          keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections, docs=args.docs,
+          worker=args.worker, workers=args.workers)
     return 0
 
 
@@ -461,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch-items", type=POSITIVE, default=256,
                     help="items of concurrent requests run together in one predictor call")
     sv.add_argument("--threads", type=POSITIVE, default=None,
-                    help="torch intra-op threads for the model (default: one per core)")
+                    help="torch intra-op threads for each model worker (default: the cores shared out among them)")
     sv.add_argument("--allowed-host", action="append", metavar="NAME",
                     help="also answer requests whose Host header is NAME (repeatable, comma-separated; "
                          "'*.example.com'; '*' for any). Default: localhost, 127.0.0.1, [::1] and --host")
@@ -472,6 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-connections", type=POSITIVE, default=100,
                     help="concurrent connections; more are answered 503 (default 100)")
     sv.add_argument("--no-docs", dest="docs", action="store_false", help="no /docs page (/openapi.json stays)")
+    sv.add_argument("--worker", choices=("process", "thread"), default="process",
+                    help="where the model runs: a worker process of its own, off the HTTP server's GIL, restarted "
+                         "if it dies (default), or a thread of the server's process")
+    sv.add_argument("--workers", type=POSITIVE, default=None,
+                    help="model worker processes, each with the whole model and --threads threads, running calls "
+                         "side by side (default: on a CPU one single-threaded worker per core, at most 4; on a GPU 1)")
     add_runtime(sv)
     sv.set_defaults(func=cmd_serve)
 

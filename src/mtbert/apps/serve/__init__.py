@@ -6,22 +6,28 @@ and the route aliases that task definitions declare (`route:` in builtin_tasks.y
 own response shape). OpenAPI schema at /openapi.json, interactive docs at /docs.
 
 The parts, one module each: `schemas` (request and response bodies, the route adapters),
-`batching` (the model service: one worker thread, requests batched across clients and tasks),
+`worker` (where the model runs: a worker process of its own, or a thread), `batching` (the model
+service: requests batched across clients and tasks, one call at a time to the model),
 `hardening` (limits, strict JSON, hostile clients, the uvicorn settings) and `app` (the routes on
 an APIRouter that reads the service from the app's state, and `serve`).
 
-Batching and concurrency: the model is loaded once and runs on a single dedicated worker thread,
-so requests queue for it instead of racing on it, while the event loop stays free to answer
-/health and reject bad requests. Requests are batched across clients and routes: while the model
-works, arriving requests wait; when it is free, all waiting requests (up to `max_batch_items`
-items, whatever their task) go to the worker in one call. A single model (Predictor) tokenises
-each task's examples once (the `truncated` flags come from that encoding) and runs every sequence
-of every task through the shared encoder together (Predictor.predict_encoded_many: length-sorted
-passes of at most `batch_size` sequences, split where padding costs more than another pass), then
-each task's head; an ensemble predicts task by task, each member encoding once
-(EnsemblePredictor.predict_flagged). Each request gets its own slice of the
-result. Nothing waits for a batch to fill, so a lone request is answered at once. The predictor
-runs under torch.inference_mode; `threads` sets the worker's torch intra-op threads.
+Workers: the model is loaded by worker processes that alone hold it (`workers`, by default one
+single-threaded worker per CPU core, at most 4, or one on a GPU; `threads` torch threads each), so
+the event loop, on its own GIL, stays free to parse, validate and answer while the model works.
+`--worker thread`, and a predictor object given to create_app, run one model on a dedicated thread
+instead. If a worker process dies, the requests of its call are answered 503 (never run twice), a
+new worker loads the model, and /health answers 503 {"status": "restarting"} while none can answer.
+
+Batching: each worker runs one call at a time, so requests queue instead of racing on the model.
+While the workers are busy, arriving requests wait; when one is free, all waiting requests (up to
+`max_batch_items` items, whatever their task) go to it in one call. A single model (Predictor)
+tokenises each task's examples once (the `truncated` flags come from that encoding) and runs every
+sequence of every task through the shared encoder together (Predictor.predict_encoded_many:
+length-sorted passes of at most `batch_size` sequences, split where padding costs more than
+another pass), then each task's head; an ensemble predicts task by task, each member encoding once
+(EnsemblePredictor.predict_flagged). Each request gets its own slice of the result. Nothing waits
+for a batch to fill, so a lone request is answered at once. The predictor runs under
+torch.inference_mode.
 
 Limits: at most `max_items` texts or pairs per request (413), at most `max_chars` characters per
 text (413), request bodies of at most `max_body_bytes` (413); empty texts, texts that are not valid
@@ -42,10 +48,11 @@ answered (400 otherwise: DNS rebinding), by default the loopback names and the a
 """
 from __future__ import annotations
 
-from mtbert.apps.serve.app import create_app, describe, serve
+from mtbert.apps.serve.app import create_app, serve
 from mtbert.apps.serve.batching import ModelService
 from mtbert.apps.serve.hardening import server_config, trusted_hosts
 from mtbert.apps.serve.schemas import ROUTE_ADAPTERS, is_blank
+from mtbert.apps.serve.worker import ProcessModel, ThreadModel, describe
 
-__all__ = ["ROUTE_ADAPTERS", "ModelService", "create_app", "describe", "is_blank", "serve", "server_config",
-           "trusted_hosts"]
+__all__ = ["ROUTE_ADAPTERS", "ModelService", "ProcessModel", "ThreadModel", "create_app", "describe", "is_blank",
+           "serve", "server_config", "trusted_hosts"]

@@ -13,7 +13,7 @@ import numpy as np
 import uvicorn
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -37,47 +37,20 @@ from mtbert.apps.serve.schemas import (
     TaskRequest,
     TaskResponse,
 )
+from mtbert.apps.serve.worker import (
+    ProcessModel,
+    ThreadModel,
+    auto_workers,
+    public_name,
+)
 from mtbert.core.errors import ConfigError
-from mtbert.core.io import read_json, read_yaml
-from mtbert.core.rundir import RunDir
+from mtbert.core.runtime import select_device
 from mtbert.inference.api import describe_task
-from mtbert.inference.ensemble import ENSEMBLE_FILE, is_ensemble_dir
 from mtbert.inference.loading import load_predictor
 from mtbert.inference.outputs import prediction_records
-from mtbert.inference.predictor import BasePredictor, EnsemblePredictor, Predictor
+from mtbert.inference.predictor import BasePredictor
 
 log = logging.getLogger("mtbert.serve")
-
-
-def leaf_predictors(predictor: BasePredictor) -> list[Predictor]:
-    """The single-model predictors inside `predictor` (an ensemble's members, recursively)."""
-    if isinstance(predictor, EnsemblePredictor):
-        return [leaf for member in predictor.members.values() for leaf in leaf_predictors(member)]
-    return [predictor] if isinstance(predictor, Predictor) else []
-
-
-def describe(predictor: BasePredictor, run_dir: Path | None) -> dict:
-    """Backbone(s), max tokens and dev metrics for /v1/info, read from the checkpoints and run."""
-    checkpoints = [Path(leaf.name) for leaf in leaf_predictors(predictor)]  # a Predictor's name is its checkpoint
-    if run_dir and is_ensemble_dir(run_dir):  # an ensemble's members are named; ensemble.json has their paths
-        members = read_json(run_dir / ENSEMBLE_FILE)["members"]
-        checkpoints = [Path(m["checkpoint"]) for m in members if m["name"] in predictor.members]
-    backbones = [_public_name((read_yaml(c) or {}).get("model", {}).get("backbone"))
-                 for c in (ckpt / "config.yaml" for ckpt in checkpoints) if c.exists()]
-    max_tokens = [leaf.tokenizer.max_length for leaf in leaf_predictors(predictor) if leaf.tokenizer is not None]
-    dev = predictor.meta.get("dev")
-    if dev is None and run_dir:
-        dev = (RunDir(run_dir).read_summary() or {}).get("best_dev")
-    return {"backbone": backbones[0] if len(set(backbones)) == 1 else backbones,
-            "ensemble": isinstance(predictor, EnsemblePredictor),
-            "dev_metrics": dev or {}, "max_tokens": min(max_tokens) if max_tokens else None}
-
-
-def _public_name(value) -> str:
-    """A name for responses: a path (a checkpoint used as backbone, a run directory) by its last
-    part only, so the server's file system layout is never shown."""
-    text = str(value)
-    return Path(text).name or text if ("/" in text or "\\" in text) else text
 
 
 def _route_info(route: str, spec) -> dict:
@@ -115,8 +88,9 @@ async def page():
 
 
 @router.get("/health")
-async def health():
-    return {"status": "ok"}
+async def health(request: Request):
+    service = _service(request)  # ok, or a model worker restarting (503 while none can answer)
+    return JSONResponse({"status": service.status}, status_code=200 if service.ready else 503)
 
 
 @router.get("/v1/info")
@@ -127,10 +101,9 @@ async def model_info(request: Request):
 @router.post("/v1/tasks/{task}", response_model=TaskResponse)
 async def any_task(task: str, body: TaskRequest, request: Request):
     service = _service(request)
-    predictor = service.predictor
-    if task not in predictor.tasks:
-        raise HTTPException(404, cap(f"this model has no task {task!r}; it has {predictor.tasks}"))
-    spec = predictor.task_spec(task)
+    if task not in service.tasks:
+        raise HTTPException(404, cap(f"this model has no task {task!r}; it has {service.tasks}"))
+    spec = service.task_spec(task)
     field, given = ("pairs", body.pairs) if spec.is_pair else ("texts", body.texts)
     other = body.texts if spec.is_pair else body.pairs
     if given is None or other is not None:
@@ -151,7 +124,7 @@ def _alias(adapter: RouteAdapter):
         service = _service(request)
         items = [tuple(p) for p in body.pairs] if adapter.field == "pairs" else [(t,) for t in body.texts]
         task, out, truncated = await service.predict(adapter.name, adapter.field, items)
-        return adapter.response(task=task, results=adapter.results(service.predictor.task_spec(task), out, truncated))
+        return adapter.response(task=task, results=adapter.results(service.task_spec(task), out, truncated))
     answer.__name__ = adapter.name
     answer.__annotations__ = {"body": adapter.request, "request": Request}  # (FastAPI reads the body's model here)
     router.add_api_route(f"/v1/{adapter.name}", answer, methods=["POST"], response_model=adapter.response)
@@ -166,25 +139,40 @@ for _adapter in ROUTE_ADAPTERS.values():
 def create_app(predictor_or_run_dir: BasePredictor | str | Path, *, max_items: int = 64, max_chars: int = 20_000,
                max_body_bytes: int = 2 * 1024 * 1024, device: str = "auto", precision: str = "auto",
                batch_size: int = 128, max_batch_items: int = 256, threads: int | None = None, read_timeout: float = 10.0,
-               allowed_hosts: Sequence[str] = LOOPBACK_HOSTS, docs: bool = True) -> FastAPI:
+               allowed_hosts: Sequence[str] = LOOPBACK_HOSTS, docs: bool = True, worker: str = "process",
+               workers: int | None = None) -> FastAPI:
     """The FastAPI app serving a predictor, or the run / checkpoint / ensemble directory it loads from.
     `allowed_hosts`: the Host header names answered ("*": any). `threads`: torch intra-op threads
-    for the model (None: torch's default, one per core)."""
-    if min(max_items, max_chars, max_body_bytes, batch_size, max_batch_items, 1 if threads is None else threads) < 1:
-        raise ConfigError("max_items, max_chars, max_body_bytes, batch_size, max_batch_items and threads must be positive")
+    for the model (None: torch's default, one per core). `worker`: where a directory's model runs,
+    "process" (a worker process of its own, off the server's GIL) or "thread" (a thread of this
+    process); a predictor object always runs on a thread. `workers`: how many worker processes,
+    each with the whole model and `threads` threads, run calls side by side (None: auto_workers,
+    one single-threaded worker per core, at most 4, on a CPU; one on a GPU)."""
+    if min(max_items, max_chars, max_body_bytes, batch_size, max_batch_items, 1 if workers is None else workers,
+           1 if threads is None else threads) < 1:
+        raise ConfigError("max_items, max_chars, max_body_bytes, batch_size, max_batch_items, workers and threads "
+                          "must be positive")
     if not (math.isfinite(read_timeout) and read_timeout > 0):
         raise ConfigError(f"read_timeout must be a positive number of seconds, got {read_timeout}")
-    if isinstance(predictor_or_run_dir, BasePredictor):
-        predictor, run_dir = predictor_or_run_dir, None
+    if worker not in ("process", "thread"):
+        raise ConfigError(f"worker must be process or thread, got {worker!r}")
+    if (workers or 1) > 1 and (worker == "thread" or isinstance(predictor_or_run_dir, BasePredictor)):
+        raise ConfigError(f"{workers} workers need worker processes: a run directory served with worker=process")
+    run_dir = None if isinstance(predictor_or_run_dir, BasePredictor) else Path(predictor_or_run_dir)
+    if run_dir is None:
+        model = ThreadModel(predictor_or_run_dir, threads)
+    elif worker == "thread":
+        model = ThreadModel(load_predictor(run_dir, device, precision, batch_size), threads, run_dir)
     else:
-        run_dir = Path(predictor_or_run_dir)
-        predictor = load_predictor(run_dir, device, precision, batch_size)
-    service = ModelService(predictor, max_items, max_chars, max_batch_items, threads)
-    run_name = run_dir.resolve().name if run_dir else predictor.name
-    info = {"mtbert_version": __version__, "run": _public_name(run_name), "tasks": predictor.tasks,
-            **describe(predictor, run_dir)}
-    info["routes"] = {route: _route_info(route, predictor.task_spec(task)) for route, task in service.routes.items()}
-    info["task_info"] = {t: {**describe_task(predictor.task_spec(t)), "path": f"/v1/tasks/{t}"} for t in predictor.tasks}
+        if workers is None:
+            workers, threads = auto_workers(select_device(device).type, threads)
+        model = ProcessModel(run_dir, device, precision, batch_size, threads, workers)
+    service = ModelService(model, max_items, max_chars, max_batch_items)
+    facts = model.facts
+    run_name = run_dir.resolve().name if run_dir else facts.name
+    info = {"mtbert_version": __version__, "run": public_name(run_name), "tasks": facts.tasks, **facts.description}
+    info["routes"] = {route: _route_info(route, service.task_spec(task)) for route, task in service.routes.items()}
+    info["task_info"] = {t: {**describe_task(service.task_spec(t)), "path": f"/v1/tasks/{t}"} for t in facts.tasks}
     info["limits"] = {"max_items": max_items, "max_batch_items": service.max_batch_items, "max_chars": max_chars,
                       "max_body_bytes": max_body_bytes,
                       "max_tokens": info.pop("max_tokens")}
@@ -193,6 +181,7 @@ def create_app(predictor_or_run_dir: BasePredictor | str | Path, *, max_items: i
     async def lifespan(app):
         yield
         print(f"stopping: {service.usage()}", flush=True)  # (how many requests a model call served)
+        model.close()
 
     app = _new_app(docs, lifespan)
     app.state.service, app.state.info = service, info

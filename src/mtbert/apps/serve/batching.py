@@ -1,21 +1,26 @@
-"""The model behind the API: one worker thread runs the predictor, and requests are batched
-across clients and tasks (see the package docstring)."""
+"""The model behind the API: requests batched across clients and tasks, one call at a time to
+the model (in its worker process, or on a thread: `worker`; see the package docstring)."""
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fastapi import HTTPException
 
 from mtbert.apps.serve.hardening import cap
 from mtbert.apps.serve.schemas import ROUTE_ADAPTERS, is_blank
+from mtbert.apps.serve.worker import (
+    ModelFacts,
+    ProcessModel,
+    ThreadModel,
+    WorkerDied,
+    WorkerRestarting,
+)
 from mtbert.core.errors import ConfigError
-from mtbert.core.runtime import set_threads
+from mtbert.core.tasks import TaskSpec
 from mtbert.data.readers import Example
-from mtbert.inference.predictor import BasePredictor, Predictor
 
 log = logging.getLogger("mtbert.serve")
 
@@ -28,13 +33,13 @@ class Pending:
     answer: asyncio.Future
 
 
-def routes_of(predictor: BasePredictor) -> dict[str, str]:
+def routes_of(facts: ModelFacts) -> dict[str, str]:
     """Route alias -> the model's task that answers it: the first of its tasks (in its order) whose
     definition declares that `route:`. A route no adapter knows, or a task whose kind the route's
     answer cannot carry, is a ConfigError."""
     routes = {}
-    for task in predictor.tasks:
-        spec = predictor.task_spec(task)
+    for task in facts.tasks:
+        spec = facts.specs[task]
         if spec.route is None or spec.route in routes:
             continue
         adapter = ROUTE_ADAPTERS.get(spec.route)
@@ -46,18 +51,16 @@ def routes_of(predictor: BasePredictor) -> dict[str, str]:
 
 
 class ModelService:
-    """The predictor, the request limits and the single worker thread the predictor runs on."""
+    """The model (a ProcessModel or ThreadModel), the request limits, and the requests waiting for it."""
 
-    def __init__(self, predictor: BasePredictor, max_items: int, max_chars: int, max_batch_items: int = 256,
-                 threads: int | None = None):
-        self.predictor, self.max_items, self.max_chars = predictor, max_items, max_chars
+    def __init__(self, model: ProcessModel | ThreadModel, max_items: int, max_chars: int, max_batch_items: int = 256):
+        self.model, self.max_items, self.max_chars = model, max_items, max_chars
+        self.facts = model.facts
         self.max_batch_items = max(max_batch_items, max_items)
-        self.routes = routes_of(predictor)  # route alias -> the task answering it
-        # (torch's intra-op thread count is per thread: set it on the thread that runs the model)
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtbert-predict",
-                                         initializer=set_threads, initargs=(threads,))
+        self.routes = routes_of(self.facts)  # route alias -> the task answering it
         self.waiting: list[Pending] = []
         self.drainer: asyncio.Task | None = None  # runs the waiting requests while there are any
+        self.arrived = asyncio.Event()  # a request joined the waiting ones
         self.batch_sizes: deque[int] = deque(maxlen=1024)  # requests per recent predictor call (tests, diagnostics)
         self.calls = self.requests = self.items = 0  # since the start
 
@@ -65,11 +68,28 @@ class ModelService:
         per_call = f": {self.requests / self.calls:.1f} requests a call" if self.calls else ""
         return f"answered {self.requests} requests ({self.items} items) in {self.calls} model calls{per_call}"
 
+    @property
+    def tasks(self) -> list[str]:
+        return self.facts.tasks
+
+    def task_spec(self, task: str) -> TaskSpec:
+        return self.facts.specs[task]
+
+    @property
+    def status(self) -> str:
+        """ok, or the state of a worker that is not ready: restarting | failed | stopped."""
+        return self.model.status
+
+    @property
+    def ready(self) -> bool:
+        """At least one worker can take a call."""
+        return self.model.capacity > 0
+
     def task_for(self, route: str) -> str:
         if route in self.routes:
             return self.routes[route]
         raise HTTPException(404, f"this model was not trained for {route} (no task declares `route: {route}`); "
-                                 f"it has tasks {self.predictor.tasks}")
+                                 f"it has tasks {self.tasks}")
 
     def check_items(self, field: str, items: list[tuple[str, ...]]) -> None:
         if len(items) > self.max_items:
@@ -88,18 +108,8 @@ class ModelService:
 
     @property
     def shared_pass(self) -> bool:
-        """One model with its tokenizer: the waiting requests of all tasks run in one predictor call."""
-        return isinstance(self.predictor, Predictor) and self.predictor.tokenizer is not None
-
-    def _predict(self, batches: list[tuple[str, list[Example]]]) -> list[tuple[dict, list[bool]]]:
-        """(outputs, truncation flags) per (task, examples), on the worker thread. A single model
-        encodes each task's examples once (the flags come from that encoding) and runs all tasks in
-        one shared encoder pass where it can; an ensemble predicts task by task."""
-        if self.shared_pass:
-            datasets = [self.predictor.encode(task, examples) for task, examples in batches]
-            outs = self.predictor.predict_encoded_many(datasets)
-            return [(out, ds.truncated) for out, ds in zip(outs, datasets)]
-        return [self.predictor.predict_flagged(task, examples) for task, examples in batches]
+        """One model with its tokenizer: the waiting requests of all tasks run in one model call."""
+        return self.facts.shared_pass
 
     async def predict(self, route: str, field: str, items: list[tuple[str, ...]]) -> tuple[str, dict, list[bool]]:
         return await self.predict_task(self.task_for(route), field, items, route)
@@ -108,36 +118,56 @@ class ModelService:
                            route: str | None = None) -> tuple[str, dict, list[bool]]:
         route = route or f"tasks/{task}"
         self.check_items(field, items)
+        if not self.ready:
+            raise HTTPException(503, f"the model is {self.status}; retry shortly", headers={"Retry-After": "5"})
         examples = [Example(str(i), tuple(texts), None) for i, texts in enumerate(items)]
         answer = asyncio.get_running_loop().create_future()
         self.waiting.append(Pending(task, examples, answer))
+        self.arrived.set()
         if self.drainer is None or self.drainer.done():  # (kept referenced, so it is not collected)
             self.drainer = asyncio.create_task(self._drain())
         try:
             out, truncated = await answer
+        except (WorkerDied, WorkerRestarting) as e:  # answered once, never run again
+            raise HTTPException(503, f"{e}; retry shortly", headers={"Retry-After": "5"}) from None
         except Exception as e:  # a failed prediction is this request's 500, never the server's end
             log.error("prediction failed for %s: %s: %s", route, type(e).__name__, e)
             raise HTTPException(500, cap(f"prediction failed: {type(e).__name__}: {e}", 200)) from e
         return task, out, truncated
 
     async def _drain(self) -> None:
-        """Run the waiting requests, those of all tasks together, until none is left."""
-        while self.waiting:
-            group, items = [], 0
-            for req in self.waiting:
-                if group and items + len(req.examples) > self.max_batch_items:
-                    break
-                group.append(req)
-                items += len(req.examples)
-            self.waiting = self.waiting[len(group):]
-            if not await self._answer(group) and len(group) > 1:
-                # one request may have failed them all: run each on its own, so only the faulty one fails
-                log.warning("a batch of %d requests failed; answering them one by one", len(group))
-                for req in group:
-                    await self._answer([req])
+        """Run the waiting requests, those of all tasks together, until none is left: one call at
+        a time per ready worker, each taking all that waits when a worker comes free."""
+        running: set[asyncio.Task] = set()
+        while self.waiting or running:
+            while self.waiting and len(running) < max(self.model.capacity, 1):
+                running.add(asyncio.create_task(self._run(self._next_group())))
+            self.arrived.clear()
+            arrival = asyncio.create_task(self.arrived.wait())  # (a free worker takes a new request at once)
+            done, _ = await asyncio.wait(running | {arrival}, return_when=asyncio.FIRST_COMPLETED)
+            arrival.cancel()
+            running -= done
+
+    def _next_group(self) -> list[Pending]:
+        """The waiting requests, oldest first, up to max_batch_items items (at least one request)."""
+        group, items = [], 0
+        for req in self.waiting:
+            if group and items + len(req.examples) > self.max_batch_items:
+                break
+            group.append(req)
+            items += len(req.examples)
+        self.waiting = self.waiting[len(group):]
+        return group
+
+    async def _run(self, group: list[Pending]) -> None:
+        if not await self._answer(group) and len(group) > 1:
+            # one request may have failed them all: run each on its own, so only the faulty one fails
+            log.warning("a batch of %d requests failed; answering them one by one", len(group))
+            for req in group:
+                await self._answer([req])
 
     async def _answer(self, group: list) -> bool:
-        """Run `group`'s requests in one worker call (each task's examples together) and give each
+        """Run `group`'s requests in one model call (each task's examples together) and give each
         request its slice of its task's result. False if the call failed: with one request, that
         request gets the error."""
         group = [req for req in group if not req.answer.done()]  # (a client that went away cancels its future)
@@ -150,7 +180,12 @@ class ModelService:
         self.batch_sizes.extend([len(group)] if self.shared_pass else [len(reqs) for reqs in by_task.values()])
         batches = [(task, [ex for req in reqs for ex in req.examples]) for task, reqs in by_task.items()]
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self.worker, self._predict, batches)
+            results = await self.model.call(batches)
+        except (WorkerDied, WorkerRestarting) as e:  # every request of the call gets it; none runs again
+            for req in group:
+                if not req.answer.done():
+                    req.answer.set_exception(e)
+            return True
         except Exception as e:
             if len(group) == 1 and not group[0].answer.done():
                 group[0].answer.set_exception(e)
