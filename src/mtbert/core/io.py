@@ -134,6 +134,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 MAX_RUN_FILE_BYTES = 256 * 1024 * 1024  # a run's JSON, YAML and tokenizer files are far smaller
 
 
+def lies_under(path: str | Path, root: str | Path) -> bool:
+    """Whether `path`, links and `..` resolved, is `root` or inside it (where a loaded run may
+    read or write)."""
+    return Path(path).resolve().is_relative_to(Path(root).resolve())
+
+
 def read_run_text(path: str | Path, max_bytes: int = MAX_RUN_FILE_BYTES) -> str:
     """The text of a file a run directory holds: a regular file (not a device or pipe a link may
     point to), at most `max_bytes`, UTF-8; else one CheckpointError naming it."""
@@ -150,20 +156,26 @@ def read_run_text(path: str | Path, max_bytes: int = MAX_RUN_FILE_BYTES) -> str:
         raise CheckpointError(f"corrupt {path}: not UTF-8 text") from None
 
 
-def read_json(path: str | Path):
-    """A JSON file of a run or export; a corrupt one is one CheckpointError naming it."""
-    try:
-        return json.loads(read_run_text(path))
-    except (ValueError, RecursionError) as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
-        raise CheckpointError(f"corrupt {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+def read_json(path: str | Path, kind: type | None = None):
+    """A JSON file of a run or export; corrupt, or not a `kind` where one is given, is one
+    CheckpointError naming it."""
+    return _read_parsed(path, json.loads, (ValueError, RecursionError), kind)  # (JSON/Unicode errors are ValueErrors)
 
 
-def read_yaml(path: str | Path):
-    """A YAML file of a run (its config.yaml); a corrupt one is one CheckpointError naming it."""
+def read_yaml(path: str | Path, kind: type | None = None):
+    """A YAML file of a run (its config.yaml); corrupt, or not a `kind` where one is given, is one
+    CheckpointError naming it."""
+    return _read_parsed(path, yaml.safe_load, (ValueError, yaml.YAMLError, RecursionError), kind)
+
+
+def _read_parsed(path: str | Path, parse, errors: tuple, kind: type | None):
     try:
-        return yaml.safe_load(read_run_text(path))
-    except (ValueError, yaml.YAMLError, RecursionError) as e:
+        value = parse(read_run_text(path))
+    except errors as e:
         raise CheckpointError(f"corrupt {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if kind is not None and not isinstance(value, kind):
+        raise CheckpointError(f"corrupt {path}: expected a {kind.__name__}, got {type(value).__name__}")
+    return value
 
 
 def finite_json(obj):

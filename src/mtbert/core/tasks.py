@@ -21,7 +21,7 @@ from typing import Callable
 import yaml
 
 from mtbert.core.errors import ConfigError, DataError, RegistryError, UnknownTaskError
-from mtbert.core.io import text_encoding
+from mtbert.core.io import lies_under, text_encoding
 from mtbert.core.kinds import OUTPUT_KINDS, OutputKind
 from mtbert.core.metrics import METRICS, accuracy, pearson, rescaled  # noqa: F401  (accuracy, pearson: re-exported)
 from mtbert.core.registry import Registry
@@ -78,7 +78,7 @@ class TaskSpec:
         if split not in self.files:
             raise ConfigError(f"task {self.name} declares no {split!r} file (it has {sorted(self.files)})")
         path = Path(str(self.files[split]).replace("{data_dir}", str(data_dir)))
-        if self.confined and not path.resolve().is_relative_to(Path(data_dir).resolve()):
+        if self.confined and not lies_under(path, data_dir):
             raise DataError(f"task {self.name}: its {split} file {path} lies outside the data directory {data_dir}; "
                             f"a loaded run's tasks read only under the data directory you give (--data-dir, MTBERT_DATA)")
         return path

@@ -30,7 +30,7 @@ from typing import Iterator
 import torch
 
 from mtbert.core.errors import DataError
-from mtbert.core.io import sha256, text_encoding
+from mtbert.core.io import lies_under, sha256, text_encoding
 from mtbert.core.tasks import FORMATS, TaskSpec
 
 log = logging.getLogger("mtbert")
@@ -296,13 +296,12 @@ def task_rows(task: TaskSpec, split: str, data_dir: str | Path, report: ReadRepo
 def _check_confined_dataset(task: TaskSpec, data_dir: str | Path) -> None:
     """A loaded run's dataset reads only under the data directory: a saved dataset's `path`, or a
     hub `name` that is not a local folder (datasets.load_dataset would read one)."""
-    root = Path(data_dir).resolve()
     for key in ("path", "name"):
         value = task.dataset.get(key)
         if not value:
             continue
         local = Path(str(value)).expanduser()
-        if (key == "path" or local.exists()) and not local.resolve().is_relative_to(root):
+        if (key == "path" or local.exists()) and not lies_under(local, data_dir):
             raise DataError(f"task {task.name}: its dataset {key} {value!r} lies outside the data directory "
                             f"{data_dir}; a loaded run's tasks read only under the data directory you give")
 

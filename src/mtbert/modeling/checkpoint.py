@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from mtbert.core.config import Config, load_config
 from mtbert.core.errors import CheckpointError, ConfigError
-from mtbert.core.io import read_run_text, replace_dir, temporary_dir
+from mtbert.core.io import read_json, read_yaml, replace_dir, temporary_dir
 from mtbert.core.rundir import TRAIN_STATE, RunDir
 from mtbert.core.tasks import get_task, run_tasks
 from mtbert.core.trust import UntrustedCodeError, reading_run
@@ -139,12 +139,12 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
 def _load_checkpoint(ckpt: Path, device: str):
     spec = _model_spec(ckpt)
     try:
-        cfg = load_config(None, base=_read(ckpt / "config.yaml", yaml.safe_load, dict))
+        cfg = load_config(None, base=read_yaml(ckpt / "config.yaml", dict))
     except UntrustedCodeError:
         raise
     except ConfigError as e:
         raise CheckpointError(f"{ckpt}/config.yaml: {e}") from e
-    meta = _read(ckpt / "meta.json", json.loads, dict) if (ckpt / "meta.json").exists() else {}
+    meta = read_json(ckpt / "meta.json", dict) if (ckpt / "meta.json").exists() else {}
     try:  # model.json without model_type (written before RoBERTa and MPNet): BERT
         encoder_config = BertConfig.from_dict(spec["encoder"])
     except CheckpointError as e:
@@ -175,7 +175,7 @@ MODEL_SPEC = {"encoder": (dict, True), "tasks": (list, True), "pair_encoding": (
 
 def _model_spec(ckpt: Path) -> dict:
     """model.json, checked against MODEL_SPEC: one CheckpointError naming the file and the key."""
-    spec = _read(ckpt / "model.json", json.loads, dict)
+    spec = read_json(ckpt / "model.json", dict)
     for key, (kind, required) in MODEL_SPEC.items():
         if key not in spec:
             if required:
@@ -188,19 +188,6 @@ def _model_spec(ckpt: Path) -> dict:
     if not 0 <= spec["dropout"] < 1 or spec.get("shared_pair_layer", 0) not in range(0, 1 << 16):
         raise CheckpointError(f"{ckpt}/model.json: dropout or shared_pair_layer out of range")
     return spec
-
-
-def _read(path: Path, parse, kind: type):
-    """A checkpoint file parsed; corrupt or of the wrong shape is one CheckpointError naming it."""
-    try:
-        value = parse(read_run_text(path))
-    except CheckpointError:
-        raise
-    except (OSError, ValueError, yaml.YAMLError, RecursionError) as e:
-        raise CheckpointError(f"corrupt checkpoint file {path}: {str(e).splitlines()[0]}") from e
-    if not isinstance(value, kind):
-        raise CheckpointError(f"corrupt checkpoint file {path}: expected a {kind.__name__}, got {type(value).__name__}")
-    return value
 
 
 def _safetensors_shapes(ckpt: Path) -> dict[str, tuple]:

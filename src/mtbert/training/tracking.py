@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from mtbert.core.errors import ConfigError
+from mtbert.core.io import lies_under
 from mtbert.core.registry import Registry
 
 TRACKERS: Registry[type] = Registry("tracker (train.report_to)")
@@ -50,7 +51,7 @@ def own_path(run_dir: Path, name: str) -> Path:
     """RUN_DIR/name for a tracker to write, refused if it is a link (a resumed run someone else
     made must not write outside its directory)."""
     path = Path(run_dir) / name
-    if path.is_symlink() or (path.exists() and not path.resolve().is_relative_to(Path(run_dir).resolve())):
+    if path.is_symlink() or (path.exists() and not lies_under(path, run_dir)):
         raise ConfigError(f"{path} is a link: a tracker writes only inside the run directory; remove it")
     return path
 

@@ -18,15 +18,18 @@ import asyncio
 import json
 import logging
 import os
+import pickle
 import socket
 import subprocess
 import sys
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
+
+import torch
 
 from mtbert.core.errors import MtbertError
 from mtbert.core.io import read_json, read_yaml
@@ -35,6 +38,7 @@ from mtbert.core.runtime import set_threads
 from mtbert.core.tasks import TaskSpec
 from mtbert.data.readers import Example
 from mtbert.inference.ensemble import ENSEMBLE_FILE, is_ensemble_dir
+from mtbert.inference.loading import load_predictor
 from mtbert.inference.predictor import BasePredictor, EnsemblePredictor, Predictor
 
 log = logging.getLogger("mtbert.serve")
@@ -63,11 +67,9 @@ class ModelFacts:
     shared_pass: bool  # one model with its tokenizer: the waiting requests of all tasks in one call
     threads: int = 0
     name: str = ""
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, predictor: BasePredictor, run_dir: Path | None) -> ModelFacts:
-        import torch
         return cls(tasks=list(predictor.tasks), specs={t: predictor.task_spec(t) for t in predictor.tasks},
                    description=describe(predictor, run_dir), shared_pass=shares_one_pass(predictor),
                    threads=torch.get_num_threads(), name=predictor.name)
@@ -148,12 +150,6 @@ class ThreadModel:
 def worker_main() -> None:
     """The worker process (`python -c ...worker_main()` argv: socket fd, load options as JSON,
     threads): load the model, say what it is, then answer calls until the socket closes."""
-    import json
-    import socket
-
-    import torch
-
-    from mtbert.inference.loading import load_predictor
     fd, load, threads = int(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
     conn = Connection(socket.socket(fileno=fd).detach())
     set_threads(threads)
@@ -179,7 +175,6 @@ def worker_main() -> None:
 
 def _portable(e: BaseException) -> BaseException:
     """`e` if it survives pickling, else a RuntimeError with its type and message."""
-    import pickle
     try:
         pickle.loads(pickle.dumps(e))
         return e

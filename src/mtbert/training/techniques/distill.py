@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mtbert.core.errors import CheckpointError, ConfigError, DataError
-from mtbert.core.io import read_json, sha256
+from mtbert.core.io import lies_under, read_json, sha256
 from mtbert.core.runtime import resolve_precision
 from mtbert.core.trust import reading_run_source
 from mtbert.inference.ensemble import ENSEMBLE_FILE, is_ensemble_dir
@@ -110,7 +110,7 @@ class Distill(Technique):
         key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:20]
         cache = Path(self.cache_dir) if self.cache_dir else Path(ctx.out_dir or ".") / "teacher_targets"
         if reading_run_source() is not None and ctx.out_dir is not None and \
-                not cache.resolve().is_relative_to(Path(ctx.out_dir).resolve()):  # a resumed run's config
+                not lies_under(cache, ctx.out_dir):  # a resumed run's config
             raise ConfigError(f"distill.cache_dir {cache} lies outside the resumed run {ctx.out_dir}: a run "
                               f"directory's config may write only inside it")
         self.cache_file = cache / f"{key}.safetensors"
