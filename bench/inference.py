@@ -17,8 +17,13 @@ onnxruntime's intra_op_num_threads). The paths:
   modeling.hf_format.save_hf_encoder, as `mtbert export --format hf` does) behind the run's own
   pooler and heads;
 - ONNX Runtime fp32 and int8: the run's ONNX export (`mtbert export --format onnx --quantize int8`:
-  encoder + head as one graph per task, int8 = onnxruntime.quantization.quantize_dynamic), reused
-  from --export (default RUN_DIR/export-onnx) or written there once.
+  the encoder stored once plus a small head graph per task, int8 = the encoder through
+  onnxruntime.quantization.quantize_dynamic), reused from --export (default RUN_DIR/export-onnx)
+  or written there once. A task's call is that task's work alone, as ours is: the encoder on each
+  input sequence the task needs, then its head (inference.onnx_runner.OnnxModel.run_batch; an
+  export written before the encoder was stored once runs the task's own full graph: the same fp32
+  work, but its int8 pair-task graphs were nearly unquantised, so their int8 pair speeds ran at
+  fp32's and do not compare with a current export's).
 
 For every path it prints the throughput of each task (model calls only: tokenisation and batching
 are shared and excluded; one untimed pass per path first, as a warm-up; then --repeat R rounds in
@@ -51,7 +56,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import json
 import sys
 import tempfile
 import time
@@ -64,6 +68,14 @@ from mtbert.core.config import resolve_data_dir
 from mtbert.core.runtime import native_precisions, resolve_inference_precision
 from mtbert.data.readers import collate
 from mtbert.inference.loading import int8_check_passed, load_predictor
+from mtbert.inference.onnx_runner import (
+    INPUT_KEYS,
+    MANIFEST,
+    ExportError,
+    OnnxModel,
+    manifest_variants,
+    read_manifest,
+)
 from mtbert.inference.predictor import for_precision, load_examples, score_outputs
 from mtbert.modeling import hf_format
 from mtbert.modeling.precision import encoder_to_bf16
@@ -124,23 +136,20 @@ def torch_runner(model, amp_dtype):
     return run
 
 
-def ort_runner(export_dir: Path, manifest: dict, variant: str, threads: int):
-    """task, batch -> logits of the export's `variant` graphs (fp32 or int8) in onnxruntime."""
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    sessions = {t: ort.InferenceSession(str(export_dir / f), options, providers=["CPUExecutionProvider"])
-                for t, f in manifest["variants"][variant].items()}
+def ort_runner(export_dir: Path, variant: str, threads: int):
+    """task, batch -> logits of the export's `variant` (fp32 or int8) in onnxruntime: one task's work
+    alone, whatever the export's layout (its encoder on each input sequence of the batch, then the
+    task's head; or, in an export written before the encoder was stored once, the task's own graph)."""
+    model = OnnxModel(export_dir, variant, threads)
 
     def run(task, batch):
-        return sessions[task].run(["logits"], batch["feeds"])[0]
+        return model.run_batch(task, batch["feeds"], ("logits",))["logits"]
     return run
 
 
-def ort_feeds(batch: dict, slots: list[str]) -> dict[str, np.ndarray]:
-    """The ONNX graph's inputs for one of our batches (the same tensors, as int64 arrays)."""
-    return {f"{slot}_{key}": x[key].numpy().astype(np.int64)
-            for slot, x in zip(slots, batch["inputs"]) for key in ("input_ids", "attention_mask", "token_type_ids")}
+def ort_feeds(batch: dict) -> list[dict[str, np.ndarray]]:
+    """The ONNX inputs of one of our batches: the same tensors, as int64 arrays, one dict per slot."""
+    return [{key: x[key].numpy().astype(np.int64) for key in INPUT_KEYS} for x in batch["inputs"]]
 
 
 def first_pass(label: str, run, batches: dict[str, list[dict]]) -> dict[str, np.ndarray]:
@@ -219,7 +228,7 @@ def main(argv=None) -> None:
     examples = load_examples(base.tasks, resolve_data_dir(args.data_dir or base.data_dir), "dev", args.limit)
     datasets = {t: base.encode(t, ex) for t, ex in examples.items()}
     export_dir = Path(args.export or Path(args.run_dir) / "export-onnx")
-    if not (export_dir / "mtbert_onnx.json").exists():
+    if not (export_dir / MANIFEST).exists():
         from mtbert.apps.export import export_run
         print(f"exporting {args.run_dir} to ONNX (fp32 + int8) in {export_dir} ...", file=sys.stderr)
         export_run(args.run_dir, "onnx", export_dir, quantize="int8")
@@ -245,14 +254,16 @@ def main(argv=None) -> None:
         theirs.encoder = TransformersEncoder(Path(tmp), model.encoder.family.token_types)
     paths["transformers fp32"] = torch_runner(theirs, None)
 
-    manifest = json.loads((export_dir / "mtbert_onnx.json").read_text())
-    if "int8" not in manifest["variants"]:
-        raise SystemExit(f"{export_dir} has no int8 graphs: export again with --quantize int8")
-    for variant in ("fp32", "int8"):
-        paths[f"onnxruntime {variant}"] = ort_runner(export_dir, manifest, variant, threads)
-    for t, bs in batches.items():
+    try:
+        if "int8" not in manifest_variants(read_manifest(export_dir)):
+            raise SystemExit(f"{export_dir} has no int8 graphs: export again with --quantize int8")
+        for variant in ("fp32", "int8"):
+            paths[f"onnxruntime {variant}"] = ort_runner(export_dir, variant, threads)
+    except ExportError as e:
+        raise SystemExit(f"bench/inference.py: {e}") from None
+    for bs in batches.values():
         for b in bs:
-            b["feeds"] = ort_feeds(b, manifest["tasks"][t]["slots"])
+            b["feeds"] = ort_feeds(b)
 
     units = {t: "pairs/s" if datasets[t].task.is_pair else "sentences/s" for t in batches}
     sizes = {t: len(ds) for t, ds in datasets.items()}

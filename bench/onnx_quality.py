@@ -5,13 +5,13 @@
 Exports RUN_DIR with `mtbert export --format onnx --quantize int8` into DIR (default
 RUN_DIR/export-onnx; an existing export there is reused), then evaluates the PyTorch checkpoint
 (fp32), the fp32 graphs and the int8 graphs on the same dev examples (`--limit N`: the first N per
-task) and prints a markdown table: dev metric per task, overall, examples per second, graph sizes.
+task) and prints a markdown table: dev metric per task, overall, examples per second, graph sizes
+(all the graph files a variant runs).
 The last line reads `int8_minus_fp32_overall=.. int8_speedup=..`.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -21,6 +21,12 @@ from mtbert.apps.export import export_run
 from mtbert.core.config import resolve_data_dir
 from mtbert.inference.loading import load_predictor
 from mtbert.inference.onnx_predictor import OnnxPredictor
+from mtbert.inference.onnx_runner import (
+    MANIFEST,
+    graph_files,
+    manifest_variants,
+    read_manifest,
+)
 from mtbert.inference.predictor import evaluate_examples, load_examples
 
 
@@ -33,9 +39,10 @@ def main() -> None:
     ap.add_argument("--data-dir")
     args = ap.parse_args()
     out = Path(args.export or Path(args.run_dir) / "export-onnx")
-    if not (out / "mtbert_onnx.json").exists():
+    if not (out / MANIFEST).exists():
         export_run(args.run_dir, "onnx", out, quantize="int8")
-    if "int8" not in json.loads((out / "mtbert_onnx.json").read_text())["variants"]:
+    manifest = read_manifest(out)
+    if "int8" not in manifest_variants(manifest):
         raise SystemExit(f"{out} has no int8 graphs: export again with --quantize int8")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -49,8 +56,7 @@ def main() -> None:
         start = time.perf_counter()
         metrics, _ = evaluate_examples(predictor, examples)
         rows[name] = (metrics, n / (time.perf_counter() - start))
-    manifest = json.loads((out / "mtbert_onnx.json").read_text())
-    size = {v: sum((out / f).stat().st_size for f in files.values()) / 2**20 for v, files in manifest["variants"].items()}
+    size = {v: sum((out / f).stat().st_size for f in graph_files(manifest, v)) / 2**20 for v in manifest_variants(manifest)}
     keys = list(rows["pytorch fp32"][0])
     print(f"{n} dev examples ({args.limit or 'all'} per task), run {args.run_dir}, export {out}\n")
     print("| model | " + " | ".join(keys) + " | examples/s | graphs MiB |")

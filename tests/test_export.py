@@ -13,9 +13,11 @@ import mtbert
 from mtbert.apps.cli import main
 from mtbert.apps.export import EXPORT_MARKER
 from mtbert.core.config import load_config
-from mtbert.data.readers import pad
+from mtbert.core.errors import CheckpointError
+from mtbert.data.readers import Example, pad
 from mtbert.inference.ensemble import ENSEMBLE_FILE
 from mtbert.inference.loading import load_predictor
+from mtbert.inference.onnx_runner import INPUT_KEYS
 from mtbert.inference.predictor import evaluate_examples, load_examples
 from mtbert.modeling.checkpoint import build_model, load_checkpoint, save_checkpoint
 from mtbert.training.techniques import build_techniques
@@ -121,23 +123,40 @@ def test_sentence_transformers_encode_equals_our_embeddings(run, dev, tmp_path, 
 
 # ---------------------------------------------------------------- onnx
 
-def test_onnx_graphs_equal_pytorch_on_several_batch_sizes_and_lengths(run, dev, tmp_path, data_dir):
+@pytest.fixture(scope="module")
+def onnx_export(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "onnx"
+    assert main(["export", str(run), "--format", "onnx", "--out", str(out), "--quantize", "int8"]) == 0
+    return out
+
+
+def _items(examples):
+    return [e.texts[0] if len(e.texts) == 1 else tuple(e.texts) for e in examples]
+
+
+def test_onnx_writes_the_encoder_once_and_each_task_matches_pytorch(run, dev, onnx_export):
     from mtbert.inference.onnx_predictor import OnnxPredictor
-    from mtbert.inference.onnx_runner import OnnxModel, Tokenizer
+    from mtbert.inference.onnx_runner import OnnxModel, Tokenizer, graph_files
     from mtbert.inference.onnx_runner import pad as runner_pad
 
-    out = tmp_path / "onnx"
-    assert main(["export", str(run), "--format", "onnx", "--out", str(out), "--quantize", "int8"]) == 0
+    out = onnx_export
     manifest = json.loads((out / "mtbert_onnx.json").read_text())
+    assert manifest["format"] == 2
     assert manifest["tasks"]["qqp"]["slots"] == ["a", "b"] and manifest["tasks"]["sts"]["slots"] == ["pair", "a", "b"]
+    # one encoder per variant, shared by every task; each task adds a head graph of a few kB
+    graphs = sorted(str(p.relative_to(out)) for p in out.rglob("*.onnx"))
+    assert graphs == ["encoder.int8.onnx", "encoder.onnx", "heads/qqp.onnx", "heads/sst.onnx", "heads/sts.onnx"]
+    assert {spec["encoder"] for spec in manifest["tasks"].values()} == {"encoder"}
+    encoder_bytes = (out / "encoder.onnx").stat().st_size
+    assert all((out / "heads" / f"{t}.onnx").stat().st_size < 0.02 * encoder_bytes for t in manifest["tasks"])
+
     predictor = load_predictor(run, device="cpu", precision="fp32")
     runner = OnnxModel(out)
     for task, examples in dev.items():
         ref = predictor.predict(task, examples)
-        items = [e.texts[0] if len(e.texts) == 1 else tuple(e.texts) for e in examples]
         for batch_size in (1, 4, 23):  # export example: batch 2; lengths vary with every batch
             runner.batch_size = batch_size
-            got = runner.predict(task, items)
+            got = runner.predict(task, _items(examples))
             assert np.abs(got["logits"] - ref["logits"]).max() < 1e-4, (task, batch_size)
             assert np.allclose(got["pred"], ref["pred"], atol=1e-4) and np.allclose(got["prob"], ref["prob"], atol=1e-4)
 
@@ -153,9 +172,9 @@ def test_onnx_graphs_equal_pytorch_on_several_batch_sizes_and_lengths(run, dev, 
                and torch.equal(torch.as_tensor(x["token_type_ids"]), y["token_type_ids"])
                for x, y in zip(theirs_pairs, ours_pairs))
 
-    # int8: smaller files, usable through the predictor interface (dev metrics for RESULTS.md)
-    for task, files in manifest["variants"]["int8"].items():
-        assert (out / files).stat().st_size < 0.6 * (out / manifest["variants"]["fp32"][task]).stat().st_size
+    # int8: a quantised encoder (the heads are shared), usable through the predictor interface
+    assert (out / "encoder.int8.onnx").stat().st_size < 0.6 * encoder_bytes
+    assert set(graph_files(manifest, "int8")) - set(graph_files(manifest, "fp32")) == {"encoder.int8.onnx"}
     fp32, _ = evaluate_examples(OnnxPredictor(out), dev)
     ours, _ = evaluate_examples(predictor, dev)
     assert fp32 == pytest.approx(ours, abs=1e-6)
@@ -171,8 +190,113 @@ def test_onnx_graphs_equal_pytorch_on_several_batch_sizes_and_lengths(run, dev, 
     assert _card(out)[0]["library_name"] == "onnx"
 
 
+class _WholeTaskGraph(torch.nn.Module):
+    """What exports wrote before the encoder was stored once: encoder + one task's head in one graph."""
+
+    def __init__(self, model, task, n_slots):
+        super().__init__()
+        self.model, self.task, self.n_slots = model, task, n_slots
+
+    def forward(self, *tensors):
+        inputs = [dict(zip(INPUT_KEYS, tensors[3 * k: 3 * k + 3])) for k in range(self.n_slots)]
+        logits = self.model(self.task, inputs).float()
+        kind = self.model.tasks[self.task].kind
+        return logits, kind.predict(logits), kind.probabilities(logits)
+
+
+def _old_layout_export(run, out):
+    """An ONNX export in the first layout (manifest format 1): one full graph per task, TASK.onnx."""
+    from mtbert.apps import export
+
+    model, tok, _, meta = load_checkpoint(run)
+    model.eval()
+    out.mkdir()
+    tasks, files = {}, {}
+    for task in model.tasks:
+        slots = export._slots(model.pair_encoding[task])
+        names = [f"{s}_{k}" for s in slots for k in INPUT_KEYS]
+        example = tuple(x[k] for x in export._example_inputs(tok, slots, export.SAMPLES[:2]) for k in INPUT_KEYS)
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        seq = {s: torch.export.Dim(f"{s}_seq", min=1, max=512) for s in slots}
+        shapes = tuple({0: batch, 1: seq[s]} for s in slots for _ in INPUT_KEYS)
+        with export._quiet():
+            torch.onnx.export(_WholeTaskGraph(model, task, len(slots)).eval(), example, str(out / f"{task}.onnx"),
+                              dynamo=True, input_names=names, output_names=["logits", "pred", "prob"],
+                              dynamic_shapes=(shapes,), external_data=False)
+        files[task] = f"{task}.onnx"
+        tasks[task] = {"slots": slots, "inputs": names, "outputs": ["logits", "pred", "prob"],
+                       "labels": list(model.tasks[task].label_names or []), "kind": repr(model.tasks[task].kind)}
+    tok.save(out)
+    (out / "mtbert_onnx.json").write_text(json.dumps(
+        {"format": 1, "max_length": 64, "pad_id": tok.pad_id, "tasks": tasks, "variants": {"fp32": files},
+         "meta": meta}, default=float))
+    return out
+
+
+def test_an_export_in_the_old_per_task_layout_still_loads_and_predicts(run, dev, tmp_path, onnx_export):
+    from mtbert.inference.onnx_predictor import OnnxPredictor
+    from mtbert.inference.onnx_runner import OnnxModel
+
+    old = _old_layout_export(run, tmp_path / "old")
+    predictor = load_predictor(run, device="cpu", precision="fp32")
+    runner = OnnxModel(old)
+    assert sorted(runner.tasks) == ["qqp", "sst", "sts"]
+    for task, examples in dev.items():
+        got = runner.predict(task, _items(examples))
+        assert np.abs(got["logits"] - predictor.predict(task, examples)["logits"]).max() < 1e-4, task
+    assert evaluate_examples(OnnxPredictor(old), dev)[0] == pytest.approx(evaluate_examples(predictor, dev)[0], abs=1e-6)
+    with pytest.raises(CheckpointError, match="no 'int8' graphs") as e:
+        OnnxPredictor(old, "int8")
+    assert len(str(e.value).splitlines()) == 1
+    # today's runner.py, dropped into the old export, runs it too
+    (old / "runner.py").write_bytes((onnx_export / "runner.py").read_bytes())
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "runner.py", ".", "qqp", "How do I cook rice?", "How is rice cooked?"],
+                       cwd=old, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and json.loads(r.stdout)["task"] == "qqp", r.stderr
+
+
+def _rewrite_manifest(change):
+    def breaks(out):
+        path = out / "mtbert_onnx.json"
+        manifest = json.loads(path.read_text())
+        change(manifest)
+        path.write_text(json.dumps(manifest))
+    return breaks
+
+
+@pytest.mark.parametrize("breaks,message", [
+    (lambda out: (out / "mtbert_onnx.json").write_text('{"format": 2, "tasks": '), "mtbert_onnx.json is unreadable"),
+    (lambda out: (out / "mtbert_onnx.json").unlink(), "is not an mtbert ONNX export"),
+    (_rewrite_manifest(lambda m: m.update(format=3)), "layout format 3; this runner reads format 1 or 2"),
+    (_rewrite_manifest(lambda m: m.pop("encoders")), "garbled: encoders do not map names to graph files"),
+    (_rewrite_manifest(lambda m: m["tasks"]["sts"].update(encoder="elsewhere")), "garbled: task 'sts' names an encoder"),
+    (_rewrite_manifest(lambda m: m["tasks"]["qqp"].pop("slots")), "garbled: task 'qqp' has no input slots"),
+    (lambda out: (out / "heads" / "sts.onnx").unlink(), "graph file heads/sts.onnx is missing"),
+    (lambda out: (out / "encoder.onnx").write_bytes(b"not a graph"), "onnxruntime cannot load encoder.onnx"),
+], ids=["not JSON", "no manifest", "unknown format", "no encoders", "unknown encoder", "no slots", "no head file",
+        "not a graph"])
+def test_an_export_the_runner_cannot_read_is_a_one_line_error(onnx_export, tmp_path, breaks, message):
+    import shutil
+
+    from mtbert.inference.onnx_predictor import OnnxPredictor
+
+    broken = tmp_path / "broken"
+    shutil.copytree(onnx_export, broken)
+    breaks(broken)
+    with pytest.raises(CheckpointError) as e:
+        OnnxPredictor(broken)
+    assert message in str(e.value) and str(broken) in str(e.value) and len(str(e.value).splitlines()) == 1
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    runner = broken / "runner.py" if (broken / "runner.py").exists() else onnx_export / "runner.py"
+    r = subprocess.run([sys.executable, str(runner), str(broken), "sst", "A gripping film."], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {e.value}"]
+
+
 def test_onnx_export_of_per_task_lora_experts(tmp_path, data_dir):
-    """One graph per task can hold what one encoder cannot: each graph runs its task's adapters."""
+    """Per-task LoRA experts make each task's encoder its own: one encoder graph per task, each
+    running its task's adapters."""
     def randomise_b(model):  # B starts at zero (adapters inert); make each task's experts differ
         torch.manual_seed(1)
         for n, p in model.named_parameters():
@@ -184,12 +308,28 @@ def test_onnx_export_of_per_task_lora_experts(tmp_path, data_dir):
     out = tmp_path / "onnx"
     assert main(["export", str(ckpt), "--format", "onnx", "--out", str(out)]) == 0
     from mtbert.inference.onnx_runner import OnnxModel
+    assert sorted(p.name for p in out.glob("*.onnx")) == ["encoder-cfimdb.onnx", "encoder-sst.onnx"]
     predictor = load_predictor(ckpt, device="cpu", precision="fp32")
     texts = ["A gripping film.", "Dull and far too long for what it has to say."]
     for task in ("sst", "cfimdb"):
-        from mtbert.data.readers import Example
         ref = predictor.predict(task, [Example(str(i), (t,), None) for i, t in enumerate(texts)])["logits"]
         assert np.abs(OnnxModel(out).predict(task, texts)["logits"] - ref).max() < 1e-4
+
+
+def test_onnx_export_of_a_pair_head_that_reads_token_states(tmp_path):
+    """The attention bi-encoder head reads token states and their mask, not pooled vectors: the
+    encoder graph outputs them too, and the head graph takes them."""
+    ckpt = _checkpoint(tmp_path, "data.tasks=[sst, qqp]", "model.bi_head=attention", "model.pair_encoding={qqp: bi}")
+    out = tmp_path / "onnx"
+    assert main(["export", str(ckpt), "--format", "onnx", "--out", str(out)]) == 0
+    from mtbert.inference.onnx_runner import OnnxModel
+    manifest = json.loads((out / "mtbert_onnx.json").read_text())
+    assert manifest["encoder_outputs"] == ["vec", "tokens"] and manifest["tasks"]["qqp"]["reads"] == ["tokens", "attention_mask"]
+    predictor = load_predictor(ckpt, device="cpu", precision="fp32")
+    pairs = [("How do I cook rice?", "How is rice cooked?"), ("Is it going to rain?", "What is the capital of France?"),
+             ("word " * 40, "Why?")]
+    ref = predictor.predict("qqp", [Example(str(i), p, None) for i, p in enumerate(pairs)])["logits"]
+    assert np.abs(OnnxModel(out, batch_size=2).predict("qqp", pairs)["logits"] - ref).max() < 1e-4
 
 
 # ---------------------------------------------------------------- refusals

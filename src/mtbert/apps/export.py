@@ -6,16 +6,25 @@ checkpoint in a format other tools load, with a model card.
   modeling.hf_format.load_hf_export turns back into the full multitask model.
 - sentence-transformers: Transformer + Pooling (+ the tanh Dense layer of `cls` pooling): encode()
   gives the run's pooled sentence vectors. Holds `cls` or `mean` pooling only.
-- onnx: one graph per task (encoder + that task's head, outputs logits / pred / prob), dynamic
-  batch and sequence axes, exported with torch.export; runner.py (inference.onnx_runner) runs it.
-  `--quantize int8` adds dynamically quantised copies (TASK.int8.onnx).
+- onnx: the encoder stored once and a small graph per task head, exported with torch.export with
+  dynamic batch and sequence axes. `encoder.onnx` (encoder + pooler: token ids -> pooled vectors,
+  and token states where a head reads them) runs once per input sequence a task needs (one for a
+  sentence or cross-encoded pair, two for a bi-encoded pair, three for cross+cos), and
+  `heads/TASK.onnx` turns those into logits / pred / prob. The heads are kilobytes, so an export
+  of N tasks is one encoder's size, not N; a single graph with every head as an output would need
+  every task's input sequences at once, which pair encodings make differ per task. Per-task LoRA
+  experts are N encoders by nature (`encoder-TASK.onnx`). `--quantize int8` adds a dynamically
+  quantised encoder (`encoder.int8.onnx`); the heads stay fp32. mtbert_onnx.json records the
+  layout's format (ONNX_FORMAT); runner.py (inference.onnx_runner) runs it and the earlier layout
+  (format 1: a full graph per task).
 
 Every export is checked against the PyTorch model on sample inputs before it is kept (outputs
-within 1e-4, cosine >= 0.9999 for sentence vectors), written to a temporary sibling directory and
-renamed into place at the end; an existing output is replaced only with `force`. Ensembles and
-models a format cannot hold are refused before anything is written. transformers,
-sentence-transformers, onnx, onnxscript and onnxruntime are optional (`pip install mtbert[export]`)
-and imported only here, by the format that needs them.
+within 1e-4, cosine >= 0.9999 for sentence vectors; ONNX: every task, run through the written
+directory by its runner), written to a temporary sibling directory and renamed into place at the
+end; an existing output is replaced only with `force`. Ensembles and models a format cannot hold
+are refused before anything is written. transformers, sentence-transformers, onnx, onnxscript and
+onnxruntime are optional (`pip install mtbert[export]`) and imported only by the format that needs
+them (inference.onnx_runner imports onnxruntime only when it loads an export).
 """
 from __future__ import annotations
 
@@ -44,9 +53,12 @@ from mtbert.core.rundir import RunDir
 from mtbert.data.readers import pad
 from mtbert.data.tokenizer import BertTokenizer
 from mtbert.inference.ensemble import is_ensemble_dir
+from mtbert.inference.onnx_runner import INPUT_KEYS as ENCODER_INPUTS
+from mtbert.inference.onnx_runner import MANIFEST, OUTPUTS, ExportError, OnnxModel
 from mtbert.modeling import hf_format
-from mtbert.modeling.adapters import merge_lora
+from mtbert.modeling.adapters import lora_layers, merge_lora
 from mtbert.modeling.checkpoint import find_checkpoint, load_checkpoint
+from mtbert.modeling.heads import Rep
 from mtbert.modeling.model import MultitaskModel
 from mtbert.modeling.poolers import POOLERS
 from mtbert.training.techniques import TECHNIQUES
@@ -55,6 +67,7 @@ log = logging.getLogger("mtbert")
 
 EXPORT_MARKER = "mtbert_export.json"  # in every export: what `--force` may replace
 QUANTIZE = ("int8",)
+ONNX_FORMAT = 2  # mtbert_onnx.json's layout: the encoder once plus a head graph per task (1: a full graph per task)
 TOLERANCE = 1e-4
 # Inputs for the export checks: several lengths, one long enough to be truncated at small max_length.
 SAMPLES = ["A gripping, funny and moving film.", "Dull.",
@@ -166,100 +179,186 @@ vectors = model.encode(["A gripping film.", "A moving film."])   # the run's {mo
 
 
 def _slots(mode: str) -> list[str]:
-    """Input sequences of a task graph, by pair encoding (see inference.onnx_runner)."""
+    """Input sequences of a task, by pair encoding (see inference.onnx_runner)."""
     return {"single": ["text"], "cross": ["pair"], "bi": ["a", "b"], "cross+cos": ["pair", "a", "b"]}[mode]
 
 
-class TaskGraph(torch.nn.Module):
-    """One task as a graph: (SLOT ids, mask, types for each slot) -> logits, pred, prob."""
+def _reads(model: MultitaskModel, task: str) -> list[str]:
+    """What a task's head reads of each encoded slot: the pooled vector, or the token states and
+    their mask (a bi-encoder head that aligns tokens, heads.AttentionPairHead)."""
+    return ["tokens", "attention_mask"] if getattr(model.heads[task], "reads_tokens", False) else ["vec"]
+
+
+def _encoders(model: MultitaskModel) -> dict[str, dict]:
+    """Encoder graph name -> {"adapter": the routed LoRA adapter it runs or None, "tasks": [...]}:
+    one shared encoder, or one per task where per-task LoRA experts make each task's encoder its own."""
+    if any(layer.routed for layer in lora_layers(model.encoder)):
+        return {f"encoder-{task}": {"adapter": task, "tasks": [task]} for task in model.tasks}
+    return {"encoder": {"adapter": None, "tasks": list(model.tasks)}}
+
+
+class EncoderGraph(torch.nn.Module):
+    """The encoder and pooler as a graph: (input_ids, attention_mask, token_type_ids) -> vec
+    (pooled sentence vectors [B, D]) and, if `with_tokens`, tokens (token states [B, T, H])."""
+
+    def __init__(self, model: MultitaskModel, adapter: str | None, with_tokens: bool):
+        super().__init__()
+        self.model, self.adapter, self.with_tokens = model, adapter, with_tokens
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        layers = lora_layers(self.model.encoder) if self.adapter else []
+        for layer in layers:  # what MultitaskModel.forward's routing hook does for a task
+            layer.active = self.adapter
+        try:
+            rep = self.model.encode({"input_ids": input_ids, "attention_mask": attention_mask,
+                                     "token_type_ids": token_type_ids})
+        finally:
+            for layer in layers:
+                layer.active = None
+        return (rep.vec.float(), rep.tokens.float()) if self.with_tokens else (rep.vec.float(),)
+
+
+class HeadGraph(torch.nn.Module):
+    """One task's head as a graph: what it reads of each slot (SLOT_vec, or SLOT_tokens and
+    SLOT_attention_mask) -> logits, pred, prob."""
 
     def __init__(self, model: MultitaskModel, task: str):
         super().__init__()
-        self.model, self.task = model, task
-        self.n_slots = len(_slots(model.pair_encoding[task]))
+        self.head, self.kind = model.heads[task], model.tasks[task].kind
+        self.reads, self.n_slots = _reads(model, task), len(_slots(model.pair_encoding[task]))
 
     def forward(self, *tensors):
-        inputs = [{"input_ids": tensors[3 * k], "attention_mask": tensors[3 * k + 1],
-                   "token_type_ids": tensors[3 * k + 2]} for k in range(self.n_slots)]
-        logits = self.model(self.task, inputs).float()
-        kind = self.model.tasks[self.task].kind
-        return logits, kind.predict(logits), kind.probabilities(logits)
+        n = len(self.reads)
+        per_slot = [tensors[n * k: n * (k + 1)] for k in range(self.n_slots)]
+        if self.reads == ["vec"]:
+            reps = [Rep(vec=vec, tokens=None, mask=None) for (vec,) in per_slot]
+        else:
+            reps = [Rep(vec=None, tokens=tokens, mask=mask) for tokens, mask in per_slot]
+        logits = self.head(*reps).float()
+        return logits, self.kind.predict(logits), self.kind.probabilities(logits)
 
 
-def _example_inputs(tokenizer: BertTokenizer, slots: list[str], texts: list[str]) -> tuple[torch.Tensor, ...]:
+def _example_inputs(tokenizer: BertTokenizer, slots: list[str], texts: list[str]) -> list[dict[str, torch.Tensor]]:
+    """One padded batch per slot: `texts` as sentences, or paired with the next text."""
     a, b = texts, texts[1:] + texts[:1]
     seqs = {"text": lambda: tokenizer.encode(a), "pair": lambda: tokenizer.encode_pairs(a, b),
             "a": lambda: tokenizer.encode(a), "b": lambda: tokenizer.encode(b)}
-    out = []
-    for slot in slots:
-        batch = pad(seqs[slot](), tokenizer.pad_id)
-        out += [batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]]
-    return tuple(out)
+    return [pad(seqs[slot](), tokenizer.pad_id) for slot in slots]
+
+
+def _to_onnx(module: torch.nn.Module, example: tuple, path: Path, inputs: list[str], outputs: list[str],
+             dynamic_shapes: tuple, what: str) -> None:
+    """`dynamic_shapes` follows forward's signature: one entry per parameter (a *tensors one: a tuple)."""
+    try:
+        with _quiet():
+            torch.onnx.export(module, example, str(path), dynamo=True, input_names=inputs, output_names=outputs,
+                              dynamic_shapes=dynamic_shapes, external_data=False, verbose=False)
+    except Exception as e:  # e.g. an operation torch.export or ONNX cannot express
+        raise CheckpointError(f"{what}: cannot export to ONNX: {_reason(e)}") from e
 
 
 def write_onnx(out: Path, model: MultitaskModel, tokenizer: BertTokenizer, max_length: int,
                quantize: str | None, meta: dict) -> str:
     for mod in ("onnx", "onnxscript", "onnxruntime"):
         _require(mod)
-    import onnxruntime as ort
     model = model.eval()
-    variants: dict[str, dict[str, str]] = {"fp32": {}}
-    tasks = {}
-    for task in model.tasks:
-        slots = _slots(model.pair_encoding[task])
-        graph = TaskGraph(model, task).eval()
-        names = [f"{s}_{k}" for s in slots for k in ("input_ids", "attention_mask", "token_type_ids")]
-        batch = torch.export.Dim("batch", min=1, max=65536)
-        seq = {s: torch.export.Dim(f"{s}_seq", min=1, max=model.encoder.config.max_position_embeddings) for s in slots}
-        shapes = tuple({0: batch, 1: seq[s]} for s in slots for _ in range(3))
-        example = _example_inputs(tokenizer, slots, SAMPLES[:2])  # other shapes are checked below
-        path = out / f"{task}.onnx"
-        try:
-            with _quiet():
-                torch.onnx.export(graph, example, str(path), dynamo=True, input_names=names,
-                                  output_names=["logits", "pred", "prob"], dynamic_shapes=(shapes,),
-                                  external_data=False, verbose=False)
-        except Exception as e:  # e.g. an operation torch.export or ONNX cannot express
-            raise CheckpointError(f"task {task}: cannot export to ONNX: {_reason(e)}") from e
-        variants["fp32"][task] = path.name
-        tasks[task] = {"slots": slots, "inputs": names, "outputs": ["logits", "pred", "prob"],
-                       "labels": list(model.tasks[task].label_names or []), "kind": repr(model.tasks[task].kind)}
-        checks = [_example_inputs(tokenizer, slots, SAMPLES), _example_inputs(tokenizer, slots, SAMPLES[2:3])]
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        for inputs in checks:  # batch sizes and lengths unlike the export example's
-            with torch.inference_mode():
-                ref = graph(*inputs)[0]
-            got = session.run(["logits"], {n: t.numpy() for n, t in zip(names, inputs)})[0]
-            _check_close(f"onnx {task} logits", torch.from_numpy(got), ref)
-        if quantize == "int8":
+    encoders = _encoders(model)
+    with_tokens = any("tokens" in _reads(model, task) for task in model.tasks)
+    encoder_outputs = ["vec", "tokens"] if with_tokens else ["vec"]
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    max_positions = model.encoder.config.max_position_embeddings
+    files: dict[str, dict[str, str]] = {"fp32": {}}
+    head_examples: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # (task, slot) -> what a head may read
+    for name, spec in encoders.items():
+        graph = EncoderGraph(model, spec["adapter"], with_tokens).eval()
+        seq = torch.export.Dim("seq", min=1, max=max_positions)
+        path = out / f"{name}.onnx"
+        example = _example_inputs(tokenizer, ["text"], SAMPLES[:2])[0]  # other shapes are checked below
+        _to_onnx(graph, tuple(example[k] for k in ENCODER_INPUTS), path, list(ENCODER_INPUTS), encoder_outputs,
+                 tuple({0: batch, 1: seq} for _ in ENCODER_INPUTS), name)
+        files["fp32"][name] = path.name
+        for task in spec["tasks"]:  # the heads' export examples: this encoder's outputs on theirs
+            slots = _slots(model.pair_encoding[task])
+            with torch.no_grad():  # (not inference_mode: torch.export traces the heads on these)
+                for slot, x in zip(slots, _example_inputs(tokenizer, slots, SAMPLES[:2])):
+                    encoded = dict(zip(encoder_outputs, graph(*(x[k] for k in ENCODER_INPUTS))))
+                    head_examples[task, slot] = {**encoded, "attention_mask": x["attention_mask"]}
+        if quantize == "int8":  # the encoder holds nearly all the weights; heads stay fp32
             from onnxruntime.quantization import QuantType, quantize_dynamic
-            qpath = out / f"{task}.int8.onnx"
+            qpath = out / f"{name}.int8.onnx"
             with _quiet():
                 quantize_dynamic(str(path), str(qpath), weight_type=QuantType.QInt8)
-            variants.setdefault("int8", {})[task] = qpath.name
-            ort.InferenceSession(str(qpath), providers=["CPUExecutionProvider"])  # loads
+            files.setdefault("int8", {})[name] = qpath.name
+    (out / "heads").mkdir()
+    tasks = {}
+    for task in model.tasks:
+        slots, reads = _slots(model.pair_encoding[task]), _reads(model, task)
+        encoder = next(name for name, spec in encoders.items() if task in spec["tasks"])
+        example = tuple(head_examples[task, slot][r] for slot in slots for r in reads)
+        shapes = []
+        for slot in slots:
+            seq = torch.export.Dim(f"{slot}_seq", min=1, max=max_positions)
+            shapes += [{"vec": {0: batch}, "tokens": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}[r]
+                       for r in reads]
+        path = out / "heads" / f"{task}.onnx"
+        _to_onnx(HeadGraph(model, task).eval(), example, path, [f"{s}_{r}" for s in slots for r in reads],
+                 list(OUTPUTS), (tuple(shapes),), f"task {task}")
+        tasks[task] = {"slots": slots, "encoder": encoder, "head": f"heads/{path.name}", "reads": reads,
+                       "outputs": list(OUTPUTS), "labels": list(model.tasks[task].label_names or []),
+                       "kind": repr(model.tasks[task].kind)}
     tokenizer.save(out)
     shutil.copyfile(Path(__file__).resolve().parents[1] / "inference" / "onnx_runner.py", out / "runner.py")
-    manifest = {"format": 1, "max_length": max_length, "pad_id": tokenizer.pad_id, "tasks": tasks,
-                "variants": variants, "meta": meta}
-    (out / "mtbert_onnx.json").write_text(json.dumps(manifest, indent=2, default=float))
+    manifest = {"format": ONNX_FORMAT, "max_length": max_length, "pad_id": tokenizer.pad_id,
+                "encoder_outputs": encoder_outputs, "encoders": files, "tasks": tasks, "meta": meta}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=float))
+    _check_onnx(out, model, tokenizer, list(files))
     task = next(iter(tasks))
+    single = tasks[task]["slots"] == ["text"]
+    encoder_files = ", ".join(f"`{f}`" for f in files["fp32"].values())
+    stored = (f"The encoder is stored once ({encoder_files})" if len(files["fp32"]) == 1 else
+              f"Each task has its own encoder (per-task LoRA experts: {encoder_files})")
     return f"""Needs only `onnxruntime`, `tokenizers` and `numpy`:
 
 ```python
 from runner import OnnxModel                 # runner.py in this directory
-model = OnnxModel("{out.name}")               # OnnxModel("{out.name}", variant="int8"): quantised graphs{'' if quantize else ' (with --quantize int8)'}
-model.predict("{task}", [{'"A gripping film."' if tasks[task]['slots'] == ['text'] else '("How do I cook rice?", "How is rice cooked?")'}])  # {{"pred", "prob", "logits"}}
+model = OnnxModel("{out.name}")               # OnnxModel("{out.name}", variant="int8"): quantised encoder{'' if quantize else ' (with --quantize int8)'}
+model.predict("{task}", [{'"A gripping film."' if single else '("How do I cook rice?", "How is rice cooked?")'}])  # {{"pred", "prob", "logits"}}
 ```
 
 ```bash
-python runner.py {out.name} {task} {'"A gripping film."' if tasks[task]['slots'] == ['text'] else '"How do I cook rice?" "How is rice cooked?"'}
+python runner.py {out.name} {task} {'"A gripping film."' if single else '"How do I cook rice?" "How is rice cooked?"'}
 ```
 
-One graph per task ({', '.join(f'`{f}`' for f in variants['fp32'].values())}); inputs
-`SLOT_input_ids`, `SLOT_attention_mask`, `SLOT_token_type_ids` (int64, [batch, sequence]) per slot
-(`text`; `pair` = [CLS] a [SEP] b [SEP]; `a`, `b` = each sentence alone), outputs `logits`, `pred`, `prob`.
-`mtbert_onnx.json` lists the slots of each task."""
+{stored}: inputs `input_ids`, `attention_mask`, `token_type_ids` (int64, [batch, sequence]),
+outputs {' and '.join(f'`{o}`' for o in encoder_outputs)} (pooled sentence vectors{', token states' if with_tokens else ''}).
+Each task has a small head graph, `heads/TASK.onnx`, run on the encoder's outputs for each input
+sequence the task needs (`text`; `pair` = [CLS] a [SEP] b [SEP]; `a`, `b` = each sentence alone),
+with outputs `logits`, `pred`, `prob`. `mtbert_onnx.json` lists each task's sequences, encoder and
+head; runner.py runs them in turn."""
+
+
+def _check_onnx(out: Path, model: MultitaskModel, tokenizer: BertTokenizer, variants: list[str]) -> None:
+    """Every task through the written export, by the runner users run: fp32 logits within TOLERANCE
+    of the model's on batch sizes and lengths unlike the export example's; int8 loads and gives
+    finite logits of the same shape (its accuracy is bench/onnx_quality.py's to measure)."""
+    for variant in variants:
+        try:
+            runner = OnnxModel(out, variant)
+        except ExportError as e:
+            raise CheckpointError(f"onnx export check: {e}") from None
+        for task in model.tasks:
+            slots = _slots(model.pair_encoding[task])
+            for texts in (SAMPLES, SAMPLES[2:3]):
+                inputs = _example_inputs(tokenizer, slots, texts)
+                with torch.inference_mode():
+                    ref = model(task, inputs).float()
+                got = torch.from_numpy(runner.run_batch(task, [{k: t.numpy() for k, t in x.items()} for x in inputs],
+                                                        ("logits",))["logits"])
+                if variant == "fp32":
+                    _check_close(f"onnx {task} logits", got, ref)
+                elif got.shape != ref.shape or not torch.isfinite(got).all():
+                    raise CheckpointError(f"onnx {variant} {task} logits: shape {tuple(got.shape)} (expected "
+                                          f"{tuple(ref.shape)}) or not finite: export not written")
 
 
 def _reason(e: Exception) -> str:

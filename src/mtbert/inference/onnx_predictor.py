@@ -1,19 +1,27 @@
-"""An ONNX export as an mtbert predictor, so evaluate_examples (dev metrics) works on it."""
+"""An ONNX export as an mtbert predictor, so evaluate_examples (dev metrics) works on it.
+
+Reads both layouts the runner reads (the encoder once plus a head per task, or the older one full
+graph per task); an export it cannot read is a CheckpointError, one line like every other.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
+from mtbert.core.errors import CheckpointError
 from mtbert.core.tasks import get_task
 from mtbert.data.readers import Example
-from mtbert.inference.onnx_runner import OnnxModel
+from mtbert.inference.onnx_runner import ExportError, OnnxModel
 from mtbert.inference.predictor import BasePredictor
 
 
 class OnnxPredictor(BasePredictor):
     def __init__(self, directory: str | Path, variant: str = "fp32", threads: int | None = None, batch_size: int = 64):
-        self.runner = OnnxModel(directory, variant, threads, batch_size)
+        try:
+            self.runner = OnnxModel(directory, variant, threads, batch_size)
+        except ExportError as e:  # the stand-alone runner cannot import mtbert's error types
+            raise CheckpointError(str(e)) from None
         self.name = f"{directory} ({variant})"
         self.meta = self.runner.manifest.get("meta", {})
 
