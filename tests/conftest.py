@@ -13,6 +13,7 @@ import uvicorn
 from mtbert.core.config import load_config, resolve_data_dir
 from mtbert.core.runtime import KERNEL_CACHE_LIMITS
 from mtbert.modeling.encoder import BertConfig, BertModel
+from mtbert.training.techniques import StepContext
 from tests.synthetic import make_cs224n_data
 
 TINY_YAML = Path(__file__).parent / "tiny.yaml"
@@ -33,6 +34,13 @@ def train_tiny_run(out: Path, data_dir: Path, *sets: str, config: Path = TINY_YA
     assert main(["train", "--config", str(config), "--out", str(out), "--data-dir", str(data_dir),
                  *[a for s in sets for a in ("--set", s)]]) == 0
     return out
+
+
+def step_context(trainer, **fields) -> StepContext:
+    """The StepContext a trainer's techniques see, from its public parts, for calling a technique's
+    hook by hand; `fields` set the rest (step=...)."""
+    return StepContext(trainer.model, trainer.total_steps, next(trainer.model.parameters()).device,
+                       trainer.tokenizer, trainer.train_sets, trainer.cfg.train.seed, out_dir=trainer.out, **fields)
 
 
 @pytest.fixture

@@ -218,8 +218,7 @@ def test_max_steps_replays_a_fitted_plans_length_and_sampling(tmp_path, data_dir
                                      tmp_path / "run")
     assert trainer.total_steps == 20 and trainer.configured_steps == 20  # (the ceiling of a budget's fits)
     assert {n for _, n in seen[-8:]} == {2}  # 20 steps span 2 epochs: annealing planned over 2
-    factor = trainer.updater.scheduler.lr_lambdas[0]
-    assert (factor.warmup, factor.total) == (2, 20)
+    assert [trainer.lr_factor(s) for s in range(22)] == [WarmupLinearDecay(2, 20)(s) for s in range(22)]
 
 
 def test_the_hard_limit_stops_resumably_and_resume_finishes_the_fitted_plan(tmp_path, data_dir, clock, monkeypatch,
@@ -254,21 +253,29 @@ def test_runs_without_a_budget_do_not_depend_on_the_clock(tmp_path, data_dir, cl
     assert a["best_dev"] == b["best_dev"] and a["planned_steps"] == b["planned_steps"] == 36
 
 
+class Crash(Exception):
+    pass
+
+
 def test_a_fitted_plan_is_part_of_the_resumable_state(tmp_path, data_dir, clock, monkeypatch):
+    """A run killed right after the first save of a fitted plan resumes with that plan: its steps,
+    its epochs' tasks and its LR decay."""
     timed(monkeypatch, clock, step_s=1.0)
-    trainer = trainer_module.Trainer(_cfg(data_dir, "train.int8_check=false"), tmp_path / "run")
-    trainer.t0 = clock.now
-    for tasks in [t for plan in trainer.plans for t in plan][:40]:
-        trainer.train_step(tasks)
-        trainer.budget.step_done()
-    clock.now += 200.0  # the steps were slower than the measured ones suggest: the check must cut
-    trainer._fit_budget()
-    assert trainer.total_steps < trainer.configured_steps
-    state_module.save(trainer)
+    save, saved = state_module.save, {}
+
+    def save_then_crash(trainer):
+        save(trainer)
+        if trainer.total_steps < trainer.configured_steps:  # (the first check, at step 40, fitted the plan)
+            saved.update(step=trainer.step, total_steps=trainer.total_steps, plans=trainer.plans,
+                         lr=[trainer.lr_factor(s) for s in range(trainer.total_steps + 1)])
+            raise Crash
+    monkeypatch.setattr(state_module, "save", save_then_crash)
+    with pytest.raises(Crash):
+        trainer_module.Trainer(_cfg(data_dir), tmp_path / "run").run()
+    monkeypatch.setattr(state_module, "save", save)
     fresh = trainer_module.Trainer(_cfg(data_dir), tmp_path / "run", resume=True)
-    assert fresh.total_steps == trainer.total_steps and fresh.plans == trainer.plans
-    a, b = fresh.updater.scheduler.lr_lambdas[0], trainer.updater.scheduler.lr_lambdas[0]
-    assert [a(s) for s in range(40, fresh.total_steps + 1)] == [b(s) for s in range(40, trainer.total_steps + 1)]
+    assert fresh.step == saved["step"] and fresh.total_steps == saved["total_steps"] and fresh.plans == saved["plans"]
+    assert [fresh.lr_factor(s) for s in range(fresh.total_steps + 1)] == saved["lr"]
 
 
 def test_a_budget_never_lengthens_the_plan_past_max_steps(tmp_path, data_dir, clock, monkeypatch):

@@ -12,7 +12,8 @@ from mtbert.core.tasks import get_task
 from mtbert.data.readers import encode_dataset, load_split
 from mtbert.data.tokenizer import BertTokenizer
 from mtbert.modeling.checkpoint import resolve_backbone
-from mtbert.training.trainer import TaskStream, Trainer
+from mtbert.training.streams import TaskStream
+from mtbert.training.trainer import Trainer
 from tests.conftest import TINY_YAML
 
 # No dropout: the ranks draw other masks than one process would. Batches of 7 split 4 + 3 over

@@ -2,8 +2,10 @@
 import json
 
 import pytest
+import torch
 
 from mtbert.core.errors import ConfigError
+from mtbert.core.rundir import TRAIN_STATE
 from mtbert.training import state
 from mtbert.training.early_stopping import EarlyStopping
 from mtbert.training.trainer import Trainer
@@ -62,8 +64,9 @@ def test_resumed_run_stops_where_an_uninterrupted_one_does(tmp_path, tiny_cfg, m
     with pytest.raises(Crash):
         Trainer(tiny_cfg(*RUN), tmp_path / "run").run()
     monkeypatch.undo()
-    assert json.loads((state.find_state(tmp_path / "run") / "meta.json").read_text())["step"] == 4
-    resumed = Trainer(tiny_cfg(*RUN), tmp_path / "run", resume=True)
-    assert resumed.early_stopping.bad_evals == 1  # restored, not counted afresh (that would stop at 8)
-    summary = resumed.run()
+    saved = state.find_state(tmp_path / "run")
+    assert json.loads((saved / "meta.json").read_text())["step"] == 4
+    assert torch.load(saved / TRAIN_STATE, weights_only=True)["early_stopping"]["bad_evals"] == 1
+    summary = Trainer(tiny_cfg(*RUN), tmp_path / "run", resume=True).run()
+    # the bad evaluation was restored, not counted afresh (that would stop at 8)
     assert summary["steps"] == expected["steps"] == 6 and summary["best_dev"] == expected["best_dev"]

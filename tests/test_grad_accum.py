@@ -1,10 +1,14 @@
 """Gradient accumulation (train.grad_accum): N micro-batches of b give the gradient of one batch of N·b,
 per task, with and without PCGrad, in one process and under torchrun-style data parallelism."""
+from unittest import mock
+
 import pytest
 import torch
 
 from mtbert.core.config import load_config
 from mtbert.core.distributed import Dist
+from mtbert.training import streams
+from mtbert.training.optimizer import Updater
 from mtbert.training.trainer import Trainer
 from tests.conftest import TINY_YAML
 
@@ -18,16 +22,18 @@ MICRO = {t: [b[0][:3], b[0][3:]] for t, b in BIG.items()}
 
 def _gradients(trainer: Trainer, batches: dict[str, list[list[int]]]) -> dict[str, torch.Tensor]:
     """Run one optimizer step on these index batches; the gradients it applied (before clipping)."""
-    for task, stream in trainer.streams.items():
-        stream.queue = list(reversed(batches[task]))  # the stream pops from the end
-    grads, step = {}, trainer.updater.step
+    queued = {id(trainer.train_sets[t]): b for t, b in batches.items()}
+    grads, step = {}, Updater.step
 
-    def capture():
-        params = list(trainer.model.named_parameters()) + list(trainer.weighting.named_parameters(prefix="weighting"))
-        grads.update({n: p.grad.detach().clone() for n, p in params if p.grad is not None})
-        return step()
-    trainer.updater.step = capture
-    trainer.train_step(list(trainer.streams))
+    def capture(updater):
+        grads.update({n: p.grad.detach().clone() for n, p in trainer.trained_parameters().items()
+                      if p.grad is not None})
+        return step(updater)
+
+    def batches_of(ds, *shuffling):
+        return list(reversed(queued[id(ds)]))  # (a stream pops from the end)
+    with mock.patch.object(Updater, "step", capture), mock.patch.object(streams, "make_batches", batches_of):
+        trainer.train_step(list(trainer.train_sets))
     return grads
 
 

@@ -194,13 +194,13 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path
     (run / "command.txt").unlink()  # (an old run without one: the new run's must not stay behind)
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     seen_aside = []
-    real = Trainer.task_loss
+    real = Trainer.step_loss
 
-    def fails_at_once(self, task, batch):
+    def fails_at_once(self, batches):
         seen_aside.extend(run.glob(".replaced-*/best/model.safetensors"))
-        return real(self, task, batch) * float("nan")
+        return {t: loss * float("nan") for t, loss in real(self, batches).items()}
 
-    monkeypatch.setattr(Trainer, "task_loss", fails_at_once)
+    monkeypatch.setattr(Trainer, "step_loss", fails_at_once)
     code = main(["train", "--config", str(TINY_YAML), "--out", str(run), "--data-dir", str(data_dir),
                  "--set", "train.max_steps=3", "--overwrite"])
     one_line_error(capsys, code, "training diverged at step 1")
@@ -212,13 +212,13 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path
 # ---------------------------------------------------------------- divergence is failure
 
 def test_non_finite_loss_stops_training_and_keeps_the_last_good_model(tmp_path, capsys, monkeypatch, data_dir):
-    real = Trainer.task_loss
+    real = Trainer.step_loss
 
-    def explodes_after_step_4(self, task, batch):
-        loss = real(self, task, batch)
-        return loss * float("nan") if self.step >= 4 else loss
+    def explodes_after_step_4(self, batches):
+        losses = real(self, batches)
+        return {t: loss * float("nan") for t, loss in losses.items()} if self.step >= 4 else losses
 
-    monkeypatch.setattr(Trainer, "task_loss", explodes_after_step_4)
+    monkeypatch.setattr(Trainer, "step_loss", explodes_after_step_4)
     run = tmp_path / "run"
     code = main(["train", "--config", str(TINY_YAML), "--out", str(run), "--data-dir", str(data_dir),
                  "--set", "train.max_steps=12", "--set", "train.eval_every=2"])

@@ -68,7 +68,7 @@ def user_module(tmp_path, monkeypatch):
 def test_import_path_in_the_config_names_a_users_class(tmp_path, tiny_cfg, user_module):
     tr = Trainer(tiny_cfg(f"train.weighting={user_module}:Doubled", "train.max_steps=1"), tmp_path / "r")
     loss = torch.tensor(1.5)
-    assert tr.weighting({"sst": loss}).item() == pytest.approx(3.0)
+    assert tr.weighted_loss({"sst": loss}).item() == pytest.approx(3.0)
 
 
 def test_plugins_module_registers_entries_by_name(tmp_path, tiny_cfg, user_module):

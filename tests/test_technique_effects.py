@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from mtbert.core.config import load_config
-from mtbert.training.schedules import Biased, Interleaved
+from mtbert.training.schedules import Biased, Interleaved, build_schedule
+from mtbert.training.techniques import GradientCombiner
 from mtbert.training.techniques.pcgrad import project_conflicting
 from mtbert.training.trainer import Trainer
-from tests.conftest import TINY
+from mtbert.training.weightings import Sum
+from tests.conftest import TINY, step_context
 
 NO_DROPOUT = ["model.dropout=0",
               "model.tiny={hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64, "
@@ -29,14 +31,10 @@ def _pair(tmp_path, tiny_cfg, spec: str, *overrides):
 def _loss_and_grads(tr: Trainer, batches: dict) -> tuple[float, torch.Tensor]:
     """The weighted loss of one step and the encoder gradient it gives (no update)."""
     tr.model.train()
-    tr.updater.optimizer.zero_grad(set_to_none=True)
-    losses = {t: tr.task_loss(t, b) for t, b in batches.items()}
-    total = tr.weighting(losses)
-    tr.backward(losses, total)
+    total = tr.step_gradients(batches)
     grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                       for n, p in tr.model.encoder.named_parameters() if "lora_" not in n])
-    tr.updater.optimizer.zero_grad(set_to_none=True)
-    return float(total.detach()), grad
+    return float(total), grad
 
 
 @pytest.mark.parametrize("spec, tasks", [
@@ -55,8 +53,8 @@ def test_technique_changes_the_loss_or_the_gradients(tmp_path, tiny_cfg, spec, t
     # one ordinary step first, so that state-carrying techniques (Bregman's teacher) have state
     plain.train_step(tasks)
     tech.train_step(tasks)
-    batches = {t: plain.to_device(next(plain.streams[t])) for t in tasks}
-    assert all(torch.equal(batches[t]["indices"], tech.to_device(next(tech.streams[t]))["indices"]) for t in tasks)
+    batches = plain.next_batches(tasks)
+    assert all(torch.equal(batches[t]["indices"], b["indices"]) for t, b in tech.next_batches(tasks).items())
     # from plain's weights, so only the technique differs
     tech.model.load_state_dict(plain.model.state_dict(), strict=False)
     loss_p, grad_p = _loss_and_grads(plain, batches)
@@ -68,8 +66,8 @@ def test_technique_changes_the_loss_or_the_gradients(tmp_path, tiny_cfg, spec, t
 
 def test_llrd_changes_the_update_not_the_gradient(tmp_path, tiny_cfg):
     plain, tech = _pair(tmp_path, tiny_cfg, "{llrd: {decay: 0.5}}", "train.warmup_ratio=0")
-    lrs = {n: g["lr"] for g in tech.updater.optimizer.param_groups for n in g["names"]}
-    assert lrs["embeddings.word.weight"] < lrs["layers.1.ffn.up.weight"] < lrs["pooler.weight"]
+    lrs = tech.learning_rates()
+    assert lrs["encoder.embeddings.word.weight"] < lrs["encoder.layers.1.ffn.up.weight"] < lrs["encoder.pooler.weight"]
     before = plain.model.encoder.embeddings.word.weight.detach().clone()
     plain.train_step(["sst"])
     tech.train_step(["sst"])
@@ -78,22 +76,21 @@ def test_llrd_changes_the_update_not_the_gradient(tmp_path, tiny_cfg):
     assert 0 < moved_t < moved_p  # the bottom layer moves less
 
 
-def test_pcgrad_projects_two_conflicting_task_gradients(tmp_path, tiny_cfg):
+def test_pcgrad_projects_two_conflicting_task_gradients(tmp_path, tiny_cfg, monkeypatch):
     """Real projection: the per-task gradients on the shared encoder conflict (negative inner
     product), and the applied gradient is the projected sum, not the plain sum."""
+    # STS's weight -1 (no valid config gives it: weights are at least 0) turns its gradient against SST's
+    monkeypatch.setattr(Sum, "forward", lambda self, losses: sum(-l if t == "sts" else l for t, l in losses.items()))
     tr = Trainer(tiny_cfg(*NO_DROPOUT, "techniques={pcgrad: {seed: 3}}", "data.tasks=[sst, sts]"), tmp_path / "r")
-    tr.weighting.fixed["sts"] = -1.0  # (not a valid config) turns STS's gradient against SST's
-    batches = {t: tr.to_device(next(tr.streams[t])) for t in ("sst", "sts")}
+    batches = tr.next_batches(["sst", "sts"])
     shared = tr.model.shared_parameters()
     per_task = []
     for t, b in batches.items():
         tr.model.zero_grad()
-        tr.weighting({t: tr.task_loss(t, b)}).backward()
+        tr.weighted_loss(tr.step_loss({t: b})).backward()
         per_task.append(torch.cat([p.grad.reshape(-1) for p in shared]))
     assert torch.dot(per_task[0], per_task[1]) < 0, "the two tasks must conflict for this test"
-    tr.model.zero_grad()
-    losses = {t: tr.task_loss(t, b) for t, b in batches.items()}
-    tr.backward(losses, tr.weighting(losses))
+    tr.step_gradients(batches)
     got = torch.cat([p.grad.reshape(-1) for p in shared])
     projected = project_conflicting(per_task, random.Random(3))
     assert torch.allclose(got, projected[0] + projected[1], atol=1e-6)
@@ -120,14 +117,13 @@ def test_same_seed_same_run_and_training_changes_the_weights(tmp_path, tiny_cfg)
 PRESET_EFFECTS = {
     "bi_attention": lambda tr: tr.model.bi_head == "attention" and tr.model.shared_pair is not None
     and set(tr.model.pair_encoding.values()) >= {"bi"},
-    "biased": lambda tr: isinstance(tr.schedule, Biased) and tr.schedule.weights["qqp"] == 1.7,
+    "biased": lambda tr: isinstance(_schedule(tr), Biased) and _schedule(tr).weights["qqp"] == 1.7,
     "bregman": lambda tr: _names(tr) == ["bregman"],
-    "llrd": lambda tr: _names(tr) == ["llrd"] and len({g["lr"] for g in tr.updater.optimizer.param_groups}) > 2,
+    "llrd": lambda tr: _names(tr) == ["llrd"] and len(set(tr.learning_rates().values())) > 2,
     "lora": lambda tr: _names(tr) == ["lora"] and "lora" in tr.model.extensions,
     "lora_experts": lambda tr: _names(tr) == ["lora_experts"] and "lora_experts" in tr.model.extensions,
-    "pcgrad": lambda tr: tr.combiner is not None and tr.combiner.name == "pcgrad"
-    and isinstance(tr.schedule, Interleaved),
-    "pcgrad_simcse": lambda tr: tr.combiner is not None and tr.cfg.pretrain.enabled
+    "pcgrad": lambda tr: _combiner(tr) == "pcgrad" and isinstance(_schedule(tr), Interleaved),
+    "pcgrad_simcse": lambda tr: _combiner(tr) is not None and tr.cfg.pretrain.enabled
     and tr.cfg.pretrain.objectives == ["simcse_sup"] and (tr.out / "pretrain" / "best").exists(),
     "plateau": lambda tr: _names(tr) == ["plateau"],
     "sbert_cnn_bilstm": lambda tr: [type(p).__name__ for p in tr.model.pooler.parts] == ["MeanPool", "CNNPool", "BiLSTMPool"]
@@ -135,14 +131,25 @@ PRESET_EFFECTS = {
     "simcse": lambda tr: tr.cfg.pretrain.objectives == ["simcse_unsup", "simcse_sup", "mnrl"]
     and (tr.out / "pretrain" / "best").exists(),
     "smart": lambda tr: _names(tr) == ["smart"],
-    "smart_combo": lambda tr: _names(tr) == ["smart"] and isinstance(tr.schedule, Interleaved),
-    "tsa": lambda tr: _names(tr) == ["uda"] and tr.techniques[0].weight == 0 and tr.techniques[0].tsa == "linear",
-    "uda": lambda tr: _names(tr) == ["uda"] and tr.techniques[0].weight > 0 and "sts_bins" in tr.model.tasks,
+    "smart_combo": lambda tr: _names(tr) == ["smart"] and isinstance(_schedule(tr), Interleaved),
+    "tsa": lambda tr: _names(tr) == ["uda"] and tr.active_techniques["uda"].weight == 0
+    and tr.active_techniques["uda"].tsa == "linear",
+    "uda": lambda tr: _names(tr) == ["uda"] and tr.active_techniques["uda"].weight > 0 and "sts_bins" in tr.model.tasks,
 }
 
 
 def _names(tr) -> list[str]:
-    return [t.name for t in tr.techniques]
+    return list(tr.active_techniques)
+
+
+def _combiner(tr) -> str | None:
+    """The name of the run's gradient combiner (at most one), or None."""
+    return next((name for name, t in tr.active_techniques.items() if isinstance(t, GradientCombiner)), None)
+
+
+def _schedule(tr):
+    """The task schedule the run's config builds (the trainer builds it so)."""
+    return build_schedule(tr.cfg.train.schedule, **tr.cfg.train.schedule_args)
 
 
 PRESETS = sorted(p.stem for p in Path("configs/techniques").glob("*.yaml"))
@@ -184,13 +191,13 @@ def test_a_loss_hook_adds_to_the_loss_it_is_given(tmp_path, tiny_cfg, name):
     """hook(L + c) == hook(L) + c: what earlier techniques added passes through unchanged, so any
     YAML order of techniques gives the same total loss (the order contract of Technique.task_loss)."""
     tr = Trainer(tiny_cfg(*NO_DROPOUT, f"techniques={ADDITIVE_SPECS[name]}"), tmp_path / "r")
-    tech = tr.techniques[0]
-    batch = tr.to_device(next(tr.streams["sst"]))
+    tech, ctx = tr.active_techniques[name], step_context(tr)
+    batch = tr.next_batches(["sst"])["sst"]
     tr.model.eval()
     logits = tr.model("sst", batch["inputs"])
     base = tr.model.tasks["sst"].kind.loss(logits, batch["labels"])
     torch.manual_seed(0)
-    a = tech.task_loss(tr.ctx, "sst", batch, logits, base)
+    a = tech.task_loss(ctx, "sst", batch, logits, base)
     torch.manual_seed(0)
-    b = tech.task_loss(tr.ctx, "sst", batch, logits, base + 5.0)
+    b = tech.task_loss(ctx, "sst", batch, logits, base + 5.0)
     assert float(b - a) == pytest.approx(5.0, abs=1e-5)

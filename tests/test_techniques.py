@@ -4,12 +4,19 @@ import pytest
 import torch
 
 from mtbert.core.kinds import BINARY, CLASSIFICATION, REGRESSION
+from mtbert.training.optimizer import (
+    Updater,
+    adamw,
+    parameter_groups,
+    warmup_linear_decay,
+)
 from mtbert.training.techniques import TECHNIQUES, build_techniques
 from mtbert.training.techniques.bregman import ema_update
 from mtbert.training.techniques.llrd import layer_depth
 from mtbert.training.techniques.pcgrad import project_conflicting
 from mtbert.training.techniques.smart import Smart, project_to_ball
 from mtbert.training.trainer import Trainer
+from tests.conftest import step_context
 
 # ---------------------------------------------------------------- PCGrad
 
@@ -91,11 +98,11 @@ def test_ema_update_formula():
 
 def test_bregman_penalty_is_mu_times_divergence_to_teacher(tmp_path, tiny_cfg):
     tr = Trainer(tiny_cfg("techniques={bregman: {mu: 2.0, beta: 0.5}}"), tmp_path / "r")
-    breg = tr.techniques[0]
-    batch = tr.to_device(next(tr.streams["sst"]))
+    breg = tr.active_techniques["bregman"]
+    batch = tr.next_batches(["sst"])["sst"]
     tr.model.eval()
     logits = tr.model("sst", batch["inputs"]) + 0.3  # differ from the (identical) teacher
-    loss = breg.task_loss(tr.ctx, "sst", batch, logits, torch.tensor(1.0))
+    loss = breg.task_loss(step_context(tr), "sst", batch, logits, torch.tensor(1.0))
     target = breg.teacher("sst", batch["inputs"])
     assert loss.item() == pytest.approx(1.0 + 2.0 * CLASSIFICATION.divergence(logits, target).item(), rel=1e-5)
     assert breg.beta(5, 10) == 0.5
@@ -105,28 +112,28 @@ def test_bregman_penalty_is_mu_times_divergence_to_teacher(tmp_path, tiny_cfg):
 
 def test_layerwise_decay_lrs(tmp_path, tiny_cfg):
     tr = Trainer(tiny_cfg("techniques={llrd: {decay: 0.5}}", "train.lr=1.0", "train.warmup_ratio=0"), tmp_path / "r")
-    lr_of = {}
-    for g in tr.updater.optimizer.param_groups:
-        for n in g["names"]:
-            lr_of[n] = g["lr"]
+    lr_of = tr.learning_rates()
     # 2 layers: pooler depth 3 -> 1.0, layer 1 -> 0.5, layer 0 -> 0.25, embeddings -> 0.125
-    assert lr_of["pooler.weight"] == pytest.approx(1.0)
-    assert lr_of["layers.1.ffn.up.weight"] == pytest.approx(0.5)
-    assert lr_of["layers.0.attention.qkv.bias"] == pytest.approx(0.25)
-    assert lr_of["embeddings.word.weight"] == pytest.approx(0.125)
+    assert lr_of["encoder.pooler.weight"] == pytest.approx(1.0)
+    assert lr_of["encoder.layers.1.ffn.up.weight"] == pytest.approx(0.5)
+    assert lr_of["encoder.layers.0.attention.qkv.bias"] == pytest.approx(0.25)
+    assert lr_of["encoder.embeddings.word.weight"] == pytest.approx(0.125)
     assert lr_of["heads.sst.proj.weight"] == pytest.approx(1.0)  # heads keep the full rate
     assert layer_depth("layers.11.ffn.up.weight", 12) == 12
 
 
-def test_plateau_halves_lr(tmp_path, tiny_cfg):
-    tr = Trainer(tiny_cfg("techniques={plateau: {patience: 2}}"), tmp_path / "r")
-    plateau = tr.techniques[0]
-    base = list(tr.updater.scheduler.base_lrs)
+def test_plateau_halves_lr(tiny_encoder):
+    plateau = build_techniques({"plateau": {"patience": 2}})[0]
+    # what the trainer does with each evaluation's factor (Updater.scale_lr), on groups as it builds them
+    model = torch.nn.ModuleDict({"encoder": tiny_encoder, "head": torch.nn.Linear(32, 2)})
+    optimizer = adamw(parameter_groups(model, 1e-3, 2e-3), 1e-3, 0.01)
+    updater = Updater(optimizer, warmup_linear_decay(optimizer, 0, 10), None, None, model.parameters)
+    base = list(updater.scheduler.base_lrs)
     factors = [plateau.on_eval(score, 0.0) for score in (0.5, 0.4, 0.45)]
     assert factors == [1.0, 1.0, 0.5]  # the second evaluation without improvement halves
     for f in factors:
-        tr.updater.scale_lr(f)
-    assert tr.updater.scheduler.base_lrs == [b * 0.5 for b in base]
+        updater.scale_lr(f)
+    assert updater.scheduler.base_lrs == [b * 0.5 for b in base]
     by_loss = build_techniques({"plateau": {"monitor": "train_loss", "patience": 1}})[0]
     assert [by_loss.on_eval(0.0, loss) for loss in (1.0, 0.8, 0.9)] == [1.0, 1.0, 0.5]
 
@@ -167,17 +174,15 @@ def test_pcgrad_backward_sets_projected_sum_on_shared_parameters(tmp_path, tiny_
                           "model.tiny={hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, "
                           "intermediate_size: 64, hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}"),
                  tmp_path / "r")
-    batches = {t: tr.to_device(next(tr.streams[t])) for t in ("sst", "sts")}
+    batches = tr.next_batches(["sst", "sts"])
     shared = [p for p in tr.model.encoder.parameters()]
     flat = []
     for t, b in batches.items():
         tr.model.zero_grad()
-        tr.task_loss(t, b).backward()
+        tr.step_loss({t: b})[t].backward()
         flat.append(torch.cat([p.grad.reshape(-1) for p in shared]))
     expected = sum(project_conflicting(flat, random.Random(5)))
-    tr.model.zero_grad()
-    losses = {t: tr.task_loss(t, b) for t, b in batches.items()}
-    tr.backward(losses, tr.weighting(losses))
+    tr.step_gradients(batches)
     got = torch.cat([p.grad.reshape(-1) for p in shared])
     assert torch.allclose(got, expected, atol=1e-6)
     assert tr.model.heads["sst"].proj.weight.grad is not None
@@ -203,15 +208,15 @@ def test_smart_adds_weight_times_divergence_at_a_fixed_perturbation(tmp_path, ti
     """With the ascent replaced by a fixed δ, SMART's loss is L + λ · D(f(x + δ), f(x)), the
     perturbed pass without dropout (dropout_off)."""
     tr = Trainer(tiny_cfg("techniques={smart: {weight: 2.5}}", "data.tasks=[sst]"), tmp_path / "r")
-    smart = tr.techniques[0]
-    batch = tr.to_device(next(tr.streams["sst"]))
+    smart = tr.active_techniques["smart"]
+    batch = tr.next_batches(["sst"])["sst"]
     gen = torch.Generator().manual_seed(0)
     embeds = [tr.model.encoder.embeddings.word(x["input_ids"]).detach() for x in batch["inputs"]]
     deltas = [torch.randn(e.shape, generator=gen) * 0.05 for e in embeds]
     monkeypatch.setattr(Smart, "perturbation", lambda self, *args, **kwargs: deltas)
     tr.model.train()
     logits = tr.model("sst", batch["inputs"])
-    loss = smart.task_loss(tr.ctx, "sst", batch, logits, torch.tensor(1.0))
+    loss = smart.task_loss(step_context(tr), "sst", batch, logits, torch.tensor(1.0))
     assert tr.model.training  # dropout back on after the perturbed passes
     tr.model.eval()
     adv = tr.model("sst", batch["inputs"], inputs_embeds=[e + d for e, d in zip(embeds, deltas)])

@@ -38,11 +38,11 @@ def test_schedules_drive_the_loop(tmp_path, tiny_cfg, schedule):
 def test_weighting_parameters_are_trained_with_their_own_lr(tmp_path, tiny_cfg, weighting):
     tr = _trainer(tmp_path, tiny_cfg, f"train.weighting={weighting}", "train.max_steps=2",
                   "train.weighting_args={lr: 0.05}")
-    before = [p.clone() for p in tr.weighting.parameters()]
-    group = [g for g in tr.updater.optimizer.param_groups if g.get("names") == ["weighting"]][0]
-    assert group["lr"] == pytest.approx(0.05 * tr.updater.scheduler.lr_lambdas[0](0))
+    before = {n: p.clone() for n, p in tr.trained_parameters().items() if n.startswith("weighting.")}
+    lrs = [lr for n, lr in tr.learning_rates().items() if n in before]
+    assert lrs and all(lr == pytest.approx(0.05 * tr.lr_factor(0)) for lr in lrs)
     tr.run()
-    assert any(not torch.equal(a, b) for a, b in zip(before, tr.weighting.parameters()))
+    assert any(not torch.equal(p, tr.trained_parameters()[n]) for n, p in before.items())
 
 
 def test_same_seed_same_metrics(tmp_path, tiny_cfg):
@@ -68,7 +68,7 @@ def test_time_budget_stops_training_early(tmp_path, tiny_cfg):
 def test_pooler_and_head_parameters_are_all_optimised(tmp_path, tiny_cfg):
     tr = _trainer(tmp_path, tiny_cfg, "model.pooling=mean+cnn+bilstm", "model.pair_encoding={qqp: bi, sts: bi}",
                   "model.shared_pair_layer=8")
-    in_optimizer = {id(p) for g in tr.updater.optimizer.param_groups for p in g["params"]}
+    in_optimizer = {id(p) for p in tr.trained_parameters().values()}
     missing = [n for n, p in tr.model.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
     assert missing == []
 

@@ -21,6 +21,7 @@ from mtbert.training.techniques.uda import (
     tsa_threshold,
 )
 from mtbert.training.trainer import Trainer
+from tests.conftest import step_context
 
 # ---------------------------------------------------------------- TSA
 
@@ -69,20 +70,20 @@ def test_tsa_binary_and_binned():
 
 def test_tsa_in_the_technique_swaps_the_supervised_loss(tmp_path, tiny_cfg):
     tr = Trainer(tiny_cfg("techniques={uda: {weight: 0, tsa: exp}}", "data.tasks=[sst, qqp, sts_bins]"), tmp_path / "r")
-    uda = tr.techniques[0]
+    uda = tr.active_techniques["uda"]
     assert uda.tasks == ["sst", "qqp", "sts_bins"]
-    batch = tr.to_device(next(tr.streams["sst"]))
+    batch = tr.next_batches(["sst"])["sst"]
     logits = torch.randn(len(batch["labels"]), 5) * 3
-    tr.ctx.step = tr.total_steps // 2
-    eta = math.exp(5 * (tr.ctx.step / tr.total_steps - 1)) * 0.8 + 0.2
+    ctx = step_context(tr, step=tr.total_steps // 2)
+    eta = math.exp(5 * (ctx.step / ctx.total_steps - 1)) * 0.8 + 0.2
     p_gold = logits.softmax(-1)[torch.arange(len(logits)), batch["labels"]]
     kept = p_gold <= eta
     assert 0 < kept.sum() < len(kept), "pick a seed where TSA drops some but not all"
-    got = uda.task_loss(tr.ctx, "sst", batch, logits, F.cross_entropy(logits, batch["labels"]) + 7.0)
+    got = uda.task_loss(ctx, "sst", batch, logits, F.cross_entropy(logits, batch["labels"]) + 7.0)
     expected = -p_gold[kept].log().mean() + 7.0  # what an earlier technique added (7.0) is kept
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
     assert uda.last["sst"]["tsa_kept"] == pytest.approx(kept.float().mean().item())
-    sts = tr.to_device(next(tr.streams["sts_bins"]))
+    sts = tr.next_batches(["sts_bins"])["sts_bins"]
     assert sts["labels"].dtype == torch.float  # binned tasks keep their scores as labels
 
 
@@ -131,12 +132,13 @@ def test_uda_term_in_trainer_equals_hand_computation(tmp_path, tiny_cfg):
         f"{e.id}\t{e.texts[1]}\t{e.texts[0]} indeed\n" for e in exs[::2]))  # half the ids only
     uda = build_techniques({"uda": {"weight": 2.0, "beta": 0.0, "tau": 0.5, "tsa": None,
                                     "augment": None, "augment_file": str(path)}})[0]
-    uda.setup(tr.ctx)
+    ctx = step_context(tr)
+    uda.setup(ctx)
     tr.model.eval()
-    batch = tr.to_device(next(tr.streams["qqp"]))
+    batch = tr.next_batches(["qqp"])["qqp"]
     # a random tiny model scores every input alike: spread the clean logits so rows must line up
     logits = tr.model("qqp", batch["inputs"]) + 2 * torch.randn(len(batch["indices"]), 1)
-    got = uda.task_loss(tr.ctx, "qqp", batch, logits, torch.tensor(1.0))
+    got = uda.task_loss(ctx, "qqp", batch, logits, torch.tensor(1.0))
     idx = [j for j, i in enumerate(batch["indices"].tolist()) if i % 2 == 0]  # ids in the file
     assert 0 < len(idx) < len(batch["indices"])
     aug = [(exs[i].texts[1], exs[i].texts[0] + " indeed") for i in batch["indices"][idx].tolist()]
@@ -160,7 +162,7 @@ def test_uda_options_are_checked(tmp_path, tiny_cfg):
     with pytest.raises(ValueError, match="sts_bins"):
         Trainer(tiny_cfg("techniques={uda: {tasks: [sts]}}"), tmp_path / "r")
     tr = Trainer(tiny_cfg("techniques={uda: {}}"), tmp_path / "r2")
-    assert tr.techniques[0].tasks == ["sst", "qqp"]  # regression STS is left alone by default
+    assert tr.active_techniques["uda"].tasks == ["sst", "qqp"]  # regression STS is left alone by default
 
 
 # ---------------------------------------------------------------- augmentations
@@ -234,7 +236,7 @@ def test_ids_missing_from_the_file_fall_back_to_built_in_augmentation(tmp_path, 
     with_fallback = build_techniques({"uda": {"augment": "mask_span", "augment_file": str(path)}})[0]
     file_only = build_techniques({"uda": {"augment": None, "augment_file": str(path)}})[0]
     for u in (with_fallback, file_only):
-        u.setup(tr.ctx)
+        u.setup(step_context(tr))
         assert u.augmented("sst", ex[0]) == ("from the file",)
     assert MASK in with_fallback.augmented("sst", ex[1])[0]  # arity mismatch: not used
     assert file_only.augmented("sst", ex[1]) is None and file_only.augmented("sst", ex[2]) is None
@@ -285,4 +287,5 @@ def test_uda_smoke_runs(tmp_path, tiny_cfg, overrides):
     tr = Trainer(tiny_cfg(*overrides, "train.max_steps=3"), tmp_path / "r")
     summary = tr.run()
     assert summary["steps"] == 3 and "overall" in summary["best_dev"]
-    assert set(tr.techniques[0].last) == set(tr.techniques[0].tasks)
+    uda = tr.active_techniques["uda"]
+    assert set(uda.last) == set(uda.tasks)

@@ -11,6 +11,7 @@ torchrun the ranks share one global batch (see core.distributed and training.str
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -80,6 +81,7 @@ from mtbert.training.streams import TaskStream
 from mtbert.training.techniques import (
     TECHNIQUES,
     StepContext,
+    Technique,
     build_techniques,
     gradient_combiner,
 )
@@ -102,12 +104,36 @@ def not_recomputable(techniques, model) -> list[str]:
                            if name in TECHNIQUES and not TECHNIQUES.get(name).recomputable})
 
 
+# The Trainer's public surface (its docstring says what each is); tests/test_architecture.py
+# holds the tests to it.
+PUBLIC_SURFACE = frozenset({
+    "cfg", "out", "model", "tokenizer", "train_sets", "dev_sets", "active_techniques", "configured_steps",
+    "progress", "run", "train_step", "evaluate", "eval_callbacks", "parameter_counts",
+    "next_batches", "step_loss", "weighted_loss", "step_gradients",
+    "trained_parameters", "learning_rates", "lr_factor",
+}) | {f.name for f in dataclasses.fields(state.TrainState)}
+
+
 @state.progress_attributes  # step, epoch, history, plans, ... live in self.progress (a TrainState)
 class Trainer:
     """Built in three parts: `validate_run(cfg)` (pure), then the parts (runtime, data, the model
     and the pretraining stage, techniques, batches and plan, optimizer, counters), each its own
     step, in an order that keeps every random draw where it was; the run directory is touched last.
-    Then `run()`, the loop."""
+    Then `run()`, the loop.
+
+    The public surface (PUBLIC_SURFACE; what tests, notebooks and the apps use, so the parts
+    behind it can change):
+      the run as built: `cfg`, `out` (the run directory), `model`, `tokenizer`, `train_sets` and
+        `dev_sets` (task -> encoded dataset), `active_techniques` (name -> plug-in, in the order
+        they run), `configured_steps` (the plan before a time budget's fit);
+      how far it has come: `progress` (a TrainState), its fields also as attributes (`step`,
+        `epoch`, `total_steps`, `plans`, `sampling_positions`, `history`, `examples_seen`, ...);
+      running: `run()`, `train_step(tasks)`, `evaluate()`, `eval_callbacks`, `parameter_counts()`;
+      one step by hand: `next_batches(tasks)`, `step_loss(batches)`, `weighted_loss(losses)`,
+        `step_gradients(batches)`;
+      the optimizer: `trained_parameters()`, `learning_rates()`, `lr_factor(step)`.
+    training.state, which saves and restores the parts, is the one module that reaches behind it.
+    """
 
     def __init__(self, cfg: Config, out_dir: str | Path, dist: Dist | None = None, resume: bool = False,
                  overwrite: bool = False, command: str | None = None):
@@ -385,14 +411,14 @@ class Trainer:
         return {name: encode_dataset(get_task(name), exs, self.tokenizer, self.model.pair_encoding[name])
                 for name, exs in examples.items()}
 
-    def to_device(self, batch):
+    def _to_device(self, batch):
         return {**batch, "inputs": [{k: v.to(self.device) for k, v in x.items()} for x in batch["inputs"]],
                 "labels": batch["labels"].to(self.device)}
 
     def autocast(self):
         return autocast(self.device, self.amp_dtype)
 
-    def task_loss(self, task: str, batch: dict) -> torch.Tensor:
+    def _task_loss(self, task: str, batch: dict) -> torch.Tensor:
         with self.autocast():
             logits = self.model(task, batch["inputs"])
         loss = self.model.tasks[task].kind.loss(logits, batch["labels"])
@@ -400,7 +426,7 @@ class Trainer:
             loss = tech.task_loss(self.ctx, task, batch, logits, loss)
         return loss
 
-    def backward(self, weighted: dict[str, torch.Tensor], total: torch.Tensor | None = None,
+    def _backward(self, weighted: dict[str, torch.Tensor], total: torch.Tensor | None = None,
                  acc: torch.Tensor | None = None, last: bool = True) -> torch.Tensor | None:
         """Back-propagate one micro-batch's weighted task losses; gradients add up over the step's
         `grad_accum` micro-batches, and after the last one they are averaged across ranks. With a
@@ -436,6 +462,55 @@ class Trainer:
             self.dist.average_grads(self.private)
         return None
 
+    @property
+    def active_techniques(self) -> dict[str, Technique]:
+        """The run's techniques by name, in the order they run (the YAML's)."""
+        return {tech.name: tech for tech in self.techniques}
+
+    def next_batches(self, tasks: list[str]) -> dict[str, dict]:
+        """Each task's next training batch, drawn from its stream as a step draws it (later steps go on
+        after it), on the device."""
+        return {t: self._to_device(next(self.streams[t])) for t in tasks}
+
+    def step_loss(self, batches: dict[str, dict]) -> dict[str, torch.Tensor]:
+        """Each task's training loss on its batch (as next_batches gives them): the model's forward,
+        the task's loss and every technique's terms, on the autograd graph, in the model's current
+        mode; nothing is back-propagated."""
+        return {t: self._task_loss(t, b) for t, b in batches.items()}
+
+    def weighted_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss weighting's total of these task losses (train.weighting): what a step back-propagates."""
+        return self.weighting(losses)
+
+    def step_gradients(self, batches: dict[str, dict]) -> torch.Tensor:
+        """Back-propagate `batches` as train_step back-propagates a micro-batch, without the update:
+        the trained parameters' gradients are replaced by these (a gradient combiner's on the shared
+        ones; 1/N of them with train.grad_accum N; loss-scaled under fp16). Returns the weighted loss."""
+        self.updater.optimizer.zero_grad(set_to_none=True)
+        losses = self.step_loss(batches)
+        total = self.weighted_loss(losses)
+        self._backward(losses, total)
+        return total.detach()
+
+    def trained_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Every parameter the optimizer updates, by name: the model's (as model.named_parameters()
+        names them) and a learned loss weighting's (`weighting.` and its own name)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        names.update({id(p): n for n, p in self.weighting.named_parameters(prefix="weighting")})
+        return {names[id(p)]: p for p in self.grad_params}
+
+    def learning_rates(self) -> dict[str, float]:
+        """The learning rate of each trained parameter's next update (names as trained_parameters
+        gives them): its group's rate (lr, head_lr, a learned weighting's lr, llrd's decay) as the
+        schedule's factor and any plateau factor have set it."""
+        names = {id(p): n for n, p in self.trained_parameters().items()}
+        return {names[id(p)]: g["lr"] for g in self.updater.optimizer.param_groups for p in g["params"]}
+
+    def lr_factor(self, step: int) -> float:
+        """The learning-rate schedule's factor at optimizer step `step`: warm-up, then linear decay
+        to 0 at the plan's end (as a time budget fitted it)."""
+        return self.updater.scheduler.lr_lambdas[0](step)
+
     def train_step(self, tasks: list[str]) -> dict[str, float]:
         """One optimizer step: `grad_accum` micro-batches of each task in `tasks`, back-propagated one
         after another, then one update. Returns each task's mean training loss over the step."""
@@ -447,8 +522,8 @@ class Trainer:
         self.examples_seen += sum(sum(v) for v in sizes.values())
         step_losses, acc = dict.fromkeys(tasks, 0.0), None
         for i, drawn in enumerate(micro):
-            batches = {t: self.to_device(b) for t, b in drawn.items()}
-            losses = {t: self.task_loss(t, b) for t, b in batches.items()}
+            batches = {t: self._to_device(b) for t, b in drawn.items()}
+            losses = self.step_loss(batches)
             # A micro-batch's mean loss times n and its share of the step's examples (under torchrun
             # also this rank's share of the micro-batch, see TaskStream): the objective weighting(.) / n
             # summed over micro-batches (and averaged over ranks) is then the weighting of the mean
@@ -457,7 +532,7 @@ class Trainer:
             for t, loss in losses.items():
                 share = n * sizes[t][i] / sum(sizes[t]) * batches[t].get("share", 1.0)
                 weighted[t] = loss if share == 1.0 else loss * share
-            acc = self.backward(weighted, acc=acc, last=i == n - 1)
+            acc = self._backward(weighted, acc=acc, last=i == n - 1)
             for t, loss in losses.items():
                 step_losses[t] += float(loss.detach()) * (sizes[t][i] / sum(sizes[t]) if n > 1 else 1.0)
         self.updater.step()
