@@ -44,9 +44,9 @@ from mtbert.apps.serve.worker import (
     public_name,
 )
 from mtbert.core.errors import ConfigError
-from mtbert.core.runtime import select_device
+from mtbert.core.runtime import resolve_inference_precision, select_device
 from mtbert.inference.api import describe_task
-from mtbert.inference.loading import load_predictor
+from mtbert.inference.loading import int8_check_passed, load_predictor
 from mtbert.inference.outputs import prediction_records
 from mtbert.inference.predictor import BasePredictor
 
@@ -164,9 +164,13 @@ def create_app(predictor_or_run_dir: BasePredictor | str | Path, *, max_items: i
     elif worker == "thread":
         model = ThreadModel(load_predictor(run_dir, device, precision, batch_size), threads, run_dir)
     else:
+        # Device and precision are settled here, so that a precision the hardware cannot run fails the
+        # start in one line, and every worker runs the same one.
+        resolved = select_device(device)
+        precision = resolve_inference_precision(precision, resolved, int8_passed=int8_check_passed(run_dir))
         if workers is None:
-            workers, threads = auto_workers(select_device(device).type, threads)
-        model = ProcessModel(run_dir, device, precision, batch_size, threads, workers)
+            workers, threads = auto_workers(resolved.type, threads)
+        model = ProcessModel(run_dir, str(resolved), precision, batch_size, threads, workers)
     service = ModelService(model, max_items, max_chars, max_batch_items)
     facts = model.facts
     run_name = run_dir.resolve().name if run_dir else facts.name
