@@ -11,23 +11,19 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from mtbert.apps.cli import main
 from mtbert.apps.serve import ModelService, create_app
 from mtbert.apps.serve.worker import ModelFacts, auto_workers
 from mtbert.core.errors import CheckpointError
 from mtbert.data.readers import Example
 from mtbert.inference.loading import load_predictor
-from tests.conftest import TINY_YAML
+from tests.conftest import train_tiny_run
 
 TEXTS = ["A gripping, funny and moving film.", "Dull."]
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, synthetic_data_dir):
-    run = tmp_path_factory.mktemp("worker") / "run"
-    assert main(["train", "--config", str(TINY_YAML), "--out", str(run), "--data-dir", str(synthetic_data_dir),
-                 "--set", "train.max_steps=2"]) == 0
-    return run
+    return train_tiny_run(tmp_path_factory.mktemp("worker") / "run", synthetic_data_dir, "train.max_steps=2")
 
 
 def wait_for(condition, timeout_s=120.0):
