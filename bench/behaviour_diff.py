@@ -63,7 +63,7 @@ def fingerprint(src: Path, name: str, overrides: list[str], work: Path) -> dict:
     cli(src, "train", "--config", str(TINY), "--out", str(run), *sets)
     rows = [stable(json.loads(line)) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary = json.loads((run / "summary.json").read_text())
-    evaluation = cli(src, "evaluate", str(run))
+    evaluation = cli(src, "evaluate", str(run)).replace(str(work), "<work>")  # (a fresh temporary folder each time)
     cli(src, "predict", str(run), "--out", str(preds))
     return {"metrics_rows": rows, "best_dev": summary.get("best_dev"),
             "best_weights_sha256": sha256(run / "best" / "model.safetensors"),
