@@ -58,6 +58,7 @@ def our_embeddings(run_dir, texts) -> np.ndarray:
 
 def _card(out):
     text = (out / "README.md").read_text()
+    assert f'"{out.name}"' in text and ".tmp" not in text  # the snippets name the export, not its temporary folder
     _, header, body = text.split("---\n", 2)
     return yaml.safe_load(header), body
 

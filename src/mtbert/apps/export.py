@@ -454,7 +454,8 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, force: bool = Fal
     tmp = temporary_dir(out)
     try:
         torch.manual_seed(0)
-        usage = form.write(tmp, model, tokenizer, cfg, meta, quantize)
+        # (the writers name the folder they write in; the card's snippets must name where it will live)
+        usage = form.write(tmp, model, tokenizer, cfg, meta, quantize).replace(tmp.name, out.name)
         tasks = {t: {"labels": list(spec.label_names or []), "metric": spec.main_metric, "scores": spec.kind.scores,
                      "description": spec.description,
                      "pair_encoding": model.pair_encoding[t],
