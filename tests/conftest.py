@@ -1,6 +1,7 @@
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import threading
 import time
@@ -26,6 +27,15 @@ async def wait_until(condition, tries: int = 500, interval: float = 0.01) -> Non
         if condition():
             return
         await asyncio.sleep(interval)
+
+
+def error_line(capsys) -> str:
+    """A command's error as the user sees it: exactly one line on stderr and no traceback (the
+    lines of a `predict` progress bar, which end in \r, aside)."""
+    err = [line for line in re.split(r"[\r\n]+", capsys.readouterr().err)
+           if line.strip() and not line.startswith("predict ")]
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
 
 
 def train_tiny_run(out: Path, data_dir: Path, *sets: str, config: Path = TINY_YAML) -> Path:

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 
 import pytest
 import yaml
 
 from mtbert.apps.cli import main
-from tests.conftest import TINY_YAML, train_tiny_run
+from tests.conftest import TINY_YAML, error_line, train_tiny_run
 
 LATIN1_ROWS = [("1", "Un film très réussi."), ("2", "Naïve et ennuyeux.")]
 
@@ -26,14 +25,6 @@ def run(tmp_path_factory, synthetic_data_dir):
 def _predict(run, source, out, *extra) -> int:
     return main(["predict", str(run), "--task", "sst", "--input", str(source), "--out", str(out), "--device", "cpu",
                  *extra])
-
-
-def _one_line_error(capsys) -> str:
-    """The error, one line (the progress bar's lines aside)."""
-    err = [line for line in re.split(r"[\r\n]+", capsys.readouterr().err)  # (the progress bar ends lines in \r)
-           if line.strip() and not line.startswith("predict ")]
-    assert len(err) == 1 and "Traceback" not in err[0], err
-    return err[0]
 
 
 def _latin1_csv(path):
@@ -52,7 +43,7 @@ def test_an_input_without_the_task_column_fails_naming_what_it_has(run, tmp_path
     source.write_text(content)
     out = tmp_path / "out.csv"
     assert _predict(run, source, out) == 2
-    err = _one_line_error(capsys)
+    err = error_line(capsys)
     assert "sentence" in err and "--text-column" in err
     assert ("text" in err or "review" in err) and not out.exists()
 
@@ -69,7 +60,7 @@ def test_a_latin1_file_fails_with_the_encoding_hint_and_reads_with_encoding(run,
     source = _latin1_csv(tmp_path / "latin1.csv")
     out = tmp_path / "out.csv"
     assert _predict(run, source, out) == 2
-    err = _one_line_error(capsys)
+    err = error_line(capsys)
     assert "--encoding" in err and "none of its 2 rows" in err and not out.exists()
 
     assert _predict(run, source, out, "--encoding", "latin-1") == 0
@@ -89,7 +80,7 @@ def test_a_header_in_another_encoding_fails_with_the_hint(run, tmp_path, capsys)
     source = tmp_path / "header.csv"
     source.write_bytes("id,phrasé\n1,x\n".encode("latin-1"))
     assert _predict(run, source, tmp_path / "out.csv") == 2
-    assert "--encoding" in _one_line_error(capsys)
+    assert "--encoding" in error_line(capsys)
 
 
 def test_a_utf16_file_reads_with_encoding(run, tmp_path, capsys):
@@ -103,7 +94,7 @@ def test_a_utf16_file_reads_with_encoding(run, tmp_path, capsys):
 def test_an_unknown_encoding_is_one_line(run, tmp_path, capsys):
     source = _latin1_csv(tmp_path / "latin1.csv")
     assert _predict(run, source, tmp_path / "out.csv", "--encoding", "no-such-codec") == 2
-    assert "not a text encoding" in _one_line_error(capsys)
+    assert "not a text encoding" in error_line(capsys)
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
@@ -135,7 +126,7 @@ def test_rows_that_are_all_unusable_fail_and_write_nothing(run, tmp_path, capsys
     out = tmp_path / "out.csv"
     out.write_text("an older output\n")
     assert _predict(run, source, out) == 2
-    assert "empty field: 2" in _one_line_error(capsys)
+    assert "empty field: 2" in error_line(capsys)
     assert out.read_text() == "an older output\n"
 
 
@@ -165,4 +156,4 @@ def test_a_task_encoding_key_reads_its_files(tmp_path, capsys, synthetic_data_di
     assert "undecodable" not in capsys.readouterr().out
     bad = _task_config(tmp_path, data, "latin-1", encoding="klingon")
     assert main(["data", "check", "--config", bad, "--data-dir", str(synthetic_data_dir)]) == 2
-    assert "encoding" in _one_line_error(capsys)
+    assert "encoding" in error_line(capsys)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import mtbert
 from mtbert.apps.cli import main
 from mtbert.core.trust import UntrustedCodeError
-from tests.conftest import TINY_YAML, train_tiny_run
+from tests.conftest import TINY_YAML, error_line, train_tiny_run
 
 
 @pytest.fixture
@@ -38,12 +38,6 @@ def _edit_yaml(path: Path, edit) -> None:
     path.write_text(yaml.safe_dump(raw))
 
 
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    return err
-
-
 @pytest.mark.parametrize("key, value", [
     ("schedule", "subprocess:run"),
     ("weighting", "subprocess:run"),
@@ -54,7 +48,7 @@ def test_resume_runs_no_command_a_run_names(stopped_run, tmp_path, capsys, key, 
         _edit_yaml(config, lambda raw: raw["train"].update({key: value, f"{key}_args": {
             "args": [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]}}))
     assert main(["train", "--resume", str(stopped_run)]) == 2
-    err = _one_line_error(capsys)
+    err = error_line(capsys)
     assert "a run directory is data, not code" in err and "--trust-run-code" in err
     assert not marker.exists()
 
@@ -65,7 +59,7 @@ def test_resume_runs_no_technique_a_run_names(stopped_run, tmp_path, capsys):
         _edit_yaml(config, lambda raw: raw.update({"techniques": {"subprocess:run": {
             "args": [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]}}}))
     assert main(["train", "--resume", str(stopped_run)]) == 2
-    assert "--trust-run-code" in _one_line_error(capsys) and not marker.exists()
+    assert "--trust-run-code" in error_line(capsys) and not marker.exists()
 
 
 @pytest.fixture
@@ -93,7 +87,7 @@ def test_load_imports_no_plugin_a_run_names(finished_run, tmp_path, evil_module,
     with pytest.raises(UntrustedCodeError, match="plugin module"):
         mtbert.load(run, device="cpu")
     assert main(["evaluate", str(run), "--device", "cpu"]) == 2
-    assert "--trust-run-code" in _one_line_error(capsys)
+    assert "--trust-run-code" in error_line(capsys)
     assert not marker.exists()
     mtbert.load(run, device="cpu", trust_run_code=True)  # the user's word: then it is imported
     assert marker.exists()
@@ -108,7 +102,7 @@ def test_load_imports_no_path_a_model_json_names(finished_run, tmp_path, evil_mo
     spec[field] = f"{name}:x" if field == "bi_head" else [f"{name}:x", *spec["tasks"][1:]]
     spec_path.write_text(json.dumps(spec))
     assert main(["predict", str(run), "--out", str(tmp_path / "preds"), "--device", "cpu"]) == 2
-    assert "a run directory is data, not code" in _one_line_error(capsys)
+    assert "a run directory is data, not code" in error_line(capsys)
     assert not marker.exists() and not (tmp_path / "preds").exists()
 
 
@@ -122,7 +116,7 @@ def test_a_checkpoint_with_non_finite_weights_is_refused(finished_run, tmp_path,
     weights[name].view(-1)[0] = bad
     save_file(weights, str(run / "best" / "model.safetensors"))
     assert main(["predict", str(run), "--out", str(tmp_path / "preds"), "--device", "cpu"]) == 2
-    err = _one_line_error(capsys)
+    err = error_line(capsys)
     assert "NaN or infinite" in err and name in err
     assert not (tmp_path / "preds").exists()
 
@@ -133,7 +127,7 @@ def test_predict_refuses_an_out_that_is_its_input(finished_run, tmp_path, capsys
     before = source.read_bytes()
     assert main(["predict", str(finished_run), "--task", "sst", "--input", str(source), "--out", str(source),
                  "--device", "cpu"]) == 2
-    assert "is the input file" in _one_line_error(capsys)
+    assert "is the input file" in error_line(capsys)
     assert source.read_bytes() == before
 
 
@@ -142,7 +136,7 @@ def test_overwrite_with_a_mistyped_data_dir_deletes_nothing(finished_run, tmp_pa
     before = sorted(p.name for p in run.iterdir())
     assert main(["train", "--config", str(TINY_YAML), "--out", str(run), "--overwrite",
                  "--data-dir", str(tmp_path / "no-such-dir")]) == 2
-    assert "not found" in _one_line_error(capsys)
+    assert "not found" in error_line(capsys)
     assert sorted(p.name for p in run.iterdir()) == before and (run / "best" / "model.safetensors").exists()
 
 
@@ -170,7 +164,7 @@ def test_a_run_task_cannot_write_outside_out_or_add_lines(custom_task_run, tmp_p
     run = _copy_run(custom_task_run, tmp_path / "copy")
     _edit_yaml(run / "best" / "config.yaml", lambda raw: raw["tasks"]["mine"].update({"cs224n_output": output}))
     assert main(["predict", str(run), "--out", str(tmp_path / "preds"), "--device", "cpu"]) == 2
-    assert "cs224n_output's prefix and header must be words" in _one_line_error(capsys)
+    assert "cs224n_output's prefix and header must be words" in error_line(capsys)
     assert not (tmp_path / "elsewhere").exists() and not list(tmp_path.glob("*-output.csv"))
 
 
@@ -231,7 +225,7 @@ def test_a_corrupt_or_pickled_train_state_gives_no_advice_to_unpickle(stopped_ru
     data = pickle.dumps(Payload()) if content == "pickle" else content
     (stopped_run / "last" / "train_state.pt").write_bytes(data)
     assert main(["train", "--resume", str(stopped_run)]) == 2
-    err = _one_line_error(capsys)
+    err = error_line(capsys)
     assert "train_state.pt is corrupt" in err and "weights_only" not in err
     assert not (tmp_path / "pwned").exists()
 
@@ -250,7 +244,7 @@ def test_a_malformed_train_state_is_one_line(stopped_run, capsys, edit, expected
     edit(state)
     torch.save(state, path)
     assert main(["train", "--resume", str(stopped_run)]) == 2
-    assert expected in _one_line_error(capsys)
+    assert expected in error_line(capsys)
 
 
 def _set(path: list, value):
@@ -299,7 +293,7 @@ def test_a_malformed_model_json_is_one_line_before_anything_is_allocated(shared_
     edit(spec)
     spec_path.write_text(json.dumps(spec))
     assert main(["predict", str(run), "--out", str(tmp_path / "preds"), "--device", "cpu"]) == 2
-    err = _one_line_error(capsys)
+    err = error_line(capsys)
     assert expected in err and "model" in err
     assert not (tmp_path / "preds").exists()
 
@@ -323,7 +317,7 @@ def test_malformed_checkpoint_files_are_one_line(shared_run, tmp_path, capsys, f
     else:
         target.write_text(content)
     assert main(["evaluate", str(run), "--device", "cpu"]) == 2
-    assert expected in _one_line_error(capsys)
+    assert expected in error_line(capsys)
 
 
 @pytest.mark.parametrize("where", ["absolute", "{data_dir}/..", "data_dir"])
@@ -346,4 +340,4 @@ def test_a_run_reads_data_only_under_the_data_dir_the_user_gives(custom_task_run
     written = "".join(p.read_text() for p in out.glob("*")) if out.exists() else ""
     assert "SECRET-TOKEN" not in written
     if where != "data_dir":
-        assert code == 2 and "lies outside the data directory" in _one_line_error(capsys)
+        assert code == 2 and "lies outside the data directory" in error_line(capsys)

@@ -6,7 +6,6 @@ trackers that follow links. Each fails safely: one line, exit 2, nothing lost.""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from mtbert.core.tasks import task_from_definition
 from mtbert.data.readers import ReadReport, task_rows
 from mtbert.modeling.encoder import BertConfig
 from mtbert.training.tracking import own_path
-from tests.conftest import train_tiny_run
+from tests.conftest import error_line, train_tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +44,6 @@ def _files(root: Path) -> dict:
     return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
-def _one_line_error(capsys) -> str:
-    err = [line for line in re.split(r"[\r\n]+", capsys.readouterr().err)  # (the progress bar ends lines in \r)
-           if line.strip() and not line.startswith("predict ")]
-    assert len(err) == 1 and "Traceback" not in err[0], err
-    return err[0]
-
-
 def _edit_model_json(run: Path, edit) -> None:
     path = run / "best" / "model.json"
     spec = json.loads(path.read_text())
@@ -73,7 +65,7 @@ def test_an_output_over_the_run_it_reads_is_refused(run, tmp_path, capsys, argv)
     src.write_text("id,sentence\n1,A fine film.\n")
     before = _files(copy)
     assert main([a.format(run=copy, src=src) for a in argv] + ["--device", "cpu"]) == 2
-    assert "which this command reads" in _one_line_error(capsys)
+    assert "which this command reads" in error_line(capsys)
     assert _files(copy) == before
 
 
@@ -82,7 +74,7 @@ def test_predict_into_an_existing_folder_is_refused_before_the_model_loads(run, 
     src.write_text("id,sentence\n1,A fine film.\n")
     (tmp_path / "outdir").mkdir()
     assert main(["predict", str(run), "--task", "sst", "--input", str(src), "--out", str(tmp_path / "outdir")]) == 2
-    assert "is a directory" in _one_line_error(capsys)
+    assert "is a directory" in error_line(capsys)
 
 
 def test_an_ensemble_never_replaces_a_folder_that_is_not_an_ensemble(run, tmp_path, capsys, synthetic_data_dir):
@@ -91,7 +83,7 @@ def test_an_ensemble_never_replaces_a_folder_that_is_not_an_ensemble(run, tmp_pa
     (mine / "config.yaml").write_text("my: settings\n")
     (mine / "meta.json").write_text('{"mine": true}')
     assert main(["ensemble", str(run), "--out", str(mine), "--data-dir", str(synthetic_data_dir)]) == 2
-    assert "not an ensemble's" in _one_line_error(capsys)
+    assert "not an ensemble's" in error_line(capsys)
     assert (mine / "config.yaml").read_text() == "my: settings\n" and json.loads((mine / "meta.json").read_text())
 
 
@@ -102,7 +94,7 @@ def test_overwrite_never_deletes_a_folder_that_only_looks_like_a_run(tmp_path, c
     from tests.conftest import TINY_YAML
     assert main(["train", "--config", str(TINY_YAML), "--out", str(work), "--overwrite",
                  "--data-dir", str(synthetic_data_dir)]) == 2
-    assert "but no mtbert run" in _one_line_error(capsys)
+    assert "but no mtbert run" in error_line(capsys)
     assert (work / "pretrain" / "corpus.txt").read_text() == "years of collected sentences"
 
 
@@ -134,7 +126,7 @@ def test_a_tokenizer_whose_rules_panic_is_one_line(run, tmp_path, capsys):
                  "--device", "cpu"])
     if code == 0:
         pytest.skip("this tokenizers build does not panic on the catastrophic regex")
-    assert code == 2 and "tokenizer failed on this input" in _one_line_error(capsys)
+    assert code == 2 and "tokenizer failed on this input" in error_line(capsys)
 
 
 def test_the_server_answers_a_panicking_input_alone_and_keeps_serving(run, tmp_path):
@@ -162,7 +154,7 @@ def test_crafted_adapter_options_are_one_line(lora_run, tmp_path, capsys, lora, 
     copy = _copy(lora_run, tmp_path / "copy")
     _edit_model_json(copy, lambda spec: spec["extensions"]["lora"].update(lora))
     assert main(["predict", str(copy), "--out", str(tmp_path / "preds"), "--device", "cpu"]) == 2
-    err = _one_line_error(capsys)
+    err = error_line(capsys)
     assert "extension lora" in err and expected in err
     assert not (tmp_path / "preds").exists()
 
@@ -175,7 +167,7 @@ def test_one_token_type_cannot_hold_pairs(run, tmp_path, capsys):
     weights[key] = weights[key][:1].clone()
     save_file(weights, str(copy / "best" / "model.safetensors"))
     assert main(["predict", str(copy), "--out", str(tmp_path / "preds"), "--device", "cpu"]) == 2
-    assert "type_vocab_size 1 cannot embed" in _one_line_error(capsys)
+    assert "type_vocab_size 1 cannot embed" in error_line(capsys)
 
 
 def test_too_few_relative_position_buckets_are_refused():
@@ -191,7 +183,7 @@ def test_a_model_json_that_describes_nothing_to_predict_is_one_line(run, tmp_pat
     copy = _copy(run, tmp_path / "copy")
     _edit_model_json(copy, edit)
     assert main(["predict", str(copy), "--out", str(tmp_path / "preds"), "--device", "cpu"]) == 2
-    assert expected in _one_line_error(capsys)
+    assert expected in error_line(capsys)
     assert not list((tmp_path / "preds").glob("*")) if (tmp_path / "preds").exists() else True
 
 
@@ -204,7 +196,7 @@ def test_an_ensemble_without_members_for_its_tasks_is_one_line(run, tmp_path, ca
     (ens / "ensemble.json").write_text(json.dumps(spec))
     capsys.readouterr()
     assert main(["predict", str(ens), "--out", str(tmp_path / "p"), "--data-dir", str(synthetic_data_dir)]) == 2
-    assert "at least one member" in _one_line_error(capsys)
+    assert "at least one member" in error_line(capsys)
 
 
 @pytest.mark.parametrize("name", ["model.json", "config.yaml", "meta.json", "tokenizer.json"])
@@ -214,7 +206,7 @@ def test_a_run_file_that_is_a_device_is_refused_unread(run, tmp_path, capsys, na
     (copy / "best" / name).unlink()
     (copy / "best" / name).symlink_to("/dev/zero")
     assert main(["evaluate", str(copy), "--device", "cpu"]) == 2
-    assert "not a regular file" in _one_line_error(capsys)
+    assert "not a regular file" in error_line(capsys)
 
 
 def test_a_run_config_naming_a_tasks_file_reads_nothing(run, tmp_path, capsys):
@@ -225,7 +217,7 @@ def test_a_run_config_naming_a_tasks_file_reads_nothing(run, tmp_path, capsys):
     raw["tasks"] = str(secret)
     (copy / "best" / "config.yaml").write_text(yaml.safe_dump(raw))
     assert main(["evaluate", str(copy), "--device", "cpu"]) == 2
-    err = _one_line_error(capsys)
+    err = error_line(capsys)
     assert "holds its task definitions inline" in err and "SECRET_KEY" not in err
 
 
@@ -308,7 +300,7 @@ def test_an_ensemble_refuses_members_that_define_a_shared_task_differently(tmp_p
     capsys.readouterr()
     assert main(["ensemble", str(a), str(b), "--out", str(tmp_path / "ens"), "--data-dir",
                  str(synthetic_data_dir)]) == 2
-    err = _one_line_error(capsys)
+    err = error_line(capsys)
     assert "define task 'mine' differently" in err and not (tmp_path / "ens").exists()
     assert main(["ensemble", str(a), str(same), "--out", str(tmp_path / "ok"), "--data-dir",
                  str(synthetic_data_dir)]) == 0
