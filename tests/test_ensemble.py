@@ -84,6 +84,8 @@ def test_ensemble_of_one_run_is_that_run(tmp_path, runs, small_data, capsys):
         assert (tmp_path / "pa" / n).read_bytes() == (tmp_path / "pe" / n).read_bytes(), n
     sst = (tmp_path / "pe" / "sst-test-output.csv").read_text().splitlines()
     assert sst[0] == "id \t Predicted_Sentiment " and len(sst) == 1 + 30
+    # an ensemble's prediction folder verifies (its record's `tasks` lists members, not definitions)
+    assert main(["predict", "--verify", str(tmp_path / "pe"), "--data-dir", str(small_data)]) == 0
 
 
 def _check_average(ens, members, examples_by_task):

@@ -126,7 +126,8 @@ def verify(out_dir: Path, tasks_of, data_dir: Path) -> dict[str, float]:
     definitions = (manifest.get("config") or {}).get("tasks") if isinstance(manifest.get("config"), dict) else None
     with reading_run(out_dir), run_tasks():  # the run's own task definitions, as data (core.trust)
         if isinstance(definitions, dict):
-            register_tasks({k: v for k, v in definitions.items() if k in set(files.values())})
+            # (a run's config maps a task to its definition; an ensemble's record maps it to the members used)
+            register_tasks({k: v for k, v in definitions.items() if k in set(files.values()) and isinstance(v, dict)})
         tasks = {t: tasks_of(t) for t in set(files.values())}
         recomputed = dev_metrics_of_files(files, out_dir, tasks, data_dir)
     recorded = manifest.get("dev_metrics")
