@@ -140,3 +140,24 @@ def test_several_workers_need_worker_processes(run_dir):
     from mtbert.core.errors import ConfigError
     with pytest.raises(ConfigError, match="2 workers need worker processes"):
         create_app(run_dir, device="cpu", worker="thread", workers=2)
+
+
+def test_the_users_trust_reaches_the_worker_and_only_then_is_a_plugin_imported(run_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import yaml
+
+    from mtbert.core.trust import UntrustedCodeError, run_code_trusted
+    name, marker = f"plugin_{abs(hash(tmp_path)) % 10**8}", tmp_path / "imported"
+    (tmp_path / f"{name}.py").write_text(f"open({str(marker)!r}, 'w').write('imported')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    config = run / "best" / "config.yaml"
+    config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "plugins": [name]}))
+    with pytest.raises(UntrustedCodeError, match="plugin module"):
+        create_app(run, device="cpu", workers=1)
+    assert not marker.exists()
+    with run_code_trusted():  # `mtbert serve --trust-run-code`
+        app = create_app(run, device="cpu", workers=1)
+    assert marker.exists()  # imported by the worker, which alone loads the model
+    app.state.service.model.close()

@@ -36,6 +36,11 @@ def run_code_trusted(enabled: bool = True):
         _TRUSTED.reset(token)
 
 
+def run_code_is_trusted() -> bool:
+    """Whether the code a run names may be imported here (inside run_code_trusted)."""
+    return _TRUSTED.get()
+
+
 @contextlib.contextmanager
 def reading_run(source: str | Path, confine_data: bool = True):
     """While reading `source` (a run, checkpoint or ensemble directory), refuse the imports it names;

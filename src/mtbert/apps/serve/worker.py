@@ -36,6 +36,7 @@ from mtbert.core.io import read_json, read_yaml
 from mtbert.core.rundir import RunDir
 from mtbert.core.runtime import set_threads
 from mtbert.core.tasks import TaskSpec
+from mtbert.core.trust import run_code_is_trusted, run_code_trusted
 from mtbert.data.readers import Example
 from mtbert.inference.ensemble import ENSEMBLE_FILE, is_ensemble_dir
 from mtbert.inference.loading import load_predictor
@@ -154,7 +155,8 @@ def worker_main() -> None:
     conn = Connection(socket.socket(fileno=fd).detach())
     set_threads(threads)
     try:
-        predictor = load_predictor(load["run_dir"], load["device"], load["precision"], load["batch_size"])
+        with run_code_trusted(load["trust_run_code"]):
+            predictor = load_predictor(load["run_dir"], load["device"], load["precision"], load["batch_size"])
         facts = ModelFacts.of(predictor, Path(load["run_dir"]))
     except BaseException as e:  # the server's start reports it in one line
         conn.send(("failed", _portable(e)))
@@ -317,7 +319,9 @@ class ProcessModel:
 
     def __init__(self, run_dir: str | Path, device: str = "auto", precision: str = "auto", batch_size: int = 128,
                  threads: int | None = None, workers: int = 1, start_timeout_s: float = 600.0):
-        load = {"run_dir": str(run_dir), "device": device, "precision": precision, "batch_size": batch_size}
+        # (the user's --trust-run-code travels with the load: a worker is a fresh interpreter)
+        load = {"run_dir": str(run_dir), "device": device, "precision": precision, "batch_size": batch_size,
+                "trust_run_code": run_code_is_trusted()}
         self.workers = [WorkerProcess(load, threads, start_timeout_s) for _ in range(workers)]
         self.idle: list[WorkerProcess] = []
         try:
