@@ -172,6 +172,7 @@ def test_threads_sets_the_model_threads_on_the_worker_only(tmp_path, capsys):
     before = torch.get_num_threads()
     app = create_app(predictor_with({}), threads=1)
     assert app.state.service.model.executor.submit(torch.get_num_threads).result() == 1
+    assert app.state.service.facts.threads == 1  # (read on that thread)
     assert torch.get_num_threads() == before  # the event loop's thread keeps its own
     with pytest.raises(ValueError, match="threads must be positive"):
         create_app(predictor_with({}), threads=0)

@@ -50,6 +50,14 @@ def routes_of(facts: ModelFacts) -> dict[str, str]:
     return routes
 
 
+RETRY_AFTER_S = 5  # about one model load: what a client should wait while a worker restarts
+
+
+def unavailable(why: str) -> HTTPException:
+    """503 with Retry-After: the model cannot answer now (a worker is restarting)."""
+    return HTTPException(503, f"{why}; retry shortly", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 class ModelService:
     """The model (a ProcessModel or ThreadModel), the request limits, and the requests waiting for it."""
 
@@ -119,7 +127,7 @@ class ModelService:
         route = route or f"tasks/{task}"
         self.check_items(field, items)
         if not self.ready:
-            raise HTTPException(503, f"the model is {self.status}; retry shortly", headers={"Retry-After": "5"})
+            raise unavailable(f"the model is {self.status}")
         examples = [Example(str(i), tuple(texts), None) for i, texts in enumerate(items)]
         answer = asyncio.get_running_loop().create_future()
         self.waiting.append(Pending(task, examples, answer))
@@ -129,7 +137,7 @@ class ModelService:
         try:
             out, truncated = await answer
         except (WorkerDied, WorkerRestarting) as e:  # answered once, never run again
-            raise HTTPException(503, f"{e}; retry shortly", headers={"Retry-After": "5"}) from None
+            raise unavailable(str(e)) from None
         except Exception as e:  # a failed prediction is this request's 500, never the server's end
             log.error("prediction failed for %s: %s: %s", route, type(e).__name__, e)
             raise HTTPException(500, cap(f"prediction failed: {type(e).__name__}: {e}", 200)) from e

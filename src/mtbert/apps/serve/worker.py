@@ -61,7 +61,7 @@ class WorkerRestarting(MtbertError):
 @dataclass
 class ModelFacts:
     """What the HTTP side needs of a model it does not hold: its tasks with their definitions, the
-    /v1/info description, and the worker's torch threads."""
+    /v1/info description, and the torch threads of the thread that runs it."""
     tasks: list[str]
     specs: dict[str, TaskSpec]
     description: dict
@@ -133,10 +133,10 @@ class ThreadModel:
 
     def __init__(self, predictor: BasePredictor, threads: int | None = None, run_dir: Path | None = None):
         self.predictor = predictor
-        self.facts = ModelFacts.of(predictor, run_dir)
         # (torch's intra-op thread count is per thread: set it on the thread that runs the model)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtbert-predict",
                                            initializer=set_threads, initargs=(threads,))
+        self.facts = self.executor.submit(ModelFacts.of, predictor, run_dir).result()  # (its threads are that thread's)
 
     async def call(self, batches: Batches) -> Results:
         return await asyncio.get_running_loop().run_in_executor(self.executor, predict_batches, self.predictor,
