@@ -58,6 +58,7 @@ def _edit_model_json(run: Path, edit) -> None:
     ["evaluate", "{run}", "--json", "{run}/best/model.json"],
     ["evaluate", "{run}", "--json", "{run}/summary.json"],
     ["predict", "{run}", "--out", "{run}/best"],
+    ["predict", "{run}", "--out", "{run}/epochs/0"],  # (where train.keep_epochs keeps checkpoints)
 ])
 def test_an_output_over_the_run_it_reads_is_refused(run, tmp_path, capsys, argv):
     copy = _copy(run, tmp_path / "copy")

@@ -12,7 +12,7 @@ import torch
 
 from mtbert.apps.cli import main
 from mtbert.modeling.checkpoint import load_checkpoint
-from mtbert.training.state import find_state
+from mtbert.training.state import find_state, resume_config
 from mtbert.training.trainer import Trainer
 from tests.conftest import TINY_YAML
 
@@ -87,6 +87,36 @@ def test_resumed_run_equals_uninterrupted(tmp_path, tiny_cfg, monkeypatch, overr
     assert not (tmp_path / "run" / "last").exists()  # a finished run keeps best/ only
 
 
+def _meta(checkpoint) -> dict:
+    return json.loads((checkpoint / "meta.json").read_text())
+
+
+def test_keep_epochs_keeps_each_epoch_and_resume_can_switch_it_on(tmp_path, tiny_cfg, monkeypatch):
+    """Each kept checkpoint is the model at its epoch's end (its dev metrics are that evaluation's
+    row); switching keep_epochs on when resuming adds files only: the same rows, the same weights."""
+    full = Trainer(tiny_cfg(*RUN, "train.keep_epochs=true"), tmp_path / "full")
+    full.run()
+    rows = {r["step"]: r for r in _rows(tmp_path / "full")}
+    kept = sorted(p.name for p in (tmp_path / "full" / "epochs").iterdir())
+    assert kept == ["0", "1"]  # epoch 0 ends at step 6, epoch 1 at max_steps 12 (no epoch 2)
+    for epoch, step in ((0, 6), (1, 12)):
+        meta = _meta(tmp_path / "full" / "epochs" / str(epoch))
+        assert (meta["epoch"], meta["step"]) == (epoch, step) and meta["dev"] == rows[step]["dev"]
+    model, *_ = load_checkpoint(tmp_path / "full" / "epochs" / "1")
+    assert _same_weights(model, full.model)
+    assert not _same_weights(load_checkpoint(tmp_path / "full" / "epochs" / "0")[0], full.model)
+
+    _crash_after(monkeypatch, 10)  # started without it: epoch 0's checkpoint is not there
+    with pytest.raises(Crash):
+        Trainer(tiny_cfg(*RUN), tmp_path / "run").run()
+    monkeypatch.undo()
+    resumed = Trainer(resume_config(tmp_path / "run", None, ["train.keep_epochs=true"]), tmp_path / "run", resume=True)
+    resumed.run()
+    assert sorted(p.name for p in (tmp_path / "run" / "epochs").iterdir()) == ["1"]
+    assert _rows(tmp_path / "run") == _rows(tmp_path / "full")
+    assert _same_weights(resumed.model, full.model)
+
+
 def test_crash_between_the_renames_of_a_save_resumes_from_last_old(tmp_path, tiny_cfg, monkeypatch):
     cfg = tiny_cfg(*RUN)
     _crash_after(monkeypatch, 5)
@@ -141,7 +171,7 @@ def test_resume_errors_are_clear(tmp_path, tiny_cfg, capsys):
     assert main(["train", "--resume", str(run)]) == 2
     assert "no resumable state" in capsys.readouterr().err
     assert main(["train", "--resume", str(run), "--set", "train.lr=1"]) == 2
-    assert "--set train.lr cannot change it (only train.time_budget_min)" in capsys.readouterr().err
+    assert "--set train.lr cannot change it (only train.time_budget_min, train.keep_epochs)" in capsys.readouterr().err
     (run / "summary.json").write_text("{}")
     assert main(["train", "--resume", str(run)]) == 2
     assert "already finished" in capsys.readouterr().err

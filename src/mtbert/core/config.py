@@ -72,6 +72,7 @@ class TrainConfig:
     compile: str | None = None         # torch.compile backend for the encoder (inductor); None = eager
     eval_every: int | None = None      # evaluate every N steps as well as each epoch end
     save_every: int | None = None      # also save the resumable state (RUN_DIR/last) every N steps; always at each evaluation
+    keep_epochs: bool = False          # also keep each epoch's checkpoint (RUN_DIR/epochs/N): epoch-checkpoint ensembles
     time_budget_min: float | None = None  # fit the plan (steps, LR decay) into this many minutes of training (training.budget)
     grad_accum: int = 1                # micro-batches per optimizer step, per task: effective batch = batch_size x this
     early_stopping: dict | None = None  # {patience, min_delta, metric}: stop after `patience` evaluations without gain

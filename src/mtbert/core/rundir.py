@@ -7,6 +7,7 @@ entry is called. Everything else asks a RunDir for paths instead of spelling nam
       metrics.jsonl    one JSON row per evaluation
       summary.json     written when the run ends (its presence means: finished)
       best/            the best checkpoint so far (best.old: the previous one, during a swap)
+      epochs/N/        epoch N's checkpoint, with train.keep_epochs (members of epoch ensembles)
       last/            the resumable state (last.old: the previous one, during a swap)
       pretrain/        a contrastive pre-training stage run inside this run
       .replaced-PID/   a run that --overwrite moved aside until this one's first checkpoint
@@ -23,11 +24,11 @@ from pathlib import Path
 from mtbert.core.errors import ConfigError
 from mtbert.core.io import read_json, read_run_text
 
-BEST, BEST_OLD, LAST, LAST_OLD, PRETRAIN = "best", "best.old", "last", "last.old", "pretrain"
+BEST, BEST_OLD, LAST, LAST_OLD, PRETRAIN, EPOCHS = "best", "best.old", "last", "last.old", "pretrain", "epochs"
 CONFIG, COMMAND, METRICS, SUMMARY = "config.yaml", "command.txt", "metrics.jsonl", "summary.json"
 INT8_CHECK, TRAIN_STATE = "int8_check.json", "train_state.pt"
 # what a run directory holds: any of these there means a run lives in it
-RUN_FILES = (CONFIG, METRICS, SUMMARY, BEST, BEST_OLD, LAST, LAST_OLD, PRETRAIN, COMMAND)
+RUN_FILES = (CONFIG, METRICS, SUMMARY, BEST, BEST_OLD, LAST, LAST_OLD, PRETRAIN, EPOCHS, COMMAND)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,14 @@ class RunDir:
     @property
     def pretrain(self) -> Path:
         return self.path / PRETRAIN
+
+    @property
+    def epochs(self) -> Path:
+        return self.path / EPOCHS
+
+    def epoch(self, n: int) -> Path:
+        """Epoch n's checkpoint (0-based, as metrics.jsonl counts), kept with train.keep_epochs."""
+        return self.epochs / str(n)
 
     @property
     def config(self) -> Path:
@@ -111,7 +120,7 @@ def check_output_outside(out: str | Path, read: str | Path, flag: str = "--out")
     file it holds (its summary, metrics, config, ensemble.json...)."""
     out, read = Path(out).resolve(), Path(read).resolve()
     run = RunDir(read)
-    checkpoints = [d.resolve() for d in (*run.checkpoints(), *run.states())]
+    checkpoints = [d.resolve() for d in (*run.checkpoints(), *run.states(), run.epochs)]
     if (read / "model.json").exists():  # a checkpoint directory given itself
         checkpoints.append(read)
     inside = out == read or any(out == d or d in out.parents for d in checkpoints)

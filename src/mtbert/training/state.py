@@ -165,8 +165,9 @@ def stopped_by_time_budget(run_dir: Path) -> bool:
         return False
 
 
-# what `--resume` may change: where the data is now, and how long the run may take in all
-RESUME_OVERRIDES = ("data.data_dir", "train.time_budget_min")
+# what `--resume` may change: where the data is now, how long the run may take in all, and whether
+# it keeps each epoch's checkpoint (extra files only: the training itself is the same)
+RESUME_OVERRIDES = ("data.data_dir", "train.time_budget_min", "train.keep_epochs")
 
 
 def resume_config(run_dir: str | Path, data_dir: str | None = None, overrides: list[str] = ()) -> Config:

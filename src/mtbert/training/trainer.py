@@ -583,6 +583,9 @@ class Trainer:
                 save_checkpoint(RunDir(self.out).best, self.model, self.tokenizer, self.cfg,
                                 {"step": self.step, "epoch": self.epoch, "dev": metrics})
                 self._checkpoint_written()
+            if self.cfg.train.keep_epochs and self._at_epoch_end():
+                save_checkpoint(RunDir(self.out).epoch(self.epoch), self.model, self.tokenizer, self.cfg,
+                                {"step": self.step, "epoch": self.epoch, "dev": metrics})
             log.info("epoch %d step %d dev %s", self.epoch, self.step, {k: round(v, 4) for k, v in metrics.items()})
         if score > self.best_score:
             self.best_score, self.best_metrics = score, metrics
@@ -599,6 +602,11 @@ class Trainer:
             state.save(self)  # (a run the budget's hard limit stopped goes on with --resume)
             self._checkpoint_written()
         return row
+
+    def _at_epoch_end(self) -> bool:
+        """Whether this step ends the current epoch's plan (or the whole run's)."""
+        epoch_end = sum(len(p) for p in self.plans[:self.epoch + 1])
+        return self.step >= min(epoch_end, self.total_steps)
 
     def _over_budget(self) -> bool:
         budget = self.cfg.train.time_budget_min
