@@ -224,3 +224,18 @@ def test_parse_thresholds_and_listing(capsys):
     assert main(["techniques"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("ensemble"))
     assert "002, 004" in line and "mtbert ensemble RUN_DIR... --out RUN_DIR" in line
+
+
+def test_an_ensemble_of_one_runs_kept_epochs(tmp_path, small_data, capsys):
+    """train.keep_epochs' checkpoints are ensemble members, named after their run and epoch."""
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(TINY_YAML), "--out", str(run), "--data-dir", str(small_data),
+                 "--set", "train.epochs=2", "--set", "train.keep_epochs=true"]) == 0
+    ens = tmp_path / "ens"
+    assert main(["ensemble", str(run / "epochs" / "0"), str(run / "epochs" / "1"), "--out", str(ens),
+                 "--data-dir", str(small_data)]) == 0
+    assert "run-epoch0" in capsys.readouterr().out
+    members = json.loads((ens / "ensemble.json").read_text())["members"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["name"] for m in members] == ["run-epoch0", "run-epoch1"]
+    assert [m["step"] for m in members] == [r["step"] for r in rows] and rows[0]["step"] < rows[1]["step"]

@@ -337,11 +337,11 @@ def plot_attention(tokens: list[str], maps: dict[int, np.ndarray], path: Path, t
 # ---------------------------------------------------------------- one run
 
 def run_names(run_dirs: list[str]) -> list[str]:
-    """Display names: the directory name (its parent's for a checkpoint dir `best`), made unique."""
+    """Display names (RunDir.label: the run's name, `-epochN` for a kept epoch), made unique."""
     names, seen = [], {}
     for d in run_dirs:
         p = Path(d).resolve()
-        name = RunDir.of_checkpoint(p).name
+        name = RunDir.label(p)
         seen[name] = seen.get(name, 0) + 1
         names.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
     return names

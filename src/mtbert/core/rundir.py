@@ -45,6 +45,15 @@ class RunDir:
         checkpoint = Path(checkpoint)
         return checkpoint.parent if checkpoint.name in (BEST, BEST_OLD) else checkpoint
 
+    @staticmethod
+    def label(checkpoint: str | Path) -> str:
+        """A short display name for a run or checkpoint: the run's name, with `-epochN` for an epoch
+        kept in RUN/epochs/N (so one run's epochs stay apart in an ensemble or a report)."""
+        checkpoint = Path(checkpoint)
+        if checkpoint.parent.name == EPOCHS and checkpoint.name.isdigit():
+            return f"{checkpoint.parent.parent.name}-epoch{checkpoint.name}"
+        return RunDir.of_checkpoint(checkpoint).name
+
     @property
     def best(self) -> Path:
         return self.path / BEST

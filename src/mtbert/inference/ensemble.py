@@ -82,7 +82,7 @@ def parse_thresholds(items: list[str] | None) -> dict[str, float]:
 
 
 def _member_name(path: Path, taken: set[str]) -> str:
-    base = RunDir.of_checkpoint(path).name
+    base = RunDir.label(path)
     name, i = base or "member", 2
     while name in taken:
         name, i = f"{base}-{i}", i + 1
