@@ -57,7 +57,7 @@ from mtbert.modeling.poolers import POOLERS
 from mtbert.training.pretrain import run_pretrain
 from mtbert.training.rundir import prepare_run_dir
 from mtbert.training.schedules import SCHEDULES
-from mtbert.training.state import resume_config
+from mtbert.training.state import RESUME_OVERRIDES, resume_config
 from mtbert.training.techniques import TECHNIQUES
 from mtbert.training.trainer import train
 from mtbert.training.validate import validate_run
@@ -72,7 +72,7 @@ def cmd_train(args) -> int:
     if args.resume:  # the run's own config: changing it halfway would not be the same run
         if args.config or (args.out and Path(args.out).resolve() != Path(args.resume).resolve()):
             raise ConfigError("--resume RUN_DIR continues with RUN_DIR/config.yaml: "
-                              "it takes no --config or other --out (--set only train.time_budget_min or train.keep_epochs)")
+                              f"it takes no --config or other --out (--set only {', '.join(RESUME_OVERRIDES[1:])})")
         if args.overwrite:
             raise ConfigError("--resume continues a run and --overwrite replaces one: give only one of them")
         with reading_run(args.resume, confine_data=False):  # a run directory is data (core.trust); so is what it builds

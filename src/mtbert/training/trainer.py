@@ -579,13 +579,13 @@ class Trainer:
             atomic_write_text(RunDir(self.out).metrics, "".join(to_json(r) + "\n" for r in self.history))
             for tracker in self.trackers:
                 tracker.log(row)
+            meta = {"step": self.step, "epoch": self.epoch, "dev": metrics}
             if score > self.best_score:
-                save_checkpoint(RunDir(self.out).best, self.model, self.tokenizer, self.cfg,
-                                {"step": self.step, "epoch": self.epoch, "dev": metrics})
+                save_checkpoint(RunDir(self.out).best, self.model, self.tokenizer, self.cfg, meta)
                 self._checkpoint_written()
-            if self.cfg.train.keep_epochs and self._at_epoch_end():
-                save_checkpoint(RunDir(self.out).epoch(self.epoch), self.model, self.tokenizer, self.cfg,
-                                {"step": self.step, "epoch": self.epoch, "dev": metrics})
+            if self.cfg.train.keep_epochs and self.step >= min(self._steps_before(self.epoch + 1), self.total_steps):
+                # (the step that ends this epoch's plan, or the whole run's)
+                save_checkpoint(RunDir(self.out).epoch(self.epoch), self.model, self.tokenizer, self.cfg, meta)
             log.info("epoch %d step %d dev %s", self.epoch, self.step, {k: round(v, 4) for k, v in metrics.items()})
         if score > self.best_score:
             self.best_score, self.best_metrics = score, metrics
@@ -603,10 +603,9 @@ class Trainer:
             self._checkpoint_written()
         return row
 
-    def _at_epoch_end(self) -> bool:
-        """Whether this step ends the current epoch's plan (or the whole run's)."""
-        epoch_end = sum(len(p) for p in self.plans[:self.epoch + 1])
-        return self.step >= min(epoch_end, self.total_steps)
+    def _steps_before(self, epoch: int) -> int:
+        """The planned steps of the epochs before `epoch`."""
+        return sum(len(p) for p in self.plans[:epoch])
 
     def _over_budget(self) -> bool:
         budget = self.cfg.train.time_budget_min
@@ -643,7 +642,7 @@ class Trainer:
         show = self.cfg.train.progress and self.dist.main
         while self.epoch < len(self.plans):  # (a time budget's fit may change the plan as it goes)
             epoch = self.epoch
-            begin = sum(len(p) for p in self.plans[:epoch])
+            begin = self._steps_before(epoch)
             plan = self.plans[epoch][self.step - begin:]  # resumed: the rest; it ends at total_steps
             bar = tqdm(plan, desc=f"epoch {epoch}", total=min(len(plan), self.total_steps - self.step),
                        disable=not show, dynamic_ncols=True)
