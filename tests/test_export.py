@@ -408,3 +408,18 @@ def test_ensembles_and_self_overwrites_are_refused(run, tmp_path, capsys):
     assert main(["export", str(run), "--format", "hf", "--out", str(run), "--force"]) == 2
     assert "would replace the checkpoint" in capsys.readouterr().err
     assert (run / "best" / "model.safetensors").exists()
+
+
+def test_a_kept_epochs_card_names_the_epoch_and_its_runs_command(tmp_path, synthetic_data_dir):
+    """An epoch checkpoint (train.keep_epochs) exports with its run's training command, under the
+    run's name and epoch, and without the whole run's totals as if they were its own."""
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(TINY_YAML), "--out", str(run), "--data-dir", str(synthetic_data_dir),
+                 "--set", "train.max_steps=2", "--set", "train.keep_epochs=true",
+                 "--set", "train.int8_check=false"]) == 0
+    out = tmp_path / "hf"
+    assert main(["export", str(run / "epochs" / "0"), "--format", "hf", "--out", str(out)]) == 0
+    header, body = _card(out)
+    assert header["model-index"][0]["name"] == "run-epoch0" and body.startswith("\n# run-epoch0")
+    assert "kept at the end of epoch 0" in body and "Best checkpoint" not in body
+    assert (run / "command.txt").read_text().strip() in body and "optimizer steps" not in body

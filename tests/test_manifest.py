@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mtbert.apps.cli import main
 from mtbert.core.metrics import pearson
@@ -110,3 +111,25 @@ def test_the_committed_predictions_verify(directory, capsys):
     """What RESULTS.md's leaderboard table points to: every hash, and the dev metrics recomputed
     from the files against the real dev labels."""
     assert main(["predict", "--verify", str(directory)]) == 0, capsys.readouterr().err
+
+
+def test_an_ensembles_manifest_names_each_members_seed_and_training_command(predictions, tmp_path,
+                                                                             synthetic_data_dir):
+    """An ensemble's files come from several models: the manifest lists each member's seed and the
+    command that trained it (a kept epoch's is its run's), and the command that built the ensemble."""
+    run, _ = predictions
+    other = train_tiny_run(tmp_path / "other", synthetic_data_dir, "train.max_steps=2", "train.int8_check=false",
+                           "train.seed=7", "train.keep_epochs=true")
+    ens, out = tmp_path / "ens", tmp_path / "preds"
+    assert main(["ensemble", str(run), str(other / "epochs" / "0"), "--out", str(ens),
+                 "--data-dir", str(synthetic_data_dir), "--device", "cpu", "--precision", "fp32"]) == 0
+    assert main(["predict", str(ens), "--out", str(out), "--data-dir", str(synthetic_data_dir),
+                 "--device", "cpu", "--precision", "fp32"]) == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    trained = (run / "command.txt").read_text().strip(), (other / "command.txt").read_text().strip()
+    assert manifest["seeds"] == [yaml.safe_load((run / "config.yaml").read_text())["train"]["seed"], 7]
+    assert manifest["seeds"][0] != 7
+    assert manifest["commands"]["train"] == {"run": trained[0], "other-epoch0": trained[1]}
+    assert "--set train.seed=7" in trained[1]
+    assert manifest["commands"]["ensemble"].startswith("mtbert ensemble ")
+    assert main(["predict", "--verify", str(out), "--data-dir", str(synthetic_data_dir)]) == 0

@@ -39,7 +39,7 @@ from mtbert.core.trust import reading_run, run_code_trusted
 from mtbert.data.readers import NOT_CHECKED, check_data_dir
 from mtbert.inference.ensemble import build_ensemble, format_summary, parse_thresholds
 from mtbert.inference.loading import load_predictor
-from mtbert.inference.manifest import MANIFEST, verify, write_manifest
+from mtbert.inference.manifest import MANIFEST, provenance, verify, write_manifest
 from mtbert.inference.outputs import (
     check_input_columns,
     format_table,
@@ -165,12 +165,10 @@ def cmd_predict(args) -> int:
         print(p)
     files = {p.name: t for p, t in written.items()}
     if files:  # every file hashed; the dev metrics from the leaderboard-format ones
-        cfg = _run_config(args.run_dir)
+        seeds, commands = provenance(Path(args.run_dir))
         write_manifest(Path(args.out), files, {t: predictor.task_spec(t) for t in set(files.values())},
-                       data_dir, run=Path(args.run_dir).resolve().name, config=cfg,
-                       command=RunDir(RunDir.of_checkpoint(find_checkpoint(args.run_dir, required=False)
-                                                           or args.run_dir)).read_command(),
-                       predict_command=shlex.join(["mtbert", *args.argv]))
+                       data_dir, run=Path(args.run_dir).resolve().name, config=_run_config(args.run_dir),
+                       seeds=seeds, commands=commands, predict_command=shlex.join(["mtbert", *args.argv]))
         print(Path(args.out) / MANIFEST)
     return 0
 

@@ -451,6 +451,9 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, force: bool = Fal
     check_exportable(model, fmt)
     run_root = RunDir.of_checkpoint(ckpt)
     summary, command = model_card.read_run_files(run_root)
+    kept_epoch = RunDir.is_kept_epoch(ckpt)
+    if kept_epoch:
+        summary = None  # (the whole run's totals, not this epoch's)
     tmp = temporary_dir(out)
     try:
         torch.manual_seed(0)
@@ -461,8 +464,8 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, force: bool = Fal
                      "pair_encoding": model.pair_encoding[t],
                      "files": {s: spec.file(s) for s in ("train", "dev")}} for t, spec in model.tasks.items()}
         notes = form.notes(model) + ([INT8_NOTE] if quantize else [])
-        card = model_card.render(form, run_root.name, cfg.to_dict(), tasks, meta, summary,
-                                 command or _reproduce_command(run_root), usage, notes)
+        card = model_card.render(form, RunDir.label(ckpt), cfg.to_dict(), tasks, meta, summary,
+                                 command or _reproduce_command(run_root), usage, notes, kept_epoch)
         (tmp / "README.md").write_text(card)
         write_json(tmp / EXPORT_MARKER, {"format": fmt, "source": str(ckpt.resolve()), "mtbert": __version__})
         replace_dir(tmp, out)

@@ -53,9 +53,10 @@ def model_index(name: str, tasks: dict, dev: dict) -> list[dict]:
 
 
 def render(form, name: str, cfg: dict, tasks: dict, meta: dict, summary: dict | None, command: str,
-           usage: str, notes: list[str] = ()) -> str:
+           usage: str, notes: list[str] = (), kept_epoch: bool = False) -> str:
     """`tasks`: name -> {labels, metric, scores (bool), pair_encoding, files (train/dev/test file names),
-    description (the definition's "Title: what it is")}."""
+    description (the definition's "Title: what it is")}. `kept_epoch`: the checkpoint is one epoch's
+    (train.keep_epochs), not the run's best."""
     dev = meta.get("dev") or {}
     base = _base_model(cfg)
     fmt = form.name  # an apps.export.ExportFormat
@@ -78,8 +79,12 @@ def render(form, name: str, cfg: dict, tasks: dict, meta: dict, summary: dict | 
         lines.append(f"| {t} | {title_and_what(t, info)[1]} | {info['pair_encoding']} | "
                      f"{'score' if info['scores'] else 'class'} ({info['metric']}) | {labels} |")
     lines += ["", "## Dev metrics", "",
-              f"Best checkpoint of the run (step {meta.get('step', '?')}, epoch {meta.get('epoch', '?')}), "
-              "chosen on these same dev sets, so they are slightly optimistic. `overall` is the CS224N score "
+              (f"The checkpoint kept at the end of epoch {meta.get('epoch', '?')} (step {meta.get('step', '?')}) "
+               "by `train.keep_epochs`; if it was picked for its dev score, these are slightly optimistic. "
+               if kept_epoch else
+               f"Best checkpoint of the run (step {meta.get('step', '?')}, epoch {meta.get('epoch', '?')}), "
+               "chosen on these same dev sets, so they are slightly optimistic. ") +
+              "`overall` is the CS224N score "
               "(SST acc + QQP acc + (STS r + 1) / 2) / 3.", "", "| metric | dev |", "|---|---|",
               *_metrics_rows(dev)]
     if summary:

@@ -40,19 +40,25 @@ class RunDir:
 
     @staticmethod
     def of_checkpoint(checkpoint: str | Path) -> Path:
-        """The run directory a checkpoint belongs to (best/ or best.old/ -> its parent); a bare
-        checkpoint directory is its own."""
+        """The run directory a checkpoint belongs to (best/ or best.old/ -> its parent, a kept epoch
+        RUN/epochs/N -> RUN); a bare checkpoint directory is its own."""
         checkpoint = Path(checkpoint)
+        if RunDir.is_kept_epoch(checkpoint):
+            return checkpoint.parent.parent
         return checkpoint.parent if checkpoint.name in (BEST, BEST_OLD) else checkpoint
+
+    @staticmethod
+    def is_kept_epoch(checkpoint: str | Path) -> bool:
+        checkpoint = Path(checkpoint)
+        return checkpoint.parent.name == EPOCHS and checkpoint.name.isdigit()
 
     @staticmethod
     def label(checkpoint: str | Path) -> str:
         """A short display name for a run or checkpoint: the run's name, with `-epochN` for an epoch
         kept in RUN/epochs/N (so one run's epochs stay apart in an ensemble or a report)."""
         checkpoint = Path(checkpoint)
-        if checkpoint.parent.name == EPOCHS and checkpoint.name.isdigit():
-            return f"{checkpoint.parent.parent.name}-epoch{checkpoint.name}"
-        return RunDir.of_checkpoint(checkpoint).name
+        run = RunDir.of_checkpoint(checkpoint).name
+        return f"{run}-epoch{checkpoint.name}" if RunDir.is_kept_epoch(checkpoint) else run
 
     @property
     def best(self) -> Path:
