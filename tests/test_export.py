@@ -410,7 +410,7 @@ def test_ensembles_and_self_overwrites_are_refused(run, tmp_path, capsys):
     assert (run / "best" / "model.safetensors").exists()
 
 
-def test_a_kept_epochs_card_names_the_epoch_and_its_runs_command(tmp_path, synthetic_data_dir):
+def test_a_kept_epochs_card_names_the_epoch_and_its_runs_command(tmp_path, synthetic_data_dir, monkeypatch):
     """An epoch checkpoint (train.keep_epochs) exports with its run's training command, under the
     run's name and epoch, and without the whole run's totals as if they were its own."""
     run = tmp_path / "run"
@@ -423,3 +423,6 @@ def test_a_kept_epochs_card_names_the_epoch_and_its_runs_command(tmp_path, synth
     assert header["model-index"][0]["name"] == "run-epoch0" and body.startswith("\n# run-epoch0")
     assert "kept at the end of epoch 0" in body and "Best checkpoint" not in body
     assert (run / "command.txt").read_text().strip() in body and "optimizer steps" not in body
+    monkeypatch.chdir(run / "epochs")  # a relative path names the same run and epoch
+    assert main(["export", "0", "--format", "hf", "--out", str(tmp_path / "hf2")]) == 0
+    assert _card(tmp_path / "hf2")[0]["model-index"][0]["name"] == "run-epoch0"

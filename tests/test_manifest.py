@@ -12,9 +12,11 @@ import pytest
 import yaml
 
 from mtbert.apps.cli import main
+from mtbert.core.errors import CheckpointError
 from mtbert.core.metrics import pearson
+from mtbert.inference.ensemble import ENSEMBLE_FILE
 from mtbert.inference.loading import load_predictor
-from mtbert.inference.manifest import MANIFEST
+from mtbert.inference.manifest import MANIFEST, provenance
 from mtbert.inference.predictor import evaluate_examples, load_examples
 from tests.conftest import train_tiny_run
 
@@ -127,9 +129,31 @@ def test_an_ensembles_manifest_names_each_members_seed_and_training_command(pred
                  "--device", "cpu", "--precision", "fp32"]) == 0
     manifest = json.loads((out / MANIFEST).read_text())
     trained = (run / "command.txt").read_text().strip(), (other / "command.txt").read_text().strip()
-    assert manifest["seeds"] == [yaml.safe_load((run / "config.yaml").read_text())["train"]["seed"], 7]
-    assert manifest["seeds"][0] != 7
-    assert manifest["commands"]["train"] == {"run": trained[0], "other-epoch0": trained[1]}
+    run_seed = yaml.safe_load((run / "config.yaml").read_text())["train"]["seed"]
+    assert run_seed != 7 and manifest["seeds"] == [run_seed, 7]
+    assert manifest["members"] == {"run": {"seed": run_seed, "train": trained[0]},
+                                   "other-epoch0": {"seed": 7, "train": trained[1]}}
     assert "--set train.seed=7" in trained[1]
-    assert manifest["commands"]["ensemble"].startswith("mtbert ensemble ")
+    assert manifest["commands"]["ensemble"].startswith("mtbert ensemble ") and "train" not in manifest["commands"]
     assert main(["predict", "--verify", str(out), "--data-dir", str(synthetic_data_dir)]) == 0
+
+
+def test_provenance_reads_only_the_members_in_use(predictions, tmp_path):
+    """A member no task uses (below every threshold) is neither listed nor read, so its broken files
+    cannot stop the command; an ensemble without its readable record gives a null build command."""
+    run, _ = predictions
+    unused = tmp_path / "unused"
+    shutil.copytree(run / "best", unused)
+    (unused / "config.yaml").write_text("train: [unclosed")
+    ens = tmp_path / "ens"
+    ens.mkdir()
+    (ens / ENSEMBLE_FILE).write_text(json.dumps({
+        "format": "mtbert-ensemble/1", "tasks": {"sst": ["run"], "qqp": ["run"]},
+        "members": [{"name": "run", "checkpoint": str(run / "best")},
+                    {"name": "unused", "checkpoint": str(unused)}]}))
+    origin = provenance(ens)
+    assert list(origin["members"]) == ["run"] and origin["commands"] == {"ensemble": None}
+    assert origin["members"]["run"]["train"] == (run / "command.txt").read_text().strip()
+    (ens / ENSEMBLE_FILE).write_text((ens / ENSEMBLE_FILE).read_text().replace('["run"], "qqp"', '["unused"], "qqp"'))
+    with pytest.raises(CheckpointError, match="config.yaml"):  # in use and corrupt: one clear error
+        provenance(ens)

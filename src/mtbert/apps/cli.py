@@ -160,15 +160,15 @@ def cmd_predict(args) -> int:
     check_output_outside(args.out, args.run_dir)
     predictor = _load_predictor(args)
     data_dir = _data_dir(args)
+    origin, config = provenance(Path(args.run_dir)), _run_config(args.run_dir)
     written = write_prediction_files(predictor, data_dir, args.out)
     for p in written:
         print(p)
     files = {p.name: t for p, t in written.items()}
     if files:  # every file hashed; the dev metrics from the leaderboard-format ones
-        seeds, commands = provenance(Path(args.run_dir))
         write_manifest(Path(args.out), files, {t: predictor.task_spec(t) for t in set(files.values())},
-                       data_dir, run=Path(args.run_dir).resolve().name, config=_run_config(args.run_dir),
-                       seeds=seeds, commands=commands, predict_command=shlex.join(["mtbert", *args.argv]))
+                       data_dir, run=Path(args.run_dir).resolve().name, config=config, origin=origin,
+                       predict_command=shlex.join(["mtbert", *args.argv]))
         print(Path(args.out) / MANIFEST)
     return 0
 

@@ -449,11 +449,9 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, force: bool = Fal
         check_replaceable(out)
     model, tokenizer, cfg, meta = load_checkpoint(ckpt)
     check_exportable(model, fmt)
-    run_root = RunDir.of_checkpoint(ckpt)
-    summary, command = model_card.read_run_files(run_root)
-    kept_epoch = RunDir.is_kept_epoch(ckpt)
-    if kept_epoch:
-        summary = None  # (the whole run's totals, not this epoch's)
+    run_root, kept_epoch = RunDir.of_checkpoint(ckpt), RunDir.is_kept_epoch(ckpt)
+    # (a kept epoch's card takes its run's command, not the whole run's totals as if they were its own)
+    summary, command = model_card.read_run_files(run_root, summary=not kept_epoch)
     tmp = temporary_dir(out)
     try:
         torch.manual_seed(0)

@@ -117,7 +117,8 @@ def render(form, name: str, cfg: dict, tasks: dict, meta: dict, summary: dict | 
     return "\n".join(lines)
 
 
-def read_run_files(run_dir: Path) -> tuple[dict | None, str | None]:
-    """summary.json and the recorded training command of a run directory (either may be missing)."""
+def read_run_files(run_dir: Path, summary: bool = True) -> tuple[dict | None, str | None]:
+    """summary.json (if `summary`) and the recorded training command of a run directory (either may
+    be missing)."""
     run = RunDir(run_dir)
-    return run.read_summary(), run.read_command()
+    return run.read_summary() if summary else None, run.read_command()

@@ -18,6 +18,7 @@ int8_check.json in best/ and train_state.pt in last/.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,19 +45,21 @@ class RunDir:
         RUN/epochs/N -> RUN); a bare checkpoint directory is its own."""
         checkpoint = Path(checkpoint)
         if RunDir.is_kept_epoch(checkpoint):
-            return checkpoint.parent.parent
+            return _absolute(checkpoint).parent.parent
         return checkpoint.parent if checkpoint.name in (BEST, BEST_OLD) else checkpoint
 
     @staticmethod
     def is_kept_epoch(checkpoint: str | Path) -> bool:
-        checkpoint = Path(checkpoint)
-        return checkpoint.parent.name == EPOCHS and checkpoint.name.isdigit()
+        """Whether `checkpoint` is RUN/epochs/N of a run (train.keep_epochs)."""
+        checkpoint = _absolute(checkpoint)
+        return checkpoint.parent.name == EPOCHS and checkpoint.name.isascii() and checkpoint.name.isdigit() \
+            and RunDir(checkpoint.parent.parent).holds_run()
 
     @staticmethod
     def label(checkpoint: str | Path) -> str:
         """A short display name for a run or checkpoint: the run's name, with `-epochN` for an epoch
         kept in RUN/epochs/N (so one run's epochs stay apart in an ensemble or a report)."""
-        checkpoint = Path(checkpoint)
+        checkpoint = _absolute(checkpoint)
         run = RunDir.of_checkpoint(checkpoint).name
         return f"{run}-epoch{checkpoint.name}" if RunDir.is_kept_epoch(checkpoint) else run
 
@@ -127,6 +130,11 @@ class RunDir:
 
     def read_command(self) -> str | None:
         return read_run_text(self.command).strip() if self.command.exists() else None
+
+
+def _absolute(path: str | Path) -> Path:
+    """`path` made absolute and normalised ("." and ".." named), keeping the names of symlinks."""
+    return Path(os.path.abspath(path))
 
 
 def check_output_outside(out: str | Path, read: str | Path, flag: str = "--out") -> None:

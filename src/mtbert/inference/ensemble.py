@@ -56,15 +56,20 @@ def is_ensemble_dir(path: str | Path) -> bool:
     return (Path(path) / ENSEMBLE_FILE).is_file()
 
 
-def member_checkpoints(path: str | Path) -> list[Path]:
-    """The checkpoints of the members some task of the ensemble uses ([] if its spec is unreadable:
-    load_ensemble then says why)."""
+def used_members(path: str | Path) -> dict[str, Path]:
+    """Name -> checkpoint of the members some task of the ensemble uses, in order ({} if its spec is
+    unreadable: load_ensemble then says why)."""
     try:
         spec = json.loads((Path(path) / ENSEMBLE_FILE).read_text())
         records = {r["name"]: Path(r["checkpoint"]) for r in spec["members"]}
-        return [records[m] for m in dict.fromkeys(m for names in spec["tasks"].values() for m in names)]
+        return {m: records[m] for m in dict.fromkeys(m for names in spec["tasks"].values() for m in names)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return []
+        return {}
+
+
+def member_checkpoints(path: str | Path) -> list[Path]:
+    """The checkpoints of the members some task of the ensemble uses ([] if its spec is unreadable)."""
+    return list(used_members(path).values())
 
 
 def parse_thresholds(items: list[str] | None) -> dict[str, float]:

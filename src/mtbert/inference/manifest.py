@@ -2,8 +2,9 @@
 
 `mtbert predict RUN --out DIR` writes the leaderboard files (sst-, para-, sts- {dev,test}-output.csv)
 and a manifest: which run and config produced them, its seed, the source commit, the commands that
-reproduce them (for an ensemble: each member's seed and training command, and the ensemble's), the sha256 of every file, and the dev metrics computed from the dev files
-themselves (so from the values as written, rounded as the leaderboard reads them).
+reproduce them, the sha256 of every file, and the dev metrics computed from the dev files themselves
+(so from the values as written, rounded as the leaderboard reads them). An ensemble's manifest adds
+`members` (each used member's seed and training command) and `commands.ensemble`.
 
 `--verify DIR` checks a directory against its manifest: every file's hash, and the dev metrics
 recomputed from the dev files against the dev labels of the data directory. Any difference is an
@@ -25,7 +26,7 @@ from mtbert.core.rundir import RunDir
 from mtbert.core.tasks import TaskSpec, register_tasks, run_tasks, with_overall
 from mtbert.core.trust import reading_run
 from mtbert.data.readers import load_split
-from mtbert.inference.ensemble import ENSEMBLE_FILE, is_ensemble_dir
+from mtbert.inference.ensemble import is_ensemble_dir, used_members
 from mtbert.modeling.checkpoint import find_checkpoint
 
 MANIFEST = "MANIFEST.json"
@@ -87,41 +88,42 @@ def source_commit() -> str | None:
     return done.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def _checkpoint_origin(checkpoint: Path) -> tuple[int | None, str | None]:
+def _checkpoint_origin(checkpoint: Path) -> dict:
     """A checkpoint's training seed and the command that started its run (None where not recorded)."""
-    config = checkpoint / "config.yaml"
-    raw = read_yaml(config) if config.is_file() else None
+    raw = _yaml_if_present(checkpoint / "config.yaml")
     train = raw.get("train") if isinstance(raw, dict) else None
-    seed = train.get("seed") if isinstance(train, dict) else None
-    return seed, RunDir(RunDir.of_checkpoint(checkpoint)).read_command()
+    return {"seed": train.get("seed") if isinstance(train, dict) else None,
+            "train": RunDir(RunDir.of_checkpoint(checkpoint)).read_command()}
 
 
-def provenance(run_dir: Path) -> tuple[list, dict]:
-    """The seeds and training commands behind a run's predictions, for its manifest: the run's own,
-    or for an ensemble each member's (commands by member name) and the command that built it, so the
-    manifest says how to remake every model whose outputs are in the files."""
+def _yaml_if_present(path: Path):
+    return read_yaml(path) if path.is_file() else None  # (a corrupt one: one CheckpointError)
+
+
+def provenance(run_dir: Path) -> dict:
+    """The manifest's record of the models behind the predictions: `seeds` and `commands.train` of a
+    run; for an ensemble, `seeds` of the members in use, `members` (name -> its seed and training
+    command; a kept epoch's is its run's) and `commands.ensemble`, the command that built it."""
+    run_dir = Path(run_dir).resolve()
     if not is_ensemble_dir(run_dir):
-        checkpoint = find_checkpoint(run_dir, required=False)
-        seed, command = _checkpoint_origin(checkpoint or run_dir)
-        return [seed], {"train": command}
-    spec = read_json(Path(run_dir) / ENSEMBLE_FILE)
-    members = {m["name"]: _checkpoint_origin(Path(m["checkpoint"])) for m in spec["members"]}
-    record = read_yaml(Path(run_dir) / "config.yaml")
-    return [seed for seed, _ in members.values()], {
-        "train": {name: command for name, (_, command) in members.items()},
-        "ensemble": record.get("command") if isinstance(record, dict) else None}
+        origin = _checkpoint_origin(find_checkpoint(run_dir, required=False) or run_dir)
+        return {"seeds": [origin["seed"]], "commands": {"train": origin["train"]}}
+    members = {name: _checkpoint_origin(ckpt) for name, ckpt in used_members(run_dir).items()}
+    record = _yaml_if_present(run_dir / "config.yaml")
+    return {"seeds": [m["seed"] for m in members.values()], "members": members,
+            "commands": {"ensemble": record.get("command") if isinstance(record, dict) else None}}
 
 
 def write_manifest(out_dir: Path, files: dict[str, str], tasks: dict[str, TaskSpec], data_dir: Path, *,
-                   run: str, config: dict, seeds: list, commands: dict, predict_command: str) -> dict:
-    """MANIFEST.json for the prediction `files` (name -> task) in `out_dir`; returns it. `seeds` and
-    `commands` as `provenance` gives them."""
+                   run: str, config: dict, origin: dict, predict_command: str) -> dict:
+    """MANIFEST.json for the prediction `files` (name -> task) in `out_dir`; returns it. `origin`: what
+    `provenance` gives (read before the files are written, so a bad record stops the command first)."""
     manifest = {
         "format": FORMAT, "mtbert": __version__, "source_commit": source_commit(), "run": run,
-        "seeds": seeds,
+        "seeds": origin["seeds"], **({"members": origin["members"]} if "members" in origin else {}),
         "dev_metrics": dev_metrics_of_files(files, out_dir, tasks, data_dir),
         "files": {name: {"task": task, "sha256": sha256(out_dir / name)} for name, task in sorted(files.items())},
-        "commands": {**commands, "predict": predict_command},
+        "commands": {**origin["commands"], "predict": predict_command},
         "config": config,
     }
     write_json(out_dir / MANIFEST, manifest)
