@@ -31,7 +31,7 @@ from mtbert.core.errors import (
     ConfigError,
     MtbertError,
 )
-from mtbert.core.io import read_yaml, write_json
+from mtbert.core.io import write_json
 from mtbert.core.registry import STAGES
 from mtbert.core.rundir import TRAIN_STATE, RunDir, check_output_outside
 from mtbert.core.tasks import TASKS, get_task
@@ -50,7 +50,6 @@ from mtbert.inference.outputs import (
 from mtbert.inference.predictor import evaluate_examples, load_examples, task_specs
 from mtbert.modeling.backbones import ARCHIVES
 from mtbert.modeling.backbones import install as install_archive
-from mtbert.modeling.checkpoint import find_checkpoint
 from mtbert.modeling.encoder import load_hf_encoder, read_encoder_config
 from mtbert.modeling.heads import PAIR_ENCODINGS, PAIR_HEADS
 from mtbert.modeling.poolers import POOLERS
@@ -160,25 +159,17 @@ def cmd_predict(args) -> int:
     check_output_outside(args.out, args.run_dir)
     predictor = _load_predictor(args)
     data_dir = _data_dir(args)
-    origin, config = provenance(Path(args.run_dir)), _run_config(args.run_dir)
+    origin = provenance(Path(args.run_dir))  # (before any file is written: a bad record stops here)
     written = write_prediction_files(predictor, data_dir, args.out)
     for p in written:
         print(p)
     files = {p.name: t for p, t in written.items()}
     if files:  # every file hashed; the dev metrics from the leaderboard-format ones
         write_manifest(Path(args.out), files, {t: predictor.task_spec(t) for t in set(files.values())},
-                       data_dir, run=Path(args.run_dir).resolve().name, config=config, origin=origin,
+                       data_dir, run=Path(args.run_dir).resolve().name, origin=origin,
                        predict_command=shlex.join(["mtbert", *args.argv]))
         print(Path(args.out) / MANIFEST)
     return 0
-
-
-def _run_config(run_dir) -> dict:
-    """The config a run (or an ensemble) was made with, for a manifest."""
-    ckpt = find_checkpoint(run_dir, required=False)
-    path = (ckpt or Path(run_dir)) / "config.yaml"
-    raw = read_yaml(path) if path.is_file() else None
-    return raw if isinstance(raw, dict) else {}
 
 
 def cmd_verify(args) -> int:

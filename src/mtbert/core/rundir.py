@@ -60,8 +60,9 @@ class RunDir:
         """A short display name for a run or checkpoint: the run's name, with `-epochN` for an epoch
         kept in RUN/epochs/N (so one run's epochs stay apart in an ensemble or a report)."""
         checkpoint = _absolute(checkpoint)
-        run = RunDir.of_checkpoint(checkpoint).name
-        return f"{run}-epoch{checkpoint.name}" if RunDir.is_kept_epoch(checkpoint) else run
+        if RunDir.is_kept_epoch(checkpoint):
+            return f"{checkpoint.parent.parent.name}-epoch{checkpoint.name}"
+        return RunDir.of_checkpoint(checkpoint).name
 
     @property
     def best(self) -> Path:

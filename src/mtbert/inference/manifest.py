@@ -88,34 +88,40 @@ def source_commit() -> str | None:
     return done.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def _checkpoint_origin(checkpoint: Path) -> dict:
-    """A checkpoint's training seed and the command that started its run (None where not recorded)."""
-    raw = _yaml_if_present(checkpoint / "config.yaml")
-    train = raw.get("train") if isinstance(raw, dict) else None
+def _config_in(directory: Path) -> dict:
+    """directory/config.yaml as a mapping ({} where there is none; a corrupt one: one CheckpointError)."""
+    path = directory / "config.yaml"
+    raw = read_yaml(path) if path.is_file() else None
+    return raw if isinstance(raw, dict) else {}
+
+
+def _checkpoint_origin(checkpoint: Path, config: dict) -> dict:
+    """A checkpoint's training seed (from its `config`) and the command that started its run (None
+    where not recorded)."""
+    train = config.get("train")
     return {"seed": train.get("seed") if isinstance(train, dict) else None,
             "train": RunDir(RunDir.of_checkpoint(checkpoint)).read_command()}
 
 
-def _yaml_if_present(path: Path):
-    return read_yaml(path) if path.is_file() else None  # (a corrupt one: one CheckpointError)
-
-
 def provenance(run_dir: Path) -> dict:
-    """The manifest's record of the models behind the predictions: `seeds` and `commands.train` of a
-    run; for an ensemble, `seeds` of the members in use, `members` (name -> its seed and training
-    command; a kept epoch's is its run's) and `commands.ensemble`, the command that built it."""
+    """The manifest's record of the models behind the predictions: the `config` a run (or an ensemble)
+    was made with; `seeds` and `commands.train` of a run; for an ensemble, `seeds` of the members in
+    use, `members` (name -> its seed and training command; a kept epoch's is its run's) and
+    `commands.ensemble`, the command that built it."""
     run_dir = Path(run_dir).resolve()
     if not is_ensemble_dir(run_dir):
-        origin = _checkpoint_origin(find_checkpoint(run_dir, required=False) or run_dir)
-        return {"seeds": [origin["seed"]], "commands": {"train": origin["train"]}}
-    members = {name: _checkpoint_origin(ckpt) for name, ckpt in used_members(run_dir).items()}
-    record = _yaml_if_present(run_dir / "config.yaml")
-    return {"seeds": [m["seed"] for m in members.values()], "members": members,
-            "commands": {"ensemble": record.get("command") if isinstance(record, dict) else None}}
+        checkpoint = find_checkpoint(run_dir, required=False) or run_dir
+        config = _config_in(checkpoint)
+        origin = _checkpoint_origin(checkpoint, config)
+        return {"config": config, "seeds": [origin["seed"]], "commands": {"train": origin["train"]}}
+    members = {name: _checkpoint_origin(ckpt, _config_in(ckpt)) for name, ckpt in used_members(run_dir).items()}
+    record = _config_in(run_dir)
+    return {"config": record, "seeds": [m["seed"] for m in members.values()], "members": members,
+            "commands": {"ensemble": record.get("command")}}
 
 
 def write_manifest(out_dir: Path, files: dict[str, str], tasks: dict[str, TaskSpec], data_dir: Path, *,
-                   run: str, config: dict, origin: dict, predict_command: str) -> dict:
+                   run: str, origin: dict, predict_command: str) -> dict:
     """MANIFEST.json for the prediction `files` (name -> task) in `out_dir`; returns it. `origin`: what
     `provenance` gives (read before the files are written, so a bad record stops the command first)."""
     manifest = {
@@ -124,7 +130,7 @@ def write_manifest(out_dir: Path, files: dict[str, str], tasks: dict[str, TaskSp
         "dev_metrics": dev_metrics_of_files(files, out_dir, tasks, data_dir),
         "files": {name: {"task": task, "sha256": sha256(out_dir / name)} for name, task in sorted(files.items())},
         "commands": {**origin["commands"], "predict": predict_command},
-        "config": config,
+        "config": origin["config"],
     }
     write_json(out_dir / MANIFEST, manifest)
     return manifest
